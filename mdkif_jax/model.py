@@ -1,0 +1,300 @@
+"""A decoder-only Llama-family LLM in Flax NNX: RMSNorm, RoPE, GQA, SwiGLU, tied/untied head.
+
+The layers are stacked on a leading "layers" axis and run with `jax.lax.scan`, so a 30-layer
+model compiles as fast as a 1-layer one. Every weight is an `nnx.Param` carrying its logical
+axis names in the `logical_axes` metadata; `sharding.py` maps them to the mesh.
+
+The weights stay frozen: callers `nnx.split` the model once and pass the parameter state into
+their jitted step functions as an input (see `forward`). Adapters are a separate pytree passed
+per call (`adapters=`), applied by `adapters.delta` inside each projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mdkif_jax import adapters as adapters_lib
+from mdkif_jax import sharding
+from mdkif_jax.model_config import ModelConfig
+
+F32 = jnp.float32
+
+# Logical axes of every weight; the layer stack's weights get a leading "layers" axis.
+LAYER_WEIGHTS: dict[str, tuple[str, ...]] = {
+  "attn_norm": ("norm",),
+  "q": ("embed", "q_heads"),
+  "k": ("embed", "kv_heads"),
+  "v": ("embed", "kv_heads"),
+  "o": ("q_heads", "embed"),
+  "mlp_norm": ("norm",),
+  "gate": ("embed", "mlp"),
+  "up": ("embed", "mlp"),
+  "down": ("mlp", "embed"),
+}
+BIAS_WEIGHTS = {"q_bias": ("q_heads",), "k_bias": ("kv_heads",), "v_bias": ("kv_heads",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """dtypes and memory policy. bf16 compute always accumulates matmuls in f32."""
+
+  param_dtype: Any = jnp.float32
+  compute_dtype: Any = jnp.float32
+  remat: bool = False  # rematerialise each block in the backward pass (saves activations)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse RoPE frequencies, with Llama 3 / linear scaling as in transformers."""
+  dim = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
+  scaling = cfg.rope_scaling_dict()
+  if scaling is None:
+    return inv
+  kind = scaling["rope_type"]
+  if kind == "linear":
+    return inv / scaling["factor"]
+  # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+  factor = scaling["factor"]
+  low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old_ctx = scaling["original_max_position_embeddings"]
+  low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+  wavelen = 2 * math.pi / inv
+  inv_low = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+  smooth = (old_ctx / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * inv_low / factor + smooth * inv_low
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, inv_low)
+
+
+def apply_rope(x_BTHD: jax.Array, sin_BTD: jax.Array, cos_BTD: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (HF layout: the two halves of head_dim form the pairs)."""
+  x = x_BTHD.astype(F32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BTD[:, :, None, :] + rot * sin_BTD[:, :, None, :]
+  return out.astype(x_BTHD.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in f32, scaled by the weight after casting back (as transformers does)."""
+  xf = x.astype(F32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return w.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w in x's dtype with f32 accumulation (bf16 only pays on CPU this way)."""
+  return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=F32).astype(
+    x.dtype
+  )
+
+
+class Llama(nnx.Module):
+  """The frozen base model. `__call__` returns logits; `hidden` returns the final hidden state."""
+
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    *,
+    numerics: Numerics = Numerics(),
+    rules=sharding.DEFAULT_RULES,
+    mesh: jax.sharding.Mesh | None = None,
+    rngs: nnx.Rngs,
+  ):
+    self.cfg = cfg
+    self.numerics = numerics
+    self.rules = tuple(rules)
+    self.mesh = mesh
+    pd = numerics.param_dtype
+    L, D = cfg.num_hidden_layers, cfg.hidden_size
+    init = jax.nn.initializers.normal(0.02)
+
+    def param(shape, names, ones=False):
+      value = jnp.ones(shape, pd) if ones else init(rngs.params(), shape, F32).astype(pd)
+      return nnx.Param(value, logical_axes=names)
+
+    self.embed = param((cfg.vocab_size, D), ("vocab", "embed"))
+    dims = cfg.projection_dims()
+    for name, names in LAYER_WEIGHTS.items():
+      shape = (L, D) if name.endswith("norm") else (L, *dims[name])
+      setattr(self, name, param(shape, ("layers", *names), ones=name.endswith("norm")))
+    if cfg.attention_bias:
+      for name, names in BIAS_WEIGHTS.items():
+        size = cfg.q_dim if name == "q_bias" else cfg.kv_dim
+        setattr(self, name, nnx.Param(jnp.zeros((L, size), pd), logical_axes=("layers", *names)))
+    self.final_norm = param((D,), ("norm",), ones=True)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = param((D, cfg.vocab_size), ("embed", "vocab"))
+
+  # ---- helpers -------------------------------------------------------------------------------
+  def _constrain(self, x, names):
+    return sharding.constrain(x, names, self.mesh, self.rules)
+
+  def layer_weights(self) -> dict[str, jax.Array]:
+    names = list(LAYER_WEIGHTS) + (list(BIAS_WEIGHTS) if self.cfg.attention_bias else [])
+    return {n: getattr(self, n)[...] for n in names}
+
+  # ---- forward -------------------------------------------------------------------------------
+  def hidden(
+    self,
+    tokens_BT: jax.Array,
+    *,
+    positions_BT: jax.Array | None = None,
+    mask_BT: jax.Array | None = None,
+    adapters: dict | None = None,
+    adapter_ctx: adapters_lib.AdapterCtx | None = None,
+    cache: dict | None = None,
+    cache_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict | None]:
+    """Final-norm hidden states [B, T, D] (and the updated KV cache when one is given).
+
+    mask_BT: 1 for real tokens, 0 for padding (keys that are 0 are never attended to).
+    cache: {"k": [L, B, S, K, Dh], "v": ..., "mask": [B, S]} with S >= the context length; the
+      new keys/values are written at [cache_index, cache_index + T).
+    """
+    cfg, num = self.cfg, self.numerics
+    B, T = tokens_BT.shape
+    cd = num.compute_dtype
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if mask_BT is None:
+      mask_BT = jnp.ones((B, T), jnp.int32)
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(cd)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
+
+    ang = positions_BT.astype(F32)[..., None] * rope_inv_freq(cfg)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    sin, cos = jnp.sin(ang), jnp.cos(ang)
+
+    if cache is None:
+      k_pos, k_mask = positions_BT, mask_BT
+      q_idx = jnp.arange(T)
+      k_idx = jnp.arange(T)
+    else:
+      S = cache["k"].shape[2]
+      k_mask = jax.lax.dynamic_update_slice(
+        cache["mask"], mask_BT.astype(jnp.int32), (0, cache_index)
+      )
+      k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions_BT, (0, cache_index))
+      q_idx = cache_index + jnp.arange(T)
+      k_idx = jnp.arange(S)
+    # Causality by slot index (padding is masked separately); sliding window by position.
+    allowed = (k_idx[None, :] <= q_idx[:, None])[None] & (k_mask[:, None, :] > 0)
+    if cfg.sliding_window is not None:
+      allowed &= (positions_BT[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
+    bias_BTS = jnp.where(allowed, 0.0, jnp.finfo(F32).min).astype(F32)
+
+    ctx = adapter_ctx or adapters_lib.AdapterCtx()
+    ad = _layer_major(adapters, ctx)
+
+    def block(x, xs):
+      w, a, kv = xs
+      x, new_kv = self._block(x, w, a, ctx, sin, cos, bias_BTS, kv, cache_index)
+      return x, new_kv
+
+    if num.remat:
+      block = jax.checkpoint(block, prevent_cse=False)
+    kv_in = None if cache is None else (cache["k"], cache["v"])
+    x, kv_out = jax.lax.scan(block, x, (self.layer_weights(), ad, kv_in))
+    x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+      new_cache = {"k": kv_out[0], "v": kv_out[1], "mask": k_mask, "pos": k_pos}
+    return x, new_cache
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """Vocabulary logits in f32."""
+    if self.cfg.tie_word_embeddings:
+      w = self.embed[...]
+      out = jnp.einsum("btd,vd->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=F32)
+    else:
+      w = self.lm_head[...]
+      out = jnp.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=F32)
+    return self._constrain(out, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens_BT: jax.Array, **kw) -> jax.Array:
+    h, _ = self.hidden(tokens_BT, **kw)
+    return self.logits(h)
+
+  def _block(self, x, w, a, ctx, sin, cos, bias_BTS, kv, cache_index):
+    cfg = self.cfg
+    B, T, _ = x.shape
+    H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def proj(name, inp):
+      out = matmul(inp, w[name])
+      if a is not None and name in a:
+        out = out + adapters_lib.delta(inp, a[name], ctx)
+      if f"{name}_bias" in w:
+        out = out + w[f"{name}_bias"].astype(out.dtype)
+      return out
+
+    h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+    q = apply_rope(proj("q", h).reshape(B, T, H, Dh), sin, cos)
+    k = apply_rope(proj("k", h).reshape(B, T, K, Dh), sin, cos)
+    v = proj("v", h).reshape(B, T, K, Dh)
+    q = self._constrain(q, ("batch", "length", "act_heads", None))
+    new_kv = None
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
+      new_kv = (k, v)
+    qg = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=F32)
+    scores = scores / math.sqrt(Dh) + bias_BTS[:, None, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    att = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype), preferred_element_type=F32)
+    att = att.astype(x.dtype).reshape(B, T, H * Dh)
+    x = x + proj("o", att)
+    h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+    mlp = jax.nn.silu(proj("gate", h).astype(F32)).astype(h.dtype) * proj("up", h)
+    mlp = self._constrain(mlp, ("batch", "length", "act_mlp"))
+    x = x + proj("down", mlp)
+    return self._constrain(x, ("batch", "length", "act_embed")), new_kv
+
+
+def _layer_major(adapters: dict | None, ctx: adapters_lib.AdapterCtx) -> dict | None:
+  """Move the layer axis of adapter leaves to the front so `scan` slices it off."""
+  if not adapters:
+    return None
+  skill_axis = ctx.skill_ids is not None or ctx.weights is not None
+  if not skill_axis:
+    return adapters
+  return jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), adapters)
+
+
+# ---- the functional boundary ------------------------------------------------------------------
+def split(model: Llama) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, frozen params). Pass both into jitted steps; only `params` is an array pytree."""
+  return nnx.split(model)
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, **kw) -> jax.Array:
+  """Pure logits function of the frozen params: jit/grad over the other arguments only."""
+  return nnx.merge(graphdef, params)(tokens_BT, **kw)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache of `length` slots."""
+  shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+  return {
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "mask": jnp.zeros((batch, length), jnp.int32),
+    "pos": jnp.zeros((batch, length), jnp.int32),
+  }
+
+
+def param_shardings(params: nnx.State, mesh, rules=sharding.DEFAULT_RULES):
+  """NamedSharding for every frozen weight, from its logical axes and the rule table."""
+
+  def one(v):
+    return sharding.named_sharding(mesh, v.get_metadata().get("logical_axes"), v.shape, rules)
+
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
