@@ -11,6 +11,10 @@ from the caller carry a layer axis too; `Llama.__call__` slices it off before ca
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +65,148 @@ def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
       "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"
     )
   return (out * ctx.scale).astype(dt)
+
+
+# ----------------------------------------------------------------------------- targets, scale
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def select_targets(patterns: str | Sequence[str] = ".*") -> tuple[str, ...]:
+  """Targets (in TARGETS order) whose name fully matches any regex in `patterns`."""
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  chosen = tuple(t for t in TARGETS if any(re.fullmatch(p, t) for p in patterns))
+  if not chosen:
+    raise ValueError(f"no adapter target matches {list(patterns)}; targets are {TARGETS}")
+  return chosen
+
+
+def llama_target_dims(
+  hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int
+) -> dict[str, tuple[int, int]]:
+  """(in, out) of every Llama projection, in the model's `x @ W` kernel convention."""
+  q, kv = heads * head_dim, kv_heads * head_dim
+  return {
+    "q": (hidden, q),
+    "k": (hidden, kv),
+    "v": (hidden, kv),
+    "o": (q, hidden),
+    "gate": (hidden, ffn),
+    "up": (hidden, ffn),
+    "down": (ffn, hidden),
+  }
+
+
+def adapter_scale(lora_alpha: float, r: int, convention: str = "peft") -> float:
+  """Multiplier of B·(A⊙E)·x.
+
+  "peft": PEFT AdaLoRA, (alpha if alpha > 0 else r) / (r + 1e-5), with r = init_r forever
+  (ranknum is never updated after pruning); "alpha_over_r": PEFT LoRA, alpha / r;
+  "rslora": alpha / sqrt(r).
+  """
+  if convention == "peft":
+    return (lora_alpha if lora_alpha > 0 else float(r)) / (r + 1e-5)
+  if convention == "alpha_over_r":
+    return lora_alpha / r
+  if convention == "rslora":
+    return lora_alpha / math.sqrt(r)
+  raise ValueError(f"unknown scale convention {convention!r}")
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def _lead(num_layers: int, num_skills: int | None) -> tuple[int, ...]:
+  return (num_layers,) if num_skills is None else (num_skills, num_layers)
+
+
+def init_adalora(
+  key: jax.Array,
+  dims: Mapping[str, tuple[int, int]],
+  num_layers: int,
+  init_r: int,
+  num_skills: int | None = None,
+  std: float = 0.02,
+  dtype: Any = jnp.float32,
+) -> dict:
+  """PEFT AdaLoRA init: A, B ~ N(0, std²), E = 0, so every adapter starts as the identity."""
+  lead = _lead(num_layers, num_skills)
+  out = {}
+  for t, k in zip(sorted(dims), jax.random.split(key, len(dims)), strict=True):
+    d_in, d_out = dims[t]
+    ka, kb = jax.random.split(k)
+    out[t] = {
+      "A": (std * jax.random.normal(ka, (*lead, init_r, d_in))).astype(dtype),
+      "E": jnp.zeros((*lead, init_r), dtype),
+      "B": (std * jax.random.normal(kb, (*lead, d_out, init_r))).astype(dtype),
+    }
+  return out
+
+
+def init_lora(
+  key: jax.Array,
+  dims: Mapping[str, tuple[int, int]],
+  num_layers: int,
+  r: int,
+  num_skills: int | None = None,
+  init: str = "kaiming",
+  dtype: Any = jnp.float32,
+) -> dict:
+  """PEFT LoRA init with B = 0: A ~ U(±1/sqrt(in)) ("kaiming": kaiming_uniform(a=sqrt 5))
+  or A ~ N(0, 1/r²) ("gaussian")."""
+  lead = _lead(num_layers, num_skills)
+  out = {}
+  for t, k in zip(sorted(dims), jax.random.split(key, len(dims)), strict=True):
+    d_in, d_out = dims[t]
+    shape = (*lead, r, d_in)
+    if init == "kaiming":
+      bound = 1.0 / math.sqrt(d_in)
+      a = jax.random.uniform(k, shape, minval=-bound, maxval=bound)
+    elif init == "gaussian":
+      a = jax.random.normal(k, shape) / r
+    else:
+      raise ValueError(f"unknown LoRA init {init!r}")
+    out[t] = {"A": a.astype(dtype), "B": jnp.zeros((*lead, d_out, r), dtype)}
+  return out
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def delta_weight(leaf: dict, scale: float) -> jax.Array:
+  """ΔW in the kernel layout ([S,] L, in, out): (B·(A⊙E))ᵀ·scale, in f32."""
+  a = effective_a(leaf).astype(jnp.float32)
+  b = leaf["B"].astype(jnp.float32)
+  return jnp.einsum("...or,...ri->...io", b, a) * scale
+
+
+def merge(kernels: Mapping[str, jax.Array], adapters: dict, scale: float) -> dict:
+  """W0 + ΔW for every adapted kernel (L, in, out); others unchanged. Adapters without S."""
+  out = dict(kernels)
+  for t, leaf in adapters.items():
+    w = kernels[t]
+    out[t] = (w.astype(jnp.float32) + delta_weight(leaf, scale)).astype(w.dtype)
+  return out
+
+
+def unmerge(kernels: Mapping[str, jax.Array], adapters: dict, scale: float) -> dict:
+  """Inverse of `merge` (exact up to the rounding of the kernel dtype)."""
+  out = dict(kernels)
+  for t, leaf in adapters.items():
+    w = kernels[t]
+    out[t] = (w.astype(jnp.float32) - delta_weight(leaf, scale)).astype(w.dtype)
+  return out
+
+
+def merge_mixture(
+  kernels: Mapping[str, jax.Array], adapters: dict, weights_S: jax.Array, scale: float
+) -> dict:
+  """W0 + Σ_s w_s ΔW_s for skill-stacked adapters ([S,] L, ...): one einsum per target."""
+  out = dict(kernels)
+  w_S = jnp.asarray(weights_S, jnp.float32)
+  for t, leaf in adapters.items():
+    w = kernels[t]
+    d = jnp.einsum("s,slio->lio", w_S, delta_weight(leaf, scale))
+    out[t] = (w.astype(jnp.float32) + d).astype(w.dtype)
+  return out
