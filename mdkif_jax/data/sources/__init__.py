@@ -1,0 +1,103 @@
+"""The converter registry: one `Source` per dataset folder under `data.data_dir`.
+
+A converter is `fn(root, report, opts) -> Iterator[(part, group, Example)]`; `opts` is the
+data config (for source-specific fields such as `hetionet_metaedges`). Adding a dataset is
+writing one converter and one `Source` line here and one entry in `splits.SPLITS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterator
+
+from mdkif_jax.data.example import Example, LoadReport
+from mdkif_jax.data.sources import kg, qa, text
+from mdkif_jax.data.sources._io import read_json_rows
+
+Item = tuple[str, str, Example]
+Converter = Callable[[pathlib.Path, LoadReport, object], Iterator[Item]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str
+  convert: Converter
+  skills: tuple[str, ...]  # The skills its examples train.
+  files: tuple[str, ...]  # Paths under data_dir it reads (folders for MedQuAD).
+
+
+def instruct(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
+  """The user's own JSONL files (`data.instruct_files`, relative to data_dir or absolute):
+  one `{"skill", "query", "answer", "context"?, "id"?, "split"?}` object per line.
+
+  `split` may be "train" or "eval" to place a record; without it the id-hash split applies.
+  """
+  for rel in opts.get("instruct_files", ()) or ():
+    path = pathlib.Path(rel) if pathlib.Path(rel).is_absolute() else root / rel
+    for line, row in read_json_rows(path, report, ("skill", "query", "answer")):
+      rid = str(row.get("id") or f"{path.name}:{line}")
+      ex = Example(
+        skill=str(row["skill"]).strip(),
+        context=str(row.get("context") or ""),
+        query=str(row["query"]),
+        answer=str(row["answer"]),
+        source="instruct",
+        id=rid,
+      )
+      yield str(row.get("split") or "all"), rid, ex
+
+
+_KG = "kg/"
+SOURCES: dict[str, Source] = {
+  s.name: s
+  for s in (
+    Source(
+      "pubmedqa",
+      qa.pubmedqa,
+      ("mrc", "qa"),
+      ("pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json"),
+    ),
+    Source(
+      "medagents_pubmedqa",
+      qa.medagents_pubmedqa,
+      ("mcqa",),
+      ("medagents/pubmedqa/train.jsonl", "medagents/pubmedqa/test.jsonl"),
+    ),
+    Source("medmcqa", qa.medmcqa, ("mcqa",), ("medagents/medmcqa/test.jsonl",)),
+    Source("mmlu_fewshot", qa.mmlu_fewshot, ("mcqa",), ("medagents/mmlu/train.jsonl",)),
+    Source("bc5cdr_chem", text.bc5cdr_chem, ("ner",), ("ner/bc5cdr_chem",)),
+    Source("bc5cdr_disease", text.bc5cdr_disease, ("ner",), ("ner/bc5cdr_disease",)),
+    Source("ncbi_disease", text.ncbi_disease, ("ner",), ("ner/ncbi_disease",)),
+    Source("chemprot", text.chemprot, ("re",), ("chemprot",)),
+    Source("hoc", text.hoc, ("mldc",), ("hoc/hoc.jsonl",)),
+    Source("meqsum", qa.meqsum, ("ts",), ("meqsum/meqsum.jsonl",)),
+    Source("rqe", qa.rqe, ("nli",), ("rqe",)),
+    Source("medquad", qa.medquad, ("qa", "es", "ea"), ("medquad",)),
+    Source("genmedgpt", qa.genmedgpt, ("mc",), ("dialogue/genmedgpt_5k.jsonl",)),
+    Source("covid_dialogue", qa.covid_dialogue, ("mc",), ("dialogue/covid_dialogue_en.jsonl",)),
+    Source(
+      "disease_ontology", kg.disease_ontology, ("es", "ea", "er"), (_KG + "disease_ontology",)
+    ),
+    Source("hpo", kg.hpo, ("es",), (_KG + "hpo/layperson-synonyms.tsv",)),
+    Source("hetionet", kg.hetionet, ("ea", "er"), (_KG + "hetionet",)),
+    Source("pharmacotherapydb", kg.pharmacotherapydb, ("er",), (_KG + "pharmacotherapydb",)),
+    Source("instruct", instruct, (), ()),
+  )
+}
+
+
+def select_sources(names) -> tuple[str, ...]:
+  """Resolve a config's source selection ("all", a comma string or names), in registry order.
+
+  "all" means every dataset source; the user-file source `instruct` is added only when named
+  or when `instruct_files` is set (see `splits.load_examples`).
+  """
+  if isinstance(names, str):
+    if names == "all":
+      return tuple(n for n in SOURCES if n != "instruct")
+    names = tuple(n.strip() for n in names.split(",") if n.strip())
+  unknown = [n for n in names if n not in SOURCES]
+  if unknown:
+    raise KeyError(f"unknown data source {unknown[0]!r}; known sources: {', '.join(SOURCES)}")
+  return tuple(n for n in SOURCES if n in set(names))
