@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AdapterCtx:
   """How adapters are applied in one forward pass.
@@ -30,7 +31,7 @@ class AdapterCtx:
     of skill_ids / weights is set; both None means the leaves have no skill axis.
   """
 
-  scale: float = 1.0
+  scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   skill_ids: jax.Array | None = None
   weights: jax.Array | None = None
 
