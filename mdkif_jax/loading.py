@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -112,7 +112,7 @@ class SafetensorsReader:
       except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise WeightLoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
       self.handles[name] = handle
-      for key in handle.keys():
+      for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
         self.where[key] = name
     if weight_map is not None:
       for key, name in weight_map.items():
@@ -121,6 +121,9 @@ class SafetensorsReader:
 
   def __contains__(self, key: str) -> bool:
     return key in self.where
+
+  def locate(self, key: str) -> str:
+    return str(self.dir / self.where[key]) if key in self.where else str(self.dir)
 
   def get(self, key: str) -> np.ndarray:
     if key not in self.where:
@@ -141,6 +144,9 @@ class GGUFTensors:
 
   def __contains__(self, key: str) -> bool:
     return key in self.tensors
+
+  def locate(self, key: str) -> str:
+    return str(self.path)
 
   def get(self, key: str) -> np.ndarray:
     from gguf import GGMLQuantizationType
@@ -198,7 +204,7 @@ def read_gguf(path: str | pathlib.Path):
 # ---- assembling the model ---------------------------------------------------------------------
 def _load_into(
   cfg: mc.ModelConfig,
-  get: Callable[[str], np.ndarray],
+  reader,
   names: dict[str, tuple[str, bool]],
   source: str,
   numerics: model_lib.Numerics,
@@ -222,21 +228,23 @@ def _load_into(
       buf = np.empty(target_shape, dtype)
       for i in range(cfg.num_hidden_layers):
         buf[i] = _checked(
-          get(template.format(i=i)), transpose, target_shape[1:], template, i, source
+          reader.get(template.format(i=i)), transpose, target_shape[1:], template, i, reader.locate
         )
     else:
-      buf = _checked(get(template), transpose, target_shape, template, None, source).astype(dtype)
-    state[key] = var.replace(jax.device_put(buf, shardings[key]))
+      buf = _checked(
+        reader.get(template), transpose, target_shape, template, None, reader.locate
+      ).astype(dtype)
+    state[key] = var.replace(jax.device_put(buf, shardings[key].get_value()))
     del buf
   return nnx.merge(graphdef, state)
 
 
-def _checked(w, transpose, shape, template, layer, source) -> np.ndarray:
+def _checked(w, transpose, shape, template, layer, locate) -> np.ndarray:
   w = w.T if transpose else w
   if tuple(w.shape) != tuple(shape):
     name = template.format(i=layer) if layer is not None else template
     raise WeightLoadError(
-      f"{source}: tensor {name!r} has shape {tuple(w.shape)} (after transpose={transpose}), "
+      f"{locate(name)}: tensor {name!r} has shape {tuple(w.shape)} (after transpose={transpose}), "
       f"the config expects {tuple(shape)}"
     )
   return w
@@ -251,14 +259,14 @@ def load_hf_dir(
     raise FileNotFoundError(f"{path}: checkpoint directory not found")
   cfg = mc.from_hf_dir(path)
   reader = SafetensorsReader(path)
-  return _load_into(cfg, reader.get, HF_NAMES, str(path), numerics, mesh, rules, progress)
+  return _load_into(cfg, reader, HF_NAMES, str(path), numerics, mesh, rules, progress)
 
 
 def load_gguf(
   path, numerics=model_lib.Numerics(), mesh=None, rules=sharding.DEFAULT_RULES, progress=True
 ) -> model_lib.Llama:
   cfg, tensors = read_gguf(path)
-  return _load_into(cfg, tensors.get, GGUF_NAMES, str(path), numerics, mesh, rules, progress)
+  return _load_into(cfg, tensors, GGUF_NAMES, str(path), numerics, mesh, rules, progress)
 
 
 def random_init(
@@ -271,18 +279,13 @@ def random_init(
   """Random weights created directly in their shardings (for tests and shape benchmarks)."""
   mesh = mesh or sharding.make_mesh((1, 1, 1))
 
-  @nnx.jit
   def create():
-    return model_lib.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(seed))
+    m = model_lib.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(seed))
+    return nnx.split(m)
 
-  abstract = nnx.eval_shape(
-    lambda: model_lib.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(seed))
-  )
-  _, state = nnx.split(abstract)
-  shard = model_lib.param_shardings(state, mesh, rules)
-  model = create()
-  graphdef, state = nnx.split(model)
-  state = jax.tree.map(lambda v, s: jax.device_put(v, s), state, shard)
+  graphdef, abstract = nnx.eval_shape(create)
+  shardings = model_lib.param_shardings(abstract, mesh, rules)
+  state = jax.jit(lambda: create()[1], out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
 

@@ -291,10 +291,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
   }
 
 
-def param_shardings(params: nnx.State, mesh, rules=sharding.DEFAULT_RULES):
-  """NamedSharding for every frozen weight, from its logical axes and the rule table."""
+def param_shardings(params: nnx.State, mesh, rules=sharding.DEFAULT_RULES) -> nnx.State:
+  """The params' tree with each Variable holding its NamedSharding (from its logical axes).
+
+  Usable directly as `out_shardings` / `in_shardings` of jit and by `jax.device_put`.
+  """
 
   def one(v):
-    return sharding.named_sharding(mesh, v.get_metadata().get("logical_axes"), v.shape, rules)
+    names = v.get_metadata().get("logical_axes")
+    return v.replace(sharding.named_sharding(mesh, names, v.shape, rules))
 
   return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,73 @@
+"""Generation: the KV cache, padding and sampling change nothing they should not."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mdkif_jax import generate, loading
+from mdkif_jax.model_config import PRESETS
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return loading.random_init(PRESETS["tiny"], seed=3)
+
+
+def _prompts(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, 512, size=int(rng.integers(3, 20))).tolist() for _ in range(n)]
+
+
+def test_generation_with_cache_equals_without_cache(tiny):
+  for prompt in _prompts(3):
+    cached = generate.generate(tiny, [prompt], max_new_tokens=12, eos_ids=())
+    assert cached[0] == generate.generate_no_cache(tiny, prompt, 12, eos_ids=())
+
+
+def test_batched_generation_equals_unbatched(tiny):
+  prompts = _prompts(4, seed=1)
+  batched = generate.generate(tiny, prompts, max_new_tokens=10, eos_ids=())
+  for prompt, row in zip(prompts, batched, strict=True):
+    assert row == generate.generate(tiny, [prompt], max_new_tokens=10, eos_ids=())[0]
+
+
+def test_generation_stops_at_eos(tiny):
+  prompt = _prompts(1, seed=2)[0]
+  free = generate.generate(tiny, [prompt], max_new_tokens=8, eos_ids=())[0]
+  eos = free[3]  # declare the 4th generated token an EOS: output must end there
+  stopped = generate.generate(tiny, [prompt], max_new_tokens=8, eos_ids=(eos,))[0]
+  first = free.index(eos)
+  assert stopped == free[: first + 1]
+
+
+def test_top_p_near_zero_is_greedy_and_temperature_samples_vary(tiny):
+  prompt = _prompts(1, seed=4)[0]
+  greedy = generate.generate(tiny, [prompt], max_new_tokens=8, eos_ids=())[0]
+  nucleus = generate.generate(
+    tiny, [prompt], max_new_tokens=8, eos_ids=(), sampling=generate.Sampling(1.0, 1e-6), seed=5
+  )[0]
+  assert nucleus == greedy
+  hot = {
+    tuple(
+      generate.generate(
+        tiny, [prompt], max_new_tokens=8, eos_ids=(), sampling=generate.Sampling(5.0, 1.0), seed=s
+      )[0]
+    )
+    for s in range(4)
+  }
+  assert len(hot) > 1
+
+
+def test_top_p_keeps_only_the_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  draws = {
+    int(generate.sample(logits, generate.jax.random.key(s), generate.Sampling(1.0, 0.75))[0])
+    for s in range(200)
+  }
+  assert draws == {0, 1}
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny):
+  limit = tiny.cfg.max_position_embeddings
+  with pytest.raises(generate.ContextLengthError, match=f"context of {limit} tokens"):
+    generate.generate(tiny, [[5] * (limit - 4)], max_new_tokens=8)
