@@ -77,7 +77,7 @@ class LoadReport:
     if self.strict:
       raise DataError(msg + " (strict mode: set data.strict=False to skip bad records)")
     self.skipped[str(path)] += 1
-    self.reasons[reason.split(":")[0]] += 1
+    self.reasons[reason.split(":")[0]] += 1  # Messages read "kind: detail".
     if self.skipped[str(path)] <= self.max_messages:
       log.warning("skipping %s", msg)
 
@@ -89,7 +89,7 @@ class LoadReport:
 def check_example(ex: Example, report: LoadReport, path: str, line: int | None) -> bool:
   """Reject examples no template can train on: unknown skill, empty query or answer."""
   if ex.skill not in SKILLS:
-    report.skip(path, line, f"unknown skill {ex.skill!r} (known: {', '.join(SKILLS)})")
+    report.skip(path, line, f"unknown skill: {ex.skill!r} (known skills are {', '.join(SKILLS)})")
     return False
   if not ex.answer.strip():
     report.skip(path, line, "empty answer")

@@ -78,7 +78,8 @@ SPLITS: dict[tuple[str, str], Rule] = {
   ("instruct", "train"): Rule(TRAIN),
   ("instruct", "eval"): Rule(EVAL),
   ("instruct", "all"): Rule(HASH, 0.1),
-  ("demo", "all"): Rule(HASH, 0.2),
+  ("demo", "train"): Rule(TRAIN),
+  ("demo", "eval"): Rule(EVAL),
 }
 
 

@@ -64,7 +64,7 @@ def _decode_lines(path: pathlib.Path, report: LoadReport) -> Iterator[tuple[int,
     try:
       yield i + 1, raw.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError as e:
-      report.skip(str(path), i + 1, f"non-UTF-8 bytes at column {e.start + 1}")
+      report.skip(str(path), i + 1, f"non-UTF-8 bytes: at column {e.start + 1}")
       yield i + 1, None
 
 
@@ -75,7 +75,7 @@ def _check_fields(
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
       what = "missing" if value is None else "empty"
-      report.skip(str(path), line, f"{what} field {key!r}")
+      report.skip(str(path), line, f"{what} field: {key!r}")
       return False
   return True
 
@@ -110,7 +110,7 @@ def _scan_jsonl(
       report.skip(str(path), line, f"malformed JSON: {e.msg} at column {e.colno}")
       continue
     if not isinstance(row, dict):
-      report.skip(str(path), line, f"malformed JSON: expected an object, got {type(row).__name__}")
+      report.skip(str(path), line, f"malformed JSON: not an object but {type(row).__name__}")
       continue
     if _check_fields(row, required, path, line, report):
       yield line, row

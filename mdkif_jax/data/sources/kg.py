@@ -166,7 +166,7 @@ def pharmacotherapydb(root: pathlib.Path, report: LoadReport, opts) -> Iterator[
   for line, row in read_tsv_rows(path, report, need):
     category = PHARMACO_CATEGORIES.get(row["category"])
     if category is None:
-      report.skip(str(path), line, f"unknown category {row['category']!r}")
+      report.skip(str(path), line, f"unknown category: {row['category']!r}")
       continue
     query = (
       f"Is '{row['drug']}' an indication for '{row['disease']}'? "

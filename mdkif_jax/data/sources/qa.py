@@ -44,7 +44,7 @@ def pubmedqa(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
     part = "test" if pmid in test else "labelled"
     decision = str(rec.get("final_decision") or "").strip()
     if decision not in ("yes", "no", "maybe") or not rec.get("CONTEXTS"):
-      report.skip(path, None, f"PMID {pmid}: missing final_decision or CONTEXTS")
+      report.skip(path, None, f"missing field: PMID {pmid} has no final_decision or CONTEXTS")
       continue
     sections = zip(rec.get("LABELS") or [""] * len(rec["CONTEXTS"]), rec["CONTEXTS"], strict=False)
     context = "\n".join(f"{lab.title()}: {squash(c)}" if lab else squash(c) for lab, c in sections)
@@ -111,7 +111,9 @@ def rqe(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
       pid, value = pair.get("pid", ""), (pair.get("value") or "").strip().lower()
       chq, faq = squash(pair.findtext("chq") or ""), squash(pair.findtext("faq") or "")
       if value not in ("true", "false") or not chq or not faq:
-        report.skip(str(root / rel), None, f"pair pid={pid}: missing chq, faq or value")
+        report.skip(
+          str(root / rel), None, f"missing field: pair pid={pid} has no chq, faq or value"
+        )
         continue
       context = f"Question A: {chq}\nQuestion B: {faq}"
       answer = "yes" if value == "true" else "no"
@@ -142,7 +144,7 @@ def medquad(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
         squash(pair.findtext("answer") or ""),
       )
       if not question or not answer:
-        report.skip(str(path), None, f"QA pair {n + 1}: empty question or answer")
+        report.skip(str(path), None, f"empty answer: QA pair {n + 1} has no question or answer")
         continue
       yield "all", doc_id, Example("qa", "", question, answer, "medquad", f"{doc_id}/{n + 1}")
     if not focus:

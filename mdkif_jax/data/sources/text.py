@@ -62,7 +62,7 @@ def conll_sentences(
       continue
     token, sep, tag = text.rstrip("\r").partition("\t")
     if not sep or not (tag == "O" or tag[:2] in ("B-", "I-")):
-      report.skip(str(path), n, f"malformed CoNLL line {text[:40]!r} (want token<TAB>IOB2 tag)")
+      report.skip(str(path), n, f"malformed CoNLL line: {text[:40]!r} (want token<TAB>IOB2 tag)")
       bad = True
       continue
     tokens.append(token)
@@ -122,7 +122,7 @@ def chemprot(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
     for line, row in read_json_rows(path, report, ("text", "label")):
       label = str(row["label"]).strip()
       if label not in CHEMPROT_LABELS:
-        report.skip(str(path), line, f"unknown ChemProt label {label!r}")
+        report.skip(str(path), line, f"unknown ChemProt label: {label!r}")
         continue
       eid = f"{part}/{line}"
       yield part, eid, Example("re", str(row["text"]).strip(), query, label, "chemprot", eid)
@@ -136,7 +136,7 @@ def hoc(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
     labels = [str(x) for x in (row.get("labels") or [])]
     unknown = [x for x in labels if x not in HOC_LABELS]
     if unknown:
-      report.skip(str(path), line, f"unknown HoC label {unknown[0]!r}")
+      report.skip(str(path), line, f"unknown HoC label: {unknown[0]!r}")
       continue
     pmid = str(row["pmid"])
     context = " ".join(str(s).strip() for s in row["sentences"])

@@ -1,0 +1,66 @@
+"""The data part of every config: `data_config()` is `config.data` in configs/common.py.
+
+Read by mdkif_jax.data (load_examples, make_iterator and the stats tool).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Every data field, with its default."""
+  c = ml_collections.ConfigDict()
+  # Folder of the datasets (the layout of ../shared/data). None = the small demo corpus
+  # embedded in the package, so a fresh machine can train without any download.
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  # Which converters to run: "all", or a tuple / comma string of names from
+  # mdkif_jax.data.sources.SOURCES (e.g. "pubmedqa,rqe"). Ignored when data_dir is None.
+  c.sources = "all"
+  # Which skills to keep: "all", or names from mdkif_jax.data.SKILLS (stage 1 trains one
+  # skill at a time: set this to that skill's name).
+  c.skills = "all"
+  # The user's own JSONL files of {"skill", "context"?, "query", "answer", "id"?, "split"?},
+  # relative to data_dir or absolute; loaded as the source "instruct".
+  c.instruct_files = ()
+  # Stop at the first bad record (malformed line, missing field, empty answer, bad bytes,
+  # unknown skill) instead of skipping and counting it. Also makes a missing source fatal.
+  c.strict = False
+  # At most this many examples per (source, skill) and split, chosen by id hash; 0 = all.
+  c.max_per_source = 0
+  # Hetionet node kinds that become Entity Attribute ("what kind of entity is X?") items.
+  c.hetionet_node_kinds = (
+    "Disease",
+    "Symptom",
+    "Compound",
+    "Anatomy",
+    "Side Effect",
+    "Pharmacologic Class",
+  )
+  # Hetionet metaedges that become Entity-Entity Relation (pair -> relation) items. CtD and
+  # CpD are left out: PharmacotherapyDB, their source, is converted on its own.
+  c.hetionet_metaedges = ("DpS", "DlA", "DrD", "PCiC", "CcSE", "DaG")
+
+  # The one prompt template of both stages (mdkif_jax/data/template.py).
+  c.template = ml_collections.ConfigDict()
+  # Wrap the prompt in the tokenizer's chat template (user turn, then the answer as the
+  # assistant turn). False: plain text with `answer_header` before the answer.
+  c.template.chat = True
+  # System turn in chat mode; "" or None for none (SmolLM2's template then adds its own).
+  c.template.system = "You are a careful medical assistant."
+  c.template.context_header = "Context:"  # Line above the context (omitted if empty).
+  c.template.query_header = "Question:"  # Line above the query.
+  c.template.answer_header = "Answer:"  # Line before the answer when chat=False.
+  # Which end of an over-long context is cut: "end" keeps its beginning (documents),
+  # "start" keeps its end (dialogue histories). Query and answer are never cut.
+  c.template.truncate = "end"
+
+  # Longest row in tokens (prompt + answer); longer contexts are cut, see `template.truncate`.
+  c.max_len = 512
+  # Padded lengths a batch can take (jit compiles one shape per bucket); max_len is added.
+  c.buckets = (128, 256, 512)
+  # Rows per batch on each host (global batch = batch_size * jax.process_count()).
+  c.batch_size = 8
+  # Seed of the example order; the train/eval split does not depend on it.
+  c.seed = 0
+  return c

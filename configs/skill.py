@@ -1,0 +1,101 @@
+"""Stage 1: train the medical skills, one AdaLoRA adapter each, on one frozen base.
+
+Default (all 12 skills, SmolLM2-135M-Instruct, the embedded demo corpus, ~10 min on 2 cores):
+
+  python -m mdkif_jax.main --config=configs/skill.py --workdir=runs/skill
+
+Presets after a colon, comma-separated, then `key=value` overrides of the preset:
+
+  --config=configs/skill.py:tiny                       # random tiny model (tests, smoke runs)
+  --config=configs/skill.py:llama2_7b,skills=ner+re    # a 7B-shaped run on two skills
+  --config=configs/skill.py:shared                     # the real datasets in ../shared/data
+
+and any field from the command line: --config.adalora.init_r=12 --config.train.steps=200.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "skill"  # which stage main.py runs: "skill" (this file) | "router"
+  c.model = common.model_config("smollm2_135m")
+  c.mesh = common.mesh_config()
+  c.adalora = common.adalora_config()
+  c.optimizer = common.optimizer_config()
+  c.data = common.data_config()
+  c.data.buckets = (96, 128, 192, 256)  # the demo corpus is short: small buckets are fast
+  c.data.max_len = 256
+
+  # Skills to train: "all" or names joined by "+" / "," (e.g. "ner+re"). Ids stay the
+  # registry's (mdkif_jax.data.SKILLS) so checkpoints of different selections line up.
+  c.skills = "all"
+  c.train = ml_collections.ConfigDict()
+  # "joint": all selected skills in one program on the skill axis (each batch holds
+  # `rows_per_skill` rows of every skill); "separate": one run per skill, one after another.
+  c.train.mode = "joint"
+  c.train.rows_per_skill = 1  # rows of each skill in every batch (per host)
+  c.train.steps = 50  # optimizer updates per skill (= AdaLoRA total_step)
+  c.train.seed = 0  # seed of the adapter init
+  c.train.log_every = 5  # steps between metric writes (JSONL + TensorBoard)
+  c.train.checkpoint_every = 25  # steps between checkpoints (one is always written at the end)
+  c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+  c.train.async_checkpoint = True  # write checkpoints in the background
+  c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row
+  c.train.plot = True  # write rank_allocation.png at the end
+  c.train.progress = True  # show a progress bar
+
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key == "skills":
+      c.skills = value
+    elif key in PRESETS:
+      PRESETS[key](c)
+    else:
+      raise ValueError(f"unknown preset {key!r} in configs/skill.py (known: {sorted(PRESETS)})")
+  return c
+
+
+def _tiny(c):
+  c.model.source = "tiny_smollm_vocab"  # 2 layers, hidden 64, SmolLM2's 49152-token vocabulary
+  c.model.tokenizer = "smollm2_135m"
+  c.train.steps = 12
+  c.adalora.init_r = 4
+  c.adalora.target_r = 2
+  c.adalora.tinit = 2
+  c.adalora.tfinal = 2
+  c.adalora.delta_t = 2
+  c.train.checkpoint_every = 4
+  c.train.log_every = 2
+  c.data.buckets = (64, 128)
+  c.data.max_len = 128
+
+
+def _big(source):
+  def apply(c):
+    c.model.source = source
+    c.model.param_dtype = "bfloat16"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = True
+    c.mesh.shape = (1, -1, 1)  # FSDP over every device
+
+  return apply
+
+
+def _shared(c):
+  c.data.data_dir = "../shared/data"
+  c.data.max_per_source = 200
+
+
+PRESETS = {
+  "tiny": _tiny,
+  "shared": _shared,
+  "llama2_7b": _big("llama2_7b"),
+  "llama3_8b": _big("llama3_8b"),
+  "mistral_7b": _big("mistral_7b"),
+  "qwen2_7b": _big("qwen2_7b"),
+}

@@ -1,0 +1,140 @@
+"""The batch iterator: static length buckets, deterministic order, resumable, host-sharded.
+
+Order: an endless stream of epochs, each a permutation of the examples drawn from
+`np.random.default_rng([seed, epoch])`. Global batch k is stream positions
+[k*G, (k+1)*G) with G = batch_size * process_count, and host p takes its rows
+[p*B, (p+1)*B). So the state is one number (the global step), every host agrees on it,
+and a resumed run sees exactly the batches an uninterrupted one would have.
+
+Shapes: every example is encoded once up front (over-long ones are skipped and counted), so
+each host knows every row's length. A global batch is padded to the smallest bucket that
+holds its longest row over all hosts, so jit sees at most len(buckets) shapes and all hosts
+agree on the shape of each step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from mdkif_jax.data.example import Example
+from mdkif_jax.data.skills import skill_id
+from mdkif_jax.data.template import Template
+from mdkif_jax.data.tokenize import Encoded, encode_many, pad_row
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+
+
+def resolve_buckets(buckets: Sequence[int], max_len: int) -> tuple[int, ...]:
+  """Sorted bucket lengths, capped by and always including `max_len`."""
+  if max_len <= 1:
+    raise ValueError(f"data.max_len must be > 1, got {max_len}")
+  out = sorted({int(b) for b in buckets if 1 < int(b) <= max_len} | {int(max_len)})
+  return tuple(out)
+
+
+class Batches(Iterator[dict[str, np.ndarray]]):
+  """Endless iterator of padded batches (see the module docstring); `get_state`/`set_state`
+  save and restore the position as a small JSON-able dict."""
+
+  def __init__(
+    self,
+    examples: Sequence[Example],
+    tokenizer,
+    cfg,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    encoded: Sequence[Encoded | None] | None = None,
+  ):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    self.batch_size = int(cfg.batch_size)
+    self.seed = int(cfg.seed)
+    self.max_len = int(cfg.max_len)
+    self.buckets = resolve_buckets(cfg.buckets, self.max_len)
+    self.process_index, self.process_count = process_index, process_count
+    self.pad_id = tokenizer.pad_token_id
+    if self.pad_id is None:
+      self.pad_id = tokenizer.eos_token_id
+    if encoded is None:
+      template = Template.from_config(cfg.template)
+      encoded = encode_many(examples, tokenizer, template, self.max_len)
+    keep = [i for i, e in enumerate(encoded) if e is not None]
+    self.too_long = collections.Counter(
+      (examples[i].source, examples[i].skill) for i, e in enumerate(encoded) if e is None
+    )
+    if self.too_long:
+      log.warning("skipped %d examples longer than max_len=%d even without context: %s",
+                  sum(self.too_long.values()), self.max_len, dict(self.too_long))  # fmt: skip
+    if not keep:
+      raise ValueError("no example fits data.max_len (or the example list is empty)")
+    self.rows = [encoded[i] for i in keep]
+    self.skill_ids = np.asarray([skill_id(examples[i].skill) for i in keep], np.int32)
+    self.lengths = np.asarray([len(e.tokens) for e in self.rows], np.int64)
+    self.truncated = sum(e.truncated for e in self.rows)
+    self.step = 0
+    self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.rows)
+
+  @property
+  def global_batch(self) -> int:
+    return self.batch_size * self.process_count
+
+  def _index(self, position: int) -> int:
+    epoch, i = divmod(position, self.num_examples)
+    if epoch != self._perm_epoch:
+      self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+      self._perm_epoch = epoch
+    return int(self._perm[i])
+
+  def _global_indices(self, step: int) -> list[int]:
+    start = step * self.global_batch
+    return [self._index(p) for p in range(start, start + self.global_batch)]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = self._global_indices(self.step)
+    self.step += 1
+    longest = int(self.lengths[rows].max())
+    length = self.buckets[bisect.bisect_left(self.buckets, longest)]
+    mine = rows[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
+    padded = [pad_row(self.rows[i], length, self.pad_id) for i in mine]
+    batch = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
+    batch["skill_ids"] = self.skill_ids[mine]
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """The position as a JSON-able dict (store it with the checkpoint)."""
+    return {
+      "version": _STATE_VERSION,
+      "step": self.step,
+      "seed": self.seed,
+      "num_examples": self.num_examples,
+      "global_batch": self.global_batch,
+    }
+
+  def set_state(self, state: dict) -> None:
+    """Resume at a saved position; refuses a state from a different data stream."""
+    for key in ("seed", "num_examples", "global_batch"):
+      if int(state[key]) != getattr(self, key):
+        raise ValueError(
+          f"iterator state has {key}={state[key]} but this iterator has {getattr(self, key)}: "
+          "the data, seed, batch size or host count changed since it was saved"
+        )
+    self.step = int(state["step"])
+
+
+def make_iterator(
+  examples: Sequence[Example], tokenizer, cfg, *, process_index: int = 0, process_count: int = 1
+) -> Batches:
+  """Batches of `examples` for this host (pass jax.process_index()/process_count())."""
+  return Batches(examples, tokenizer, cfg, process_index=process_index, process_count=process_count)

@@ -1,0 +1,107 @@
+"""Tokenisation with the loss on answer tokens only, and the context-side truncation rule.
+
+Pieces are tokenised separately (before-context, context, after-context, answer+EOS) and
+concatenated, so the answer's first token index is known exactly and the context can be cut
+without re-tokenising. The ids can differ from tokenising the joined string at the three
+joins; `--show` in the stats tool decodes the real ids, so what it prints is what trains.
+
+Truncation rule: an example longer than `max_len` loses context tokens only, from the end of
+the context (`template.truncate="end"`, the default: abstracts and documents lead with their
+topic) or from its start ("start": dialogue histories, where the latest turns matter). The
+instruction, query and answer are never cut; when they alone exceed `max_len` the example is
+skipped and counted as `too_long`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from mdkif_jax.data.example import Example
+from mdkif_jax.data.template import Template
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  tokens: np.ndarray  # int32 [L]: prompt then answer (ending in EOS).
+  answer_start: int  # Index of the first answer token; the loss covers [answer_start, L).
+  context_dropped: int  # Context tokens removed by truncation (0 = untruncated).
+
+  @property
+  def truncated(self) -> bool:
+    return self.context_dropped > 0
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+  if not texts:
+    return []
+  return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer, template: Template) -> list[int]:
+  """A leading BOS for plain prompts of tokenizers that add one (Llama 2); chat templates
+  write their own BOS into the text, so none is added there."""
+  if template.chat or tokenizer.bos_token_id is None:
+    return []
+  probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return [tokenizer.bos_token_id] if probe and probe[0] == tokenizer.bos_token_id else []
+
+
+def encode_many(
+  examples: Sequence[Example], tokenizer, template: Template, max_len: int
+) -> list[Encoded | None]:
+  """Encode examples (None for those too long even without context), four batched calls."""
+  parts = [template.prompt_parts(ex, tokenizer) for ex in examples]
+  before = _ids(tokenizer, [p[0] for p in parts])
+  context = _ids(tokenizer, [p[1] for p in parts])
+  after = _ids(tokenizer, [p[2] for p in parts])
+  answer = _ids(tokenizer, [template.answer_text(ex, tokenizer) for ex in examples])
+  bos = _bos(tokenizer, template)
+  out: list[Encoded | None] = []
+  for b, c, a, ans in zip(before, context, after, answer, strict=True):
+    fixed = len(bos) + len(b) + len(a) + len(ans)
+    room = max_len - fixed
+    if room < 0 or not ans:
+      out.append(None)
+      continue
+    dropped = max(0, len(c) - room)
+    if dropped:
+      c = c[: len(c) - dropped] if template.truncate == "end" else c[dropped:]
+    prompt = bos + b + c + a
+    tokens = np.asarray(prompt + ans, dtype=np.int32)
+    out.append(Encoded(tokens, len(prompt), dropped))
+  return out
+
+
+def encode(ex: Example, tokenizer, template: Template, max_len: int) -> Encoded | None:
+  return encode_many([ex], tokenizer, template, max_len)[0]
+
+
+def pad_row(enc: Encoded, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One row of a batch, right-padded to `length`.
+
+  targets[t] = tokens[t + 1]; loss_mask[t] = 1 exactly when targets[t] is an answer token
+  (the EOS included), so the loss is next-token prediction over the answer only.
+  """
+  n = len(enc.tokens)
+  if n > length:
+    raise ValueError(f"row of {n} tokens does not fit length {length}")
+  tokens = np.full(length, pad_id, np.int32)
+  tokens[:n] = enc.tokens
+  targets = np.full(length, pad_id, np.int32)
+  targets[: n - 1] = enc.tokens[1:]
+  loss_mask = np.zeros(length, np.float32)
+  loss_mask[enc.answer_start - 1 : n - 1] = 1.0
+  positions = np.zeros(length, np.int32)
+  positions[:n] = np.arange(n, dtype=np.int32)
+  attention_mask = np.zeros(length, np.int32)
+  attention_mask[:n] = 1
+  return {
+    "tokens": tokens,
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "positions": positions,
+    "attention_mask": attention_mask,
+  }
