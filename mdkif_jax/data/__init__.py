@@ -9,10 +9,15 @@ loads, per skill and source.
 """
 
 from mdkif_jax.data.example import DataError, Example, LoadReport
+from mdkif_jax.data.pipeline import Batches, make_iterator
 from mdkif_jax.data.skills import SKILL_SPECS, SKILLS, get_skill, skill_id
 from mdkif_jax.data.splits import SPLITS, load_all, load_examples
+from mdkif_jax.data.template import Template
 
 __all__ = [
+  "Batches",
+  "Template",
+  "make_iterator",
   "SKILLS",
   "SKILL_SPECS",
   "SPLITS",

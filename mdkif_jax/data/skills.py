@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 NONE_ANSWER = "none"  # How an empty list is written, so the model is never asked for "".
-LIST_SEP = "; "  # Separator of list answers (entities, labels, synonyms).
+LIST_SEP = "\n"  # List answers put one item per line: entity names can hold ";" or ",".
 
 
 def parse_text(answer: str) -> str:
@@ -33,12 +33,12 @@ def parse_option(answer: str) -> str:
 
 
 def parse_list(answer: str) -> list[str]:
-  """A `; `-separated list; `none` is the empty list. Duplicates dropped, order kept."""
+  """One item per line; `none` is the empty list. Duplicates dropped, order kept."""
   text = answer.strip()
   if text.lower() in ("", NONE_ANSWER):
     return []
   seen: dict[str, None] = {}
-  for item in text.split(";"):
+  for item in text.split(LIST_SEP):
     item = " ".join(item.split())
     if item:
       seen.setdefault(item, None)
@@ -95,7 +95,7 @@ _REGISTRY: tuple[Skill, ...] = (
     "mldc",
     "Multi-Label Document Classification",
     "Assign every applicable label of a closed set to a document.",
-    "Classify the document. List every label that applies, separated by '; ', or 'none'.",
+    "Classify the document. List every label that applies, one per line, or 'none'.",
     "list",
   ),
   _skill(
@@ -123,7 +123,7 @@ _REGISTRY: tuple[Skill, ...] = (
     "ner",
     "Named Entity Recognition",
     "List the entity mentions of a given type in a text.",
-    "List the requested entities exactly as written in the text, separated by '; ', or 'none'.",
+    "List the requested entities exactly as written in the text, one per line, or 'none'.",
     "list",
   ),
   _skill(
@@ -144,14 +144,14 @@ _REGISTRY: tuple[Skill, ...] = (
     "es",
     "Entity Synonymy",
     "List other names of a medical entity.",
-    "List other names for the medical term, separated by '; '.",
+    "List other names for the medical term, one per line.",
     "list",
   ),
   _skill(
     "er",
     "Entity-Entity Relation",
     "Name how two medical entities are related, or which entities relate to one.",
-    "Answer the question about how medical entities are related; separate several by '; '.",
+    "Answer the question about how medical entities are related; put several one per line.",
     "list",
   ),
 )
