@@ -325,3 +325,12 @@ PRESETS: dict[str, ModelConfig] = {
     pad_token_id=151643,
   ),
 }
+
+# The tiny shape with SmolLM2's vocabulary, so it trains on real tokenized text in tests.
+PRESETS["tiny_smollm_vocab"] = dataclasses.replace(
+  PRESETS["tiny"],
+  vocab_size=49152,
+  max_position_embeddings=1024,
+  eos_token_ids=(2,),
+  pad_token_id=2,
+)

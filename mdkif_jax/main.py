@@ -1,0 +1,54 @@
+"""Entry point: `python -m mdkif_jax.main --config=configs/skill.py --workdir=runs/skill`.
+
+Parses flags, starts multi-host JAX when the environment describes several processes, logs
+the devices, then hands over to the stage's `train_and_evaluate(config, workdir)`.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  "config", None, "Stage config file (and :preset).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.")
+flags.mark_flags_as_required(["config"])
+
+
+def _multi_process() -> bool:
+  """True when a launcher (SLURM, TPU pod, our launch/ scripts) describes several processes."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    return True
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def main(argv):
+  del argv
+  import jax
+
+  if _multi_process():
+    jax.distributed.initialize()
+  logging.info(
+    "process %d/%d, %d local / %d global devices: %s",
+    jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    jax.devices()[:8],
+  )  # fmt: skip
+  for noisy in ("orbax", "absl_orbax"):  # Orbax logs every file operation at INFO
+    logging_std.getLogger(noisy).setLevel(logging_std.WARNING)
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("runs", config.stage)
+  if config.stage == "skill":
+    from mdkif_jax import train
+
+    train.train_and_evaluate(config, workdir)
+  else:
+    raise app.UsageError(f"config.stage={config.stage!r} is not implemented yet (only 'skill')")
+
+
+if __name__ == "__main__":
+  app.run(main)
