@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 from collections.abc import Callable, Iterator
 
-from mdkif_jax.data.example import Example, LoadReport
+from mdkif_jax.data.example import Example, LoadReport, check_example
 from mdkif_jax.data.sources import kg, qa, text
 from mdkif_jax.data.sources._io import read_json_rows
 
@@ -45,7 +45,8 @@ def instruct(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
         source="instruct",
         id=rid,
       )
-      yield str(row.get("split") or "all"), rid, ex
+      if check_example(ex, report, str(path), line):  # Unknown skill names, named by line.
+        yield str(row.get("split") or "all"), rid, ex
 
 
 _KG = "kg/"
