@@ -13,8 +13,9 @@ from mdkif_jax.sharding import DEFAULT_RULES
 def model_config(source: str = "smollm2_135m") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Where the frozen base comes from: a preset name ("smollm2_135m" = the packaged GGUF;
-  # "tiny"/"tiny_smollm_vocab" = random init for tests; "llama2_7b", "llama3_8b", "mistral_7b", "qwen2_0_5b",
-  # "qwen2_7b" = random weights of that shape), a HF checkpoint directory or a .gguf file.
+  # "tiny"/"tiny_smollm_vocab" = random init for tests; "llama2_7b", "llama3_8b",
+  # "mistral_7b", "qwen2_0_5b", "qwen2_7b" = random weights of that shape), a HF checkpoint
+  # directory or a .gguf file.
   c.source = source
   # Tokenizer source (same forms); None = the model's own (required for real checkpoints).
   c.tokenizer = ml_collections.config_dict.placeholder(str)

@@ -23,13 +23,13 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "skill"  # which stage main.py runs: "skill" (this file) | "router"
-  c.model = common.model_config("smollm2_135m")
-  c.mesh = common.mesh_config()
-  c.adalora = common.adalora_config()
-  c.optimizer = common.optimizer_config()
-  c.data = common.data_config()
+  c.model = common.model_config("smollm2_135m")  # the frozen base (configs/common.py)
+  c.mesh = common.mesh_config()  # devices and the logical-axis rule table
+  c.adalora = common.adalora_config()  # one AdaLoRA adapter per skill
+  c.optimizer = common.optimizer_config()  # AdamW + schedule + clipping + accumulation
+  c.data = common.data_config()  # the skill data (configs/common_data.py)
   c.data.buckets = (96, 128, 192, 256)  # the demo corpus is short: small buckets are fast
-  c.data.max_len = 256
+  c.data.max_len = 256  # longest row in tokens (the demo rows are short)
 
   # Skills to train: "all" or names joined by "+" / "," (e.g. "ner+re"). Ids stay the
   # registry's (mdkif_jax.data.SKILLS) so checkpoints of different selections line up.
