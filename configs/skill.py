@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     if key == "skills":
-      c.skills = value
+      c.skills = value  # "skills=ner+re" after the colon
     elif key in PRESETS:
       PRESETS[key](c)
     else:
