@@ -174,21 +174,21 @@ def _scan_tsv(
       yield line, row
 
 
-def read_text_lines(path: pathlib.Path, report: LoadReport) -> list[str | None]:
+def read_text_lines(path: pathlib.Path, report: LoadReport) -> Iterator[str | None]:
   """Every line of a text file, blank ones included (CoNLL and OBO need them).
 
-  An entry is None where the line was not UTF-8 (already reported); parsers drop the
-  record that holds it.
+  An entry is None where the line was not UTF-8 (reported when the parser reaches it, so
+  strict mode stops at the first bad line in file order); parsers drop the record holding it.
   """
   path = pathlib.Path(path)
   ds = _quiet_datasets()
   try:
     table = ds.load_dataset("text", data_files=str(path), split="train")
-    # Straight from Arrow: `Dataset.__getitem__` formats row by row, 100x slower here.
-    return table.data.column("text").to_pylist()
   except Exception as e:  # noqa: BLE001
     log.info("datasets could not read %s (%s); scanning it line by line", path, e)
-    return [text for _, text in _decode_lines(path, report)]
+    return (text for _, text in _decode_lines(path, report))
+  # Straight from Arrow: `Dataset.__getitem__` formats row by row, 100x slower here.
+  return iter(table.data.column("text").to_pylist())
 
 
 def read_xml(path: pathlib.Path, report: LoadReport) -> ET.Element | None:

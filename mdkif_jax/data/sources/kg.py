@@ -9,6 +9,7 @@ relation, or term + relation -> related terms). Every item of one entity shares 
 from __future__ import annotations
 
 import collections
+import itertools
 import pathlib
 import re
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ PHARMACO_CATEGORIES = {"DM": "disease-modifying", "SYM": "symptomatic", "NOT": "
 def obo_terms(path: pathlib.Path, report: LoadReport) -> Iterator[dict[str, list[str]]]:
   """The live [Term] stanzas of an OBO 1.2 file as {tag: [values]} (obsolete ones dropped)."""
   stanza: dict[str, list[str]] | None = None
-  for n, text in enumerate([*read_text_lines(path, report), "[End]"], start=1):
+  for n, text in enumerate(itertools.chain(read_text_lines(path, report), ["[End]"]), start=1):
     if text is None:
       continue
     text = text.strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 from collections.abc import Iterator
 
@@ -49,7 +50,7 @@ def conll_sentences(
   tags: list[str] = []
   start, bad = 0, False
   lines = read_text_lines(path, report)
-  for n, text in enumerate([*lines, ""], start=1):
+  for n, text in enumerate(itertools.chain(lines, [""]), start=1):
     if text is not None and not text.strip():
       if tokens and not bad:
         yield start, tokens, tags
