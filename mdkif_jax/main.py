@@ -31,7 +31,13 @@ def main(argv):
   del argv
   import jax
 
-  if _multi_process():
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # explicit: launch/local_multiprocess.sh, tests
+    jax.distributed.initialize(
+      os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+  elif _multi_process():  # SLURM, TPU pod slices: JAX detects the cluster itself
     jax.distributed.initialize()
   logging.info(
     "process %d/%d, %d local / %d global devices: %s",

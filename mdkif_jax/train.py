@@ -98,15 +98,33 @@ def build_optimizer(
 
 
 # ---- loss and step ----------------------------------------------------------------------------
-def skill_losses(logits_BTV, batch, local_ids_B, num_skills: int):
+def skill_losses(logits_BKV, targets_BK, weight_BK, local_ids_B, num_skills: int):
   """(mean answer-token NLL per skill [S], answer tokens per skill [S])."""
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-  w = batch["loss_mask"].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits_BKV.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets_BK[..., None], axis=-1)[..., 0]
+  w = weight_BK.astype(jnp.float32)
   onehot = jax.nn.one_hot(local_ids_B, num_skills, dtype=jnp.float32)  # [B, S]
   tok_S = onehot.T @ jnp.sum(w, axis=1)
   sum_S = onehot.T @ jnp.sum(nll * w, axis=1)
   return sum_S / jnp.maximum(tok_S, 1.0), tok_S
+
+
+def answer_index(loss_mask_BT: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Positions of the answer tokens per row, padded to a multiple (static shapes for jit).
+
+  The loss needs logits only there, so the vocabulary projection — the largest matmul of a
+  small model — runs on K answer positions instead of all T.
+  """
+  counts = (loss_mask_BT > 0).sum(axis=1)
+  K = max(multiple, -(-int(counts.max()) // multiple) * multiple)
+  K = min(K, loss_mask_BT.shape[1])
+  idx = np.zeros((loss_mask_BT.shape[0], K), np.int32)
+  valid = np.zeros((loss_mask_BT.shape[0], K), np.float32)
+  for b, row in enumerate(loss_mask_BT):
+    pos = np.flatnonzero(row > 0)[:K]
+    idx[b, : len(pos)] = pos
+    valid[b, : len(pos)] = row[pos]
+  return idx, valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +150,12 @@ def make_step(
     local = lookup[batch["skill_ids"]]
     model = nnx.merge(graphdef, frozen)
     ctx = adapters.AdapterCtx(scale=scale, skill_ids=local)
-    logits = model(batch["tokens"], positions_BT=batch["positions"],
-                   mask_BT=batch["attention_mask"], adapters=ad, adapter_ctx=ctx)  # fmt: skip
-    loss_S, tok_S = skill_losses(logits, batch, local, num_skills)
+    h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
+                        mask_BT=batch["attention_mask"], adapters=ad, adapter_ctx=ctx)  # fmt: skip
+    idx = batch["answer_idx"]
+    logits = model.logits(jnp.take_along_axis(h, idx[..., None], axis=1))
+    targets = jnp.take_along_axis(batch["targets"], idx, axis=1)
+    loss_S, tok_S = skill_losses(logits, targets, batch["answer_valid"], local, num_skills)
     orth_S = adalora.orth_reg(ad, acfg.orth_reg_form)
     total = jnp.sum(loss_S + acfg.orth_reg_weight * orth_S)
     return total, (loss_S, orth_S, tok_S)
@@ -190,6 +211,7 @@ class SkillBatches:
           a = np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=fill)
         arrays.append(a)
       out[key] = np.concatenate(arrays, axis=0)
+    out["answer_idx"], out["answer_valid"] = answer_index(out["loss_mask"])
     return out
 
   def get_state(self) -> dict:
@@ -255,8 +277,14 @@ def run_meta(model_cfg, skills, targets, acfg) -> dict:
   }
 
 
-def train_skills(config, workdir: str | pathlib.Path, skills: tuple[str, ...], base=None) -> dict:
-  """Train `skills` jointly; returns final adapters, masks, metric history (for tests too)."""
+def train_skills(
+  config, workdir: str | pathlib.Path, skills: tuple[str, ...], base=None, stop_after=None
+) -> dict:
+  """Train `skills` jointly; returns final adapters, masks, metric history (for tests too).
+
+  base: an already loaded frozen model (else loaded from config.model); stop_after: leave
+  the loop after this many steps of the schedule (the schedule itself is unchanged).
+  """
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -314,7 +342,7 @@ def train_skills(config, workdir: str | pathlib.Path, skills: tuple[str, ...], b
              disable=not config.train.progress or jax.process_index() != 0)  # fmt: skip
   t_last, tokens_since = time.perf_counter(), 0
   try:
-    for step in range(start, steps):
+    for step in range(start, steps if stop_after is None else min(steps, stop_after)):
       for _ in range(accum):
         batch = next(batches)
         tokens_since += int(batch["attention_mask"].sum()) * jax.process_count()
