@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mdkif_jax import adapters as adapters_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class AdaLoraConfig:
@@ -43,6 +45,10 @@ class AdaLoraConfig:
   sensitivity: str = "post_update"  # "post_update" (PEFT, loralib) | "pre_update" (paper Alg. 1)
   lora_alpha: float = 8.0
   scale_convention: str = "peft"  # see adapters.adapter_scale
+
+  def scale(self) -> float:
+    """The adapter multiplier for AdapterCtx(scale=...)."""
+    return adapters_lib.adapter_scale(self.lora_alpha, self.init_r, self.scale_convention)
 
   def validate(self) -> None:
     """Raise ValueError for a schedule PEFT would crash on late (or silently mis-train)."""
@@ -71,6 +77,22 @@ class AdaLoraConfig:
       raise ValueError(f"orth_reg_form must be 'peft' or 'paper', got {self.orth_reg_form!r}")
     if self.sensitivity not in ("post_update", "pre_update"):
       raise ValueError(f"sensitivity must be post_update|pre_update, got {self.sensitivity!r}")
+
+
+def peft_config_kwargs(cfg: AdaLoraConfig) -> dict:
+  """The same settings as keyword arguments of PEFT's AdaLoraConfig (for parity and export)."""
+  return dict(
+    init_r=cfg.init_r,
+    target_r=cfg.target_r,
+    tinit=cfg.tinit,
+    tfinal=cfg.tfinal,
+    deltaT=cfg.delta_t,
+    beta1=cfg.beta1,
+    beta2=cfg.beta2,
+    total_step=cfg.total_step,
+    orth_reg_weight=cfg.orth_reg_weight,
+    lora_alpha=cfg.lora_alpha,
+  )
 
 
 # ----------------------------------------------------------------------------- budget schedule
@@ -337,3 +359,8 @@ def orth_reg(adapters: dict, form: str = "peft") -> jax.Array:
   if form == "paper":
     return jnp.sum(sq, axis=-1)
   raise ValueError(f"orth_reg form must be 'peft' or 'paper', got {form!r}")
+
+
+def orth_penalty(adapters: dict, cfg: AdaLoraConfig) -> jax.Array:
+  """gamma * R, summed over skills (independent), to add to the task loss inside the loss fn."""
+  return cfg.orth_reg_weight * jnp.sum(orth_reg(adapters, cfg.orth_reg_form))

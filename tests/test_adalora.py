@@ -17,6 +17,8 @@ from mdkif_jax.adalora import (
   find_state,
   keep_top,
   num_matrices,
+  orth_penalty,
+  orth_reg,
 )
 
 DIMS = ad.llama_target_dims(hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24)
@@ -233,3 +235,17 @@ def test_sharded_steps_equal_single_device():
       np.testing.assert_array_equal(find_state(s_got).mask[tgt], find_state(s_ref).mask[tgt])
       for name in ("A", "E", "B"):
         np.testing.assert_allclose(p_got[tgt][name], p_ref[tgt][name], rtol=1e-6, atol=1e-7)
+
+
+def test_orth_penalty_sums_independent_skills():
+  per_skill = [ad.init_adalora(jax.random.key(20 + s), DIMS, L, R0) for s in range(3)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_skill)
+  for form in ("peft", "paper"):
+    cfg = dataclasses.replace(CFG, orth_reg_form=form, orth_reg_weight=0.3)
+    per = orth_reg(stacked, form)
+    assert per.shape == (3,)
+    for s in range(3):
+      np.testing.assert_allclose(per[s], orth_reg(per_skill[s], form), rtol=1e-6)
+    want = 0.3 * sum(float(orth_reg(a, form)) for a in per_skill)
+    np.testing.assert_allclose(float(orth_penalty(stacked, cfg)), want, rtol=1e-6)
+  assert CFG.scale() == ad.adapter_scale(CFG.lora_alpha, CFG.init_r)

@@ -5,6 +5,8 @@ merged logits and a whole short AdaLoRA run (masks and E after every step) agree
 adapters get gradients and optimizer state, and the frozen base is bit-identical afterwards.
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,9 @@ from peft import get_peft_model
 from mdkif_jax import adapters as ad
 from mdkif_jax import loading, lora_tree
 from mdkif_jax import model as model_lib
-from mdkif_jax.adalora import AdaLoraConfig, adalora, find_state, orth_reg
+from mdkif_jax.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
 from tests import hf_fixtures
+from tests.test_adalora_peft import copy_adapters_into
 
 R0, RT = 4, 2
 B, T = 2, 12
@@ -35,21 +38,10 @@ def pair(tmp_path_factory):
 
 def peft_model(ref, cfg: AdaLoraConfig):
   pcfg = PeftAdaLoraConfig(
+    **peft_config_kwargs(cfg),
     task_type="CAUSAL_LM",
-    init_r=cfg.init_r,
-    target_r=cfg.target_r,
-    tinit=cfg.tinit,
-    tfinal=cfg.tfinal,
-    deltaT=cfg.delta_t,
-    beta1=cfg.beta1,
-    beta2=cfg.beta2,
-    total_step=cfg.total_step,
-    orth_reg_weight=cfg.orth_reg_weight,
-    lora_alpha=cfg.lora_alpha,
     target_modules=[m.split(".")[-1] for m in lora_tree.LLAMA_MODULES.values()],
   )
-  import copy
-
   return get_peft_model(copy.deepcopy(ref), pcfg)
 
 
@@ -58,16 +50,6 @@ def peft_module(pm, layer, t):
   for part in lora_tree.LLAMA_MODULES[t].split("."):
     mod = getattr(mod, part)
   return mod
-
-
-def copy_adapters_into(pm, adapters, num_layers):
-  with torch.no_grad():
-    for t, leaf in adapters.items():
-      for i in range(num_layers):
-        m = peft_module(pm, i, t)
-        m.lora_A["default"].copy_(torch.from_numpy(np.array(leaf["A"][i])))
-        m.lora_E["default"].copy_(torch.from_numpy(np.array(leaf["E"][i]))[:, None])
-        m.lora_B["default"].copy_(torch.from_numpy(np.array(leaf["B"][i])))
 
 
 def init(model, seed, random_e=False):
@@ -104,7 +86,7 @@ def test_loss_delta_weight_and_merge_match_peft(pair):
   L = model.cfg.num_hidden_layers
   adapters = init(model, 0, random_e=True)
   pm = peft_model(ref, cfg)
-  copy_adapters_into(pm, adapters, L)
+  copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   tokens = tokens_at(0)
   tt = torch.from_numpy(tokens)
   want = pm(input_ids=tt, labels=tt).loss.item()  # CE + 0.5 * orth reg, inside PEFT
@@ -148,7 +130,7 @@ def test_adalora_training_matches_peft(pair):
   L = model.cfg.num_hidden_layers
   adapters = init(model, 1)
   pm = peft_model(ref, cfg)
-  copy_adapters_into(pm, adapters, L)
+  copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   graphdef, params = nnx.split(model)
   base_before = jax.tree.map(np.array, params)
   tx = adalora(optax.adamw(5e-3, weight_decay=0.01), cfg)

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from torch import nn
 
 from mdkif_jax import adapters as ad
-from mdkif_jax.adalora import AdaLoraConfig, adalora, find_state, orth_reg
+from mdkif_jax.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
 
 DIMS = ad.llama_target_dims(hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24)
 L, R0, RT = 2, 6, 3
@@ -51,19 +51,7 @@ class Tiny(nn.Module):
 def make_peft(cfg: AdaLoraConfig):
   torch.manual_seed(0)
   base = Tiny()
-  pcfg = PeftAdaLoraConfig(
-    init_r=cfg.init_r,
-    target_r=cfg.target_r,
-    tinit=cfg.tinit,
-    tfinal=cfg.tfinal,
-    deltaT=cfg.delta_t,
-    beta1=cfg.beta1,
-    beta2=cfg.beta2,
-    total_step=cfg.total_step,
-    orth_reg_weight=cfg.orth_reg_weight,
-    lora_alpha=cfg.lora_alpha,
-    target_modules=[f"{t}_proj" for t in DIMS],
-  )
+  pcfg = PeftAdaLoraConfig(**peft_config_kwargs(cfg), target_modules=[f"{t}_proj" for t in DIMS])
   return get_peft_model(base, pcfg)
 
 
@@ -71,14 +59,15 @@ def peft_module(pm, layer_idx, t):
   return getattr(pm.base_model.model.layers[layer_idx], f"{t}_proj")
 
 
-def copy_adapters_into(pm, adapters):
+def copy_adapters_into(module, adapters, num_layers):
+  """Write our adapters into PEFT modules; module(layer, target) finds the SVDLinear."""
   with torch.no_grad():
     for t, leaf in adapters.items():
-      for layer_idx in range(L):
-        m = peft_module(pm, layer_idx, t)
-        m.lora_A["default"].copy_(torch.from_numpy(np.array(leaf["A"][layer_idx])))
-        m.lora_E["default"].copy_(torch.from_numpy(np.array(leaf["E"][layer_idx]))[:, None])
-        m.lora_B["default"].copy_(torch.from_numpy(np.array(leaf["B"][layer_idx])))
+      for i in range(num_layers):
+        m = module(i, t)
+        m.lora_A["default"].copy_(torch.from_numpy(np.array(leaf["A"][i])))
+        m.lora_E["default"].copy_(torch.from_numpy(np.array(leaf["E"][i]))[:, None])
+        m.lora_B["default"].copy_(torch.from_numpy(np.array(leaf["B"][i])))
 
 
 def read_e(pm):
@@ -134,7 +123,7 @@ def test_allocation_matches_peft(opt):
   )
   pm = make_peft(cfg)
   adapters = ad.init_adalora(jax.random.key(1), DIMS, L, R0)
-  copy_adapters_into(pm, adapters)
+  copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   kernels = base_kernels(pm)
   ours_tx, torch_opt = OPTIMIZERS[opt]
   tx = adalora(ours_tx(), cfg)
@@ -195,7 +184,7 @@ def test_orth_reg_matches_peft():
   cfg = AdaLoraConfig(init_r=R0, target_r=RT, total_step=10, orth_reg_weight=0.5)
   pm = make_peft(cfg)
   adapters = ad.init_adalora(jax.random.key(2), DIMS, L, R0)
-  copy_adapters_into(pm, adapters)
+  copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   xs, ys = batch(0)
   tx, ty = ({k: torch.from_numpy(v) for k, v in d.items()} for d in (xs, ys))
   with_reg = pm.base_model(tx, ty).loss.item()
@@ -226,7 +215,7 @@ def test_scale_and_delta_weight_match_peft():
   for t in sorted(adapters):  # non-zero E, so ΔW is not trivially zero
     key, k = jax.random.split(key)
     adapters[t]["E"] = jax.random.normal(k, adapters[t]["E"].shape)
-  copy_adapters_into(pm, adapters)
+  copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   scale = ad.adapter_scale(cfg.lora_alpha, cfg.init_r)
   for t, leaf in adapters.items():
     got = np.asarray(ad.delta_weight(leaf, scale))
