@@ -109,14 +109,17 @@ def skill_losses(logits_BKV, targets_BK, weight_BK, local_ids_B, num_skills: int
   return sum_S / jnp.maximum(tok_S, 1.0), tok_S
 
 
-def answer_index(loss_mask_BT: np.ndarray, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-  """Positions of the answer tokens per row, padded to a multiple (static shapes for jit).
+def answer_index(loss_mask_BT: np.ndarray, smallest: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Positions of the answer tokens per row, padded to a power of two (static shapes for jit).
 
   The loss needs logits only there, so the vocabulary projection — the largest matmul of a
-  small model — runs on K answer positions instead of all T.
+  small model — runs on K answer positions instead of all T. Powers of two keep the number
+  of compiled shapes to a handful.
   """
   counts = (loss_mask_BT > 0).sum(axis=1)
-  K = max(multiple, -(-int(counts.max()) // multiple) * multiple)
+  K = smallest
+  while K < int(counts.max()):
+    K *= 2
   K = min(K, loss_mask_BT.shape[1])
   idx = np.zeros((loss_mask_BT.shape[0], K), np.int32)
   valid = np.zeros((loss_mask_BT.shape[0], K), np.float32)
