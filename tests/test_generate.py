@@ -71,3 +71,17 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny):
   limit = tiny.cfg.max_position_embeddings
   with pytest.raises(generate.ContextLengthError, match=f"context of {limit} tokens"):
     generate.generate(tiny, [[5] * (limit - 4)], max_new_tokens=8)
+
+
+def test_cached_gguf_tokenizer_equals_a_fresh_conversion(tmp_path, monkeypatch):
+  from mdkif_jax import tokenizer
+
+  monkeypatch.setenv("MDKIF_CACHE", str(tmp_path))
+  path = loading.smollm2_gguf_path()
+  fresh = tokenizer._gguf_tokenizer(path)  # converts and writes the cache
+  assert list(tmp_path.glob("tokenizers/*/tokenizer.json"))
+  cached = tokenizer._gguf_tokenizer(path)  # reads the cache
+  text = "Patient: 45-year-old with dyspnoea; SpO2 91%. Café-au-lait spots? <|im_end|>"
+  assert fresh(text)["input_ids"] == cached(text)["input_ids"]
+  assert tokenizer.chat_prompt(fresh, text) == tokenizer.chat_prompt(cached, text)
+  assert (fresh.eos_token_id, fresh.pad_token_id) == (cached.eos_token_id, cached.pad_token_id)
