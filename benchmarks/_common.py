@@ -1,0 +1,127 @@
+"""Helpers shared by the training benchmarks: load waiting, peak RSS, child processes, FLOPs.
+
+Every framework runs in its own child process (`run_child`), so each process's peak RSS
+(`peak_rss_gb`) is that framework's alone. The 2-core benchmark machines are shared: the
+parent waits (`wait_for_quiet`) until the 1-minute load average is low before starting each
+child and records the load it started at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+RESULT_PREFIX = "RESULT_JSON "
+
+
+def load1() -> float:
+  return os.getloadavg()[0]
+
+
+def wait_for_quiet(max_load: float, timeout_s: float, poll_s: float = 30.0) -> float:
+  """Wait until the 1-min load average is below `max_load` (at most `timeout_s`); return it."""
+  deadline = time.monotonic() + timeout_s
+  load = load1()
+  while load >= max_load and time.monotonic() < deadline:
+    print(f"  load {load:.2f} >= {max_load}: waiting {poll_s:.0f} s", file=sys.stderr, flush=True)
+    time.sleep(poll_s)
+    load = load1()
+  return load
+
+
+def peak_rss_gb() -> float:
+  """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def emit(result: dict) -> None:
+  """Child side: print the result as one tagged JSON line on stdout."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(args: list[str], max_load: float, wait_s: float) -> dict:
+  """Run `python <this script> args` in a fresh process after waiting for a quiet machine."""
+  load = wait_for_quiet(max_load, wait_s)
+  cmd = [sys.executable, *args]
+  print(f"  [load {load:.2f}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+  if proc.returncode != 0 or not lines:
+    sys.stdout.write(proc.stdout)
+    raise RuntimeError(f"child failed (rc {proc.returncode}): {' '.join(cmd)}")
+  out = json.loads(lines[-1][len(RESULT_PREFIX) :])
+  out["load_at_start"] = load
+  out["load_at_end"] = load1()
+  return out
+
+
+def median(xs) -> float:
+  xs = sorted(xs)
+  n = len(xs)
+  return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+# ---- analytic FLOPs -------------------------------------------------------------------------
+def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, targets) -> dict:
+  """Matmul FLOPs of one AdaLoRA training step (multiply-add = 2 FLOPs).
+
+  N = rows * length tokens; P = frozen projection weights per token (all layers);
+  A = Σ over adapted projections of r * (in + out) per layer; K = positions with logits.
+    forward  = 2 N P + 2 rows K V D (vocab projection) + 4 L rows T² H Dh (QKᵀ and PV, full
+               square as computed) + 2 N L A (adapters: x Aᵀ then h Bᵀ)
+    backward = activation gradients only for the frozen base: 2 N P + 2 rows K V D,
+               attention 2x its forward (dQ, dK, dP, dV), adapters 2x their forward
+               (activation gradient + weight gradient)
+    total    = 2 (2 N P + 2 rows K V D) + 3 attention + 3 adapters
+  Elementwise work (norms, RoPE, softmax, AdamW, the allocator) is not counted.
+  """
+  dims = cfg.projection_dims()
+  L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+  H, Dh = cfg.num_attention_heads, cfg.head_dim
+  n = rows * length
+  p = L * sum(i * o for i, o in dims.values())
+  dense = 2 * n * p + 2 * rows * logit_positions * V * D
+  attn = 4 * L * rows * length * length * H * Dh
+  adapter = 2 * n * L * rank * sum(dims[t][0] + dims[t][1] for t in targets)
+  return {
+    "forward": dense + attn + adapter,
+    "total": 2 * dense + 3 * attn + 3 * adapter,
+    "dense_fwd": dense,
+    "attention_fwd": attn,
+    "adapter_fwd": adapter,
+  }
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> dict:
+  """Median GFLOP/s of a jitted n x n matmul: f32, and bf16 inputs with f32 accumulation."""
+  import jax
+  import jax.numpy as jnp
+
+  out = {}
+  key = jax.random.key(0)
+  a32 = jax.random.normal(key, (n, n), jnp.float32)
+  b32 = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+  variants = {
+    "f32": (jax.jit(lambda a, b: a @ b), a32, b32),
+    "bf16_f32acc": (
+      jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)),
+      a32.astype(jnp.bfloat16),
+      b32.astype(jnp.bfloat16),
+    ),
+  }
+  for name, (fn, a, b) in variants.items():
+    fn(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn(a, b).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    out[name] = 2 * n**3 / median(times) / 1e9
+  return out

@@ -1,0 +1,288 @@
+"""AdaLoRA training step on SmolLM2-135M-Instruct: mdkif_jax (one skill) vs PEFT, CPU.
+
+Run (from the repo root; one command runs everything, each framework in its own process):
+
+  PYTHONPATH=. .venv/bin/python benchmarks/train_step.py [--steps 10] [--warmup 2]
+      [--batch 8] [--seq 256] [--dtype float32,bfloat16] [--only ours|peft] [--rounds 1]
+      [--max-load 1.5]
+
+What is timed (identical for both frameworks):
+  * Model: the packaged SmolLM2-135M-Instruct GGUF dequantized to f32 (ours: mdkif_jax.loading;
+    PEFT: transformers' GGUF loader), frozen.
+  * Adapters: AdaLoRA on q,k,v,o,gate,up,down of all 30 layers, init_r 12, target_r 8,
+    tinit 10, tfinal 10, deltaT 5, total_step 100, lora_alpha 8, orth_reg_weight 0.5,
+    beta1 = beta2 = 0.85. PEFT gets task_type CAUSAL_LM (without it, its loss silently lacks
+    the orthogonal regulariser). Ours: one skill (S = 1) through `train.make_step`, the real
+    jitted step (loss + orthogonal regulariser, adapter gradients, AdamW, the allocator inside jit).
+  * Data: `--batch` x `--seq` random token ids, a new batch every step from a fixed seed (the
+    same batches for every run). labels = inputs: transformers shifts the labels inside its
+    causal-LM loss (position t predicts token t+1, mean over B*(T-1) tokens); ours gets the
+    same shifted targets explicitly with the last position masked out.
+  * Optimizer: AdamW lr 1e-4 constant, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 (torch's
+    AdamW default), no clipping. PEFT step = forward(labels=inputs) + backward + opt.step()
+    + base_model.update_and_allocate(step) + zero_grad.
+  * `--warmup` steps (ours: includes compilation), then the median wall time of `--steps`
+    steps; ours waits for the step's outputs (`jax.block_until_ready`). tokens/s = B*T / median.
+  * Peak memory: each framework runs in a fresh child process; its ru_maxrss at the end
+    (model load included) is its peak RSS.
+  * Runs alternate: ours (each --dtype), PEFT, per round. The parent waits before each child
+    until the 1-min load average is below --max-load (the machine is shared) and prints it.
+  * bf16: `model.compute_dtype=bfloat16` (bf16 activations and matmul inputs, f32
+    accumulation), f32 frozen weights in memory and f32 adapters/optimizer. Loss curves of the
+    f32 and bf16 runs use the same init and data; the max relative difference over the
+    measured steps is printed.
+
+Targets (issue 3): ours >= 1.3x PEFT tokens/s in f32, >= 2x with bf16 compute, peak RSS <= 0.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+VOCAB = 49152
+TARGETS_PEFT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADALORA = dict(init_r=12, target_r=8, tinit=10, tfinal=10, deltaT=5, total_step=100,
+               lora_alpha=8, orth_reg_weight=0.5, beta1=0.85, beta2=0.85)  # fmt: skip
+LR, WEIGHT_DECAY = 1e-4, 0.01
+
+
+def batches(n: int, batch: int, seq: int, seed: int = 0) -> list[np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, VOCAB, (batch, seq), dtype=np.int64) for _ in range(n)]
+
+
+# ---- ours -------------------------------------------------------------------------------------
+def our_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """labels = inputs, shifted as transformers does: targets[t] = tokens[t+1], last masked."""
+  from mdkif_jax import train
+
+  B, T = tokens.shape
+  tok = tokens.astype(np.int32)
+  targets = np.concatenate([tok[:, 1:], np.zeros((B, 1), np.int32)], axis=1)
+  loss_mask = np.ones((B, T), np.float32)
+  loss_mask[:, -1] = 0.0
+  b = {
+    "tokens": tok,
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+    "attention_mask": np.ones((B, T), np.int32),
+    "skill_ids": np.zeros((B,), np.int32),
+  }
+  b["answer_idx"], b["answer_valid"] = train.answer_index(loss_mask)
+  return b
+
+
+def bench_config(dtype: str):
+  from configs import skill
+
+  cfg = skill.get_config()
+  cfg.model.compute_dtype = dtype
+  a = cfg.adalora
+  a.targets = "q,k,v,o,gate,up,down"
+  a.init_r, a.target_r = ADALORA["init_r"], ADALORA["target_r"]
+  a.tinit, a.tfinal, a.delta_t = ADALORA["tinit"], ADALORA["tfinal"], ADALORA["deltaT"]
+  a.lora_alpha, a.orth_reg_weight = float(ADALORA["lora_alpha"]), ADALORA["orth_reg_weight"]
+  a.beta1, a.beta2 = ADALORA["beta1"], ADALORA["beta2"]
+  o = cfg.optimizer
+  o.learning_rate, o.weight_decay = LR, WEIGHT_DECAY
+  o.decay, o.warmup_steps, o.clip_norm = "constant", 0, 0.0
+  o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+  return cfg
+
+
+def setup_ours(dtype: str, num_skills: int = 1):
+  """(step_fn, state, frozen, mesh, model cfg): the real `train.make_step` for S skills."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from mdkif_jax import adapters, data, loading, sharding, train
+
+  cfg = bench_config(dtype)
+  mesh = sharding.make_mesh((1, 1, 1))
+  base = loading.load_model("smollm2_135m", numerics=train._numerics(cfg), mesh=mesh,
+                            progress=False)  # fmt: skip
+  graphdef, frozen = nnx.split(base)
+  tx, acfg = train.build_optimizer(cfg, ADALORA["total_step"])
+  targets = adapters.select_targets(cfg.adalora.targets.split(","))
+  dims = {t: base.cfg.projection_dims()[t] for t in targets}
+  ad = adapters.init_adalora(jax.random.key(0), dims, base.cfg.num_hidden_layers, acfg.init_r,
+                             num_skills=num_skills, std=cfg.adalora.init_std)  # fmt: skip
+  state = {"adapters": ad, "opt_state": tx.init(ad), "step": jnp.zeros([], jnp.int32)}
+  registry_to_local = np.zeros(len(data.SKILLS), np.int32)
+  registry_to_local[:num_skills] = np.arange(num_skills)
+  scale = adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention)
+  fns = train.make_step(graphdef, tx, acfg, scale, num_skills, registry_to_local, mesh, state)
+  state = jax.device_put(state, fns.state_sharding)
+  return fns.train_step, state, frozen, mesh, base.cfg
+
+
+def child_ours(args) -> dict:
+  import jax
+
+  from mdkif_jax import train
+
+  t0 = time.perf_counter()
+  step, state, frozen, mesh, mcfg = setup_ours(args.dtype)
+  load_s = time.perf_counter() - t0
+  data = [train.to_global(our_batch(t), mesh) for t in batches(args.warmup + args.steps,
+                                                                args.batch, args.seq)]  # fmt: skip
+  times, losses = [], []
+  for i, b in enumerate(data):
+    if args.trace and i == args.warmup:
+      jax.profiler.start_trace(args.trace)
+    t = time.perf_counter()
+    state, m = step(state, frozen, b)
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t)
+    losses.append(float(m["loss_S"][0] + ADALORA["orth_reg_weight"] * m["orth_S"][0]))
+  if args.trace:
+    jax.profiler.stop_trace()
+  return {"framework": "ours", "dtype": args.dtype, "load_s": load_s,
+          "first_step_s": times[0], "step_s": times[args.warmup:],
+          "losses": losses[args.warmup:], "all_losses": losses,
+          "peak_rss_gb": _common.peak_rss_gb()}  # fmt: skip
+
+
+# ---- PEFT -------------------------------------------------------------------------------------
+def child_peft(args) -> dict:
+  import torch
+  from peft import AdaLoraConfig, get_peft_model
+  from transformers import AutoModelForCausalLM
+
+  from mdkif_jax import loading
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  t0 = time.perf_counter()
+  gguf = loading.smollm2_gguf_path()
+  model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                               dtype=torch.float32)  # fmt: skip
+  # task_type CAUSAL_LM gives PeftModelForCausalLM, whose forward goes through
+  # AdaLoraModel.forward and adds the orthogonal regulariser; without it PEFT returns a plain
+  # PeftModel that calls the base model directly and silently drops the regulariser.
+  pcfg = AdaLoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS_PEFT, **ADALORA)
+  model = get_peft_model(model, pcfg)
+  model.train()
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                          weight_decay=WEIGHT_DECAY)  # fmt: skip
+  load_s = time.perf_counter() - t0
+  times, losses = [], []
+  for i, tokens in enumerate(batches(args.warmup + args.steps, args.batch, args.seq)):
+    x = torch.from_numpy(tokens)
+    t = time.perf_counter()
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    opt.step()
+    model.base_model.update_and_allocate(i)
+    opt.zero_grad()
+    times.append(time.perf_counter() - t)
+    losses.append(float(out.loss.detach()))
+  return {"framework": "peft", "dtype": "float32", "load_s": load_s,
+          "first_step_s": times[0], "step_s": times[args.warmup:],
+          "losses": losses[args.warmup:], "all_losses": losses,
+          "peak_rss_gb": _common.peak_rss_gb(),
+          "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+# ---- parent -----------------------------------------------------------------------------------
+def summarize(runs: list[dict], tokens_per_step: int) -> None:
+  def key(r):
+    return "PEFT f32" if r["framework"] == "peft" else f"ours {r['dtype']}"
+
+  rows: dict[str, list[dict]] = {}
+  for r in runs:
+    rows.setdefault(key(r), []).append(r)
+  print(f"\n{'run':<16} {'load':>6} {'s/step':>7} {'tok/s':>7} {'peak GB':>8} {'1st step':>9} "
+        f"{'load avg':>9}")  # fmt: skip
+  stats = {}
+  for k, rs in rows.items():
+    med = _common.median([_common.median(r["step_s"]) for r in rs])
+    peak = max(r["peak_rss_gb"] for r in rs)
+    stats[k] = (tokens_per_step / med, peak)
+    loads = "/".join(f"{r['load_at_start']:.1f}" for r in rs)
+    print(f"{k:<16} {rs[0]['load_s']:6.1f} {med:7.2f} {tokens_per_step / med:7.1f} {peak:8.2f} "
+          f"{rs[0]['first_step_s']:9.1f} {loads:>9}")  # fmt: skip
+    for r in rs:
+      print(f"    step times: {' '.join(f'{t:.2f}' for t in r['step_s'])}")
+  if "PEFT f32" in stats:
+    tps_p, mem_p = stats["PEFT f32"]
+    for k, target in (("ours float32", 1.3), ("ours bfloat16", 2.0)):
+      if k in stats:
+        tps, mem = stats[k]
+        print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x (target >= {target}x: "
+              f"{'met' if tps / tps_p >= target else 'MISSED'}), peak memory {mem / mem_p:.2f}x "
+              f"(target <= 0.5x: {'met' if mem / mem_p <= 0.5 else 'MISSED'})")  # fmt: skip
+  f32 = rows.get("ours float32", [None])[0]
+  bf16 = rows.get("ours bfloat16", [None])[0]
+  if f32 and bf16:
+    a, b = np.asarray(f32["all_losses"]), np.asarray(bf16["all_losses"])
+    rel = np.abs(b - a) / np.abs(a)
+    print(f"bf16 vs f32 loss curve (same init and data): max relative difference "
+          f"{rel[len(rel) - len(f32['losses']):].max():.2e} over the measured steps "
+          f"({rel.max():.2e} over all steps)")  # fmt: skip
+  peft = rows.get("PEFT f32", [None])[0]
+  if f32 and peft:
+    print(f"step-0 loss incl. orth reg (E = 0: adapters are the identity): ours f32 "
+          f"{f32['all_losses'][0]:.4f}, PEFT {peft['all_losses'][0]:.4f}")  # fmt: skip
+  for k, rs in rows.items():
+    print(f"{k} losses: {' '.join(f'{x:.4f}' for x in rs[0]['all_losses'])}")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=10, help="measured steps (median)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (incl. compile)")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--only", choices=("ours", "peft"), default=None)
+  p.add_argument("--dtype", default="float32,bfloat16", help="our compute dtype(s), comma-sep")
+  p.add_argument("--rounds", type=int, default=1, help="alternating rounds of all runs")
+  p.add_argument("--max-load", type=float, default=1.5, help="wait for 1-min load below this")
+  p.add_argument("--wait", type=float, default=600.0, help="max seconds to wait for the load")
+  p.add_argument("--trace", default=None, help="ours: jax.profiler trace dir (measured steps)")
+  p.add_argument("--child", choices=("ours", "peft"), default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.child == "ours":
+    _common.emit(child_ours(args))
+    return
+  if args.child == "peft":
+    _common.emit(child_peft(args))
+    return
+  common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+            "--seq", str(args.seq)] + (["--trace", args.trace] if args.trace else [])  # fmt: skip
+  plan = []
+  dtypes = [d for d in args.dtype.split(",") if d]
+  if args.only != "peft":
+    plan.append(["ours", dtypes[0]])
+  if args.only != "ours":
+    plan.append(["peft", "float32"])
+  if args.only != "peft":
+    plan += [["ours", d] for d in dtypes[1:]]
+  runs = []
+  for _ in range(args.rounds):
+    for fw, dt in plan:
+      r = _common.run_child([os.path.abspath(__file__), "--child", fw, "--dtype", dt, *common],
+                            args.max_load, args.wait)  # fmt: skip
+      print(f"  {fw} {dt}: median {_common.median(r['step_s']):.2f} s/step, peak "
+            f"{r['peak_rss_gb']:.2f} GB (load {r['load_at_start']:.2f} -> "
+            f"{r['load_at_end']:.2f})", file=sys.stderr, flush=True)  # fmt: skip
+      runs.append(r)
+  summarize(runs, args.batch * args.seq)
+
+
+if __name__ == "__main__":
+  main()
