@@ -115,6 +115,22 @@ def test_hosts_split_the_global_batch(demo_train):
     make_iterator(demo_train, tok, ccfg(), process_index=2, process_count=2)
 
 
+def test_default_shard_is_this_hosts(demo_train, monkeypatch):
+  """Without process_index/process_count the iterator asks JAX which host it is."""
+  import jax
+
+  tok = char_tokenizer()
+  it = make_iterator(demo_train, tok, ccfg(batch_size=4))
+  assert (it.process_index, it.process_count) == (jax.process_index(), jax.process_count())
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  host1 = make_iterator(demo_train, tok, ccfg(batch_size=4))
+  assert (host1.process_index, host1.global_batch) == (1, 8)
+  explicit = make_iterator(demo_train, tok, ccfg(batch_size=4), process_index=1, process_count=2)
+  _same(next(host1), next(explicit))
+  assert make_iterator(demo_train, tok, ccfg(), process_index=0, process_count=1).process_count == 1
+
+
 def test_too_long_examples_are_counted_not_batched(demo_train):
   it = make_iterator(demo_train, char_tokenizer(), ccfg(max_len=250, buckets=(200,)))
   assert sum(it.too_long.values()) > 0 and it.num_examples + sum(it.too_long.values()) == len(

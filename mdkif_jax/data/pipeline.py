@@ -134,7 +134,18 @@ class Batches(Iterator[dict[str, np.ndarray]]):
 
 
 def make_iterator(
-  examples: Sequence[Example], tokenizer, cfg, *, process_index: int = 0, process_count: int = 1
+  examples: Sequence[Example],
+  tokenizer,
+  cfg,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> Batches:
-  """Batches of `examples` for this host (pass jax.process_index()/process_count())."""
+  """Batches of `examples` for this host: `process_index`/`process_count` default (None) to
+  jax.process_index()/jax.process_count(); pass them to build another host's view."""
+  if process_index is None or process_count is None:
+    import jax  # Lazily: the data layer imports without JAX.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
   return Batches(examples, tokenizer, cfg, process_index=process_index, process_count=process_count)
