@@ -23,6 +23,24 @@ def data_config() -> ml_collections.ConfigDict:
   # The user's own JSONL files of {"skill", "context"?, "query", "answer", "id"?, "split"?},
   # relative to data_dir or absolute; loaded as the source "instruct".
   c.instruct_files = ()
+  # Datasets loaded with `datasets.load_dataset(name_or_path, config, split=split)`: a hub
+  # name (needs network access, or the datasets cache when HF_DATASETS_OFFLINE=1) or a local
+  # dataset folder laid out like a hub repo without a loading script (data/train-*.jsonl,
+  # *.parquet, *.csv; a relative path is looked up under data_dir first). One string each:
+  #   "name_or_path[:config]|split|skill|context|query|answer[|id]"
+  #   name_or_path  hub name ("org/name") or folder; ":config" picks a subset if needed.
+  #   split         the split to load ("train", "test", "validation", "train[:1000]", ...).
+  #                 "train" trains, "test" is reserved for evaluation, any other split is
+  #                 split by id hash (10% reserved).
+  #   skill         the skill every row trains (a name from mdkif_jax.data.SKILLS).
+  #   context       column of the context, or empty ("||") for none.
+  #   query         column of the query.        answer  column of the answer.
+  #   id            optional column of a stable row id (else "<split>/<row>"; rows are then
+  #                 hash-split by content).
+  # A dict with keys path, split, skill, context, query, answer, id?, config? works too.
+  # Class-label columns give their label names, list columns one item per line. They load
+  # whatever `sources` says; with data_dir None and this set, the demo corpus is not loaded.
+  c.hub_datasets = ()
   # Stop at the first bad record (malformed line, missing field, empty answer, bad bytes,
   # unknown skill) instead of skipping and counting it. Also makes a missing source fatal.
   c.strict = False

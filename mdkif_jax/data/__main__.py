@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdkif_jax.data.example import LoadReport
+from mdkif_jax.data.example import DataError, LoadReport
 from mdkif_jax.data.skills import SKILLS
 from mdkif_jax.data.splits import hash_unit, load_all
 from mdkif_jax.data.template import Template
@@ -96,10 +96,15 @@ def main(argv) -> None:
   cfg = _CONFIG.value
   data = cfg.data
   report = LoadReport(strict=bool(data.strict))
-  splits = load_all(data, report)
+  try:
+    splits = load_all(data, report)
+  except DataError as e:  # Bad config or input: the message says what, no traceback needed.
+    sys.exit(f"error: {e}")
   tok = _tokenizer(cfg)
   template = Template.from_config(data.template)
-  where = data.data_dir or "the embedded demo corpus"
+  hub = ", ".join(str(h) for h in data.get("hub_datasets", ()) or ())
+  where = " + ".join(filter(None, [data.data_dir, hub and f"hub datasets {hub}"]))
+  where = where or "the embedded demo corpus"
   print(f"data: {where}; max_len {data.max_len}; chat template {data.template.chat}")
   names = ["train", "eval"] if _SPLIT.value == "both" else [_SPLIT.value]
   for name in names:

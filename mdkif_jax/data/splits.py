@@ -30,7 +30,7 @@ from mdkif_jax.data.example import (
   example_key,
 )
 from mdkif_jax.data.skills import select_skills
-from mdkif_jax.data.sources import SOURCES, select_sources
+from mdkif_jax.data.sources import SOURCES, hub, select_sources
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ SPLITS: dict[tuple[str, str], Rule] = {
   ("instruct", "train"): Rule(TRAIN),
   ("instruct", "eval"): Rule(EVAL),
   ("instruct", "all"): Rule(HASH, 0.1),
+  ("hub", "train"): Rule(TRAIN),  # data.hub_datasets: the split "train",
+  ("hub", "eval"): Rule(EVAL),  # the split "test",
+  ("hub", "all"): Rule(HASH, 0.1),  # any other split (see sources/hub.py).
   ("demo", "train"): Rule(TRAIN),
   ("demo", "eval"): Rule(EVAL),
 }
@@ -108,14 +111,27 @@ def _split_name(split: str) -> str:
 
 
 def _items(cfg, report: LoadReport):
-  """(source name, item) for every converted item the config selects."""
+  """(source name, item) for every converted item the config selects.
+
+  The demo corpus loads only when neither `data_dir` nor `hub_datasets` is set.
+  """
+  hub_specs = hub.parse_specs(cfg.get("hub_datasets", ()))  # Config errors before any loading.
+  root = None
   if cfg.get("data_dir") is None:
-    for item in demo.items():
-      yield "demo", item
-    return
-  root = pathlib.Path(cfg.data_dir).expanduser()
-  if not root.is_dir():
-    raise DataError(f"data.data_dir={str(root)!r} is not a folder (None uses the demo corpus)")
+    if not hub_specs:
+      for item in demo.items():
+        yield "demo", item
+  else:
+    root = pathlib.Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+      raise DataError(f"data.data_dir={str(root)!r} is not a folder (None uses the demo corpus)")
+    yield from _file_items(cfg, root, report)
+  for spec in hub_specs:
+    for item in hub.convert(spec, root, report):
+      yield hub.SOURCE, item
+
+
+def _file_items(cfg, root: pathlib.Path, report: LoadReport):
   names = list(select_sources(cfg.get("sources", "all")))
   if cfg.get("instruct_files") and "instruct" not in names:
     names.append("instruct")

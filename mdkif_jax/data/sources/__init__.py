@@ -3,6 +3,9 @@
 A converter is `fn(root, report, opts) -> Iterator[(part, group, Example)]`; `opts` is the
 data config (for source-specific fields such as `hetionet_metaedges`). Adding a dataset is
 writing one converter and one `Source` line here and one entry in `splits.SPLITS`.
+
+Datasets given by a hub name or a local dataset folder in `data.hub_datasets` need no
+converter: `sources/hub.py` maps their columns onto the example fields (source "hub").
 """
 
 from __future__ import annotations
