@@ -37,15 +37,19 @@ def main(argv):
       num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
       process_id=int(os.environ["JAX_PROCESS_ID"]),
     )
-  elif _multi_process():  # SLURM, TPU pod slices: JAX detects the cluster itself
+  elif _multi_process():  # SLURM, GKE TPU pods: JAX detects the cluster itself
+    # (on a plain TPU VM slice launch/tpu_pod.sh sets JAX_COORDINATOR_ADDRESS & co. from the
+    # VM metadata; under SLURM it sets JAX_LOCAL_DEVICE_IDS so a process sees all its GPUs)
     jax.distributed.initialize()
   logging.info(
     "process %d/%d, %d local / %d global devices: %s",
     jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     jax.devices()[:8],
   )  # fmt: skip
-  for noisy in ("orbax", "absl_orbax"):  # Orbax logs every file operation at INFO
-    logging_std.getLogger(noisy).setLevel(logging_std.WARNING)
+  # Orbax logs every file operation at INFO through absl's handler: keep its warnings only.
+  logging.get_absl_handler().addFilter(
+    lambda r: r.levelno >= logging_std.WARNING or "/orbax/" not in r.pathname
+  )
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", config.stage)
   if config.stage == "skill":

@@ -11,7 +11,11 @@ import numpy as np
 class MetricWriter:
   """Scalars to metrics.jsonl (one JSON object per write) and TensorBoard (tensorboardX)."""
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  def __init__(
+    self, workdir: str | pathlib.Path, enabled: bool = True, resume_step: int | None = None
+  ):
+    """resume_step: the checkpoint step a run resumes from; later rows (written by the
+    interrupted run after its last checkpoint, and about to be re-run) are dropped."""
     self.enabled = enabled
     if not enabled:
       return
@@ -19,6 +23,15 @@ class MetricWriter:
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "metrics.jsonl"
+    if resume_step is not None and path.is_file():
+      kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= resume_step
+      ]  # fmt: skip
+      tmp = path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+      tmp.replace(path)
     self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
 

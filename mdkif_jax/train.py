@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mdkif_jax import adalora, adapters, checkpoint, data, loading, reporting, sharding, tokenizer
@@ -109,7 +110,9 @@ def skill_losses(logits_BKV, targets_BK, weight_BK, local_ids_B, num_skills: int
   return sum_S / jnp.maximum(tok_S, 1.0), tok_S
 
 
-def answer_index(loss_mask_BT: np.ndarray, smallest: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def answer_index(
+  loss_mask_BT: np.ndarray, smallest: int = 16, at_least: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """Positions of the answer tokens per row, padded to a power of two (static shapes for jit).
 
   The loss needs logits only there, so the vocabulary projection — the largest matmul of a
@@ -118,7 +121,7 @@ def answer_index(loss_mask_BT: np.ndarray, smallest: int = 16) -> tuple[np.ndarr
   """
   counts = (loss_mask_BT > 0).sum(axis=1)
   K = smallest
-  while K < int(counts.max()):
+  while max(int(counts.max()), at_least) > K:
     K *= 2
   K = min(K, loss_mask_BT.shape[1])
   idx = np.zeros((loss_mask_BT.shape[0], K), np.int32)
@@ -132,7 +135,8 @@ def answer_index(loss_mask_BT: np.ndarray, smallest: int = 16) -> tuple[np.ndarr
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-  train_step: Any
+  train_step: Any  # (state, frozen, batch) -> (state, metrics); state donated
+  eval_step: Any  # (adapters, frozen, batch) -> (loss per skill [S], answer tokens [S])
   state_sharding: Any
 
 
@@ -191,7 +195,13 @@ def make_step(
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_sharding = jax.tree.map(lambda _: replicated, state_example)
   step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_sharding, None))
-  return StepFns(step, state_sharding)
+
+  @jax.jit
+  def eval_step(ad, frozen, batch):
+    _, (loss_S, _, tok_S) = loss_fn(ad, frozen, batch)
+    return loss_S, tok_S
+
+  return StepFns(step, eval_step, state_sharding)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -214,7 +224,11 @@ class SkillBatches:
           a = np.pad(a, ((0, 0), (0, T - a.shape[1])), constant_values=fill)
         arrays.append(a)
       out[key] = np.concatenate(arrays, axis=0)
-    out["answer_idx"], out["answer_valid"] = answer_index(out["loss_mask"])
+    # every process must feed the step the same shapes (the pipeline already agrees on T)
+    longest = int((out["loss_mask"] > 0).sum(axis=1).max())
+    if jax.process_count() > 1:
+      longest = int(multihost_utils.process_allgather(np.int32(longest)).max())
+    out["answer_idx"], out["answer_valid"] = answer_index(out["loss_mask"], at_least=longest)
     return out
 
   def get_state(self) -> dict:
@@ -250,10 +264,44 @@ def make_batches(config, skills: tuple[str, ...], tok) -> SkillBatches:
   return SkillBatches(per_skill, pad)
 
 
+def make_eval_batch(config, skills: tuple[str, ...], tok) -> dict[str, np.ndarray] | None:
+  """One fixed batch of each skill's first reserved ("eval") examples, or None if disabled.
+
+  The same rows are scored before and after training, so the change is the skill's learning,
+  not batch-to-batch noise.
+  """
+  n = int(config.train.eval_rows_per_skill)
+  if n <= 0:
+    return None
+  examples = data.load_examples(config.data, "eval")
+  by_skill = {s: [e for e in examples if e.skill == s][:n] for s in skills}
+  by_skill = {s: ex for s, ex in by_skill.items() if ex}
+  if not by_skill:
+    return None
+  cfg_data = config.data.copy_and_resolve_references()
+  with cfg_data.unlocked():
+    cfg_data.batch_size = n
+  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  per = {}
+  for s, ex in by_skill.items():
+    it = data.make_iterator(ex, tok, cfg_data)
+    it.batch_size = min(n, it.num_examples)  # every reserved row once, none repeated
+    per[s] = it
+  return next(SkillBatches(per, pad))
+
+
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Host-local rows -> one global array per key, sharded over the batch axes."""
   out = {}
   n_proc = jax.process_count()
+  rows = next(iter(batch.values())).shape[0] * n_proc
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if n_proc > 1 and rows % dp:
+    raise ValueError(
+      f"the global batch has {rows} rows (rows_per_skill x skills x {n_proc} processes), not "
+      f"divisible by the {dp} data x fsdp devices: raise train.rows_per_skill or change "
+      "mesh.shape"
+    )
   for k, v in batch.items():
     names = ("batch", "length")[: v.ndim]
     global_shape = (v.shape[0] * n_proc, *v.shape[1:])
@@ -323,6 +371,7 @@ def train_skills(
   registry_to_local = np.full(len(data.SKILLS), 0, np.int32)
   for i, s in enumerate(skills):
     registry_to_local[data.skill_id(s)] = i
+  n_matrices = len(targets) * cfg.num_hidden_layers
   scale = adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention)
   fns = make_step(graphdef, tx, acfg, scale, S, registry_to_local, mesh, state)
   state = jax.device_put(state, fns.state_sharding)
@@ -337,13 +386,31 @@ def train_skills(
     start, state, data_state = restored
     batches.set_state(data_state)
     log.info("resumed from %s at step %d", workdir / "checkpoints", start)
+  eval_batch = make_eval_batch(config, skills, tok)
+
+  def evaluate(step: int) -> dict[str, float]:
+    if eval_batch is None:
+      return {}
+    loss_S, tok_S = fns.eval_step(state["adapters"], frozen, to_global(eval_batch, mesh))
+    rec = {f"eval_loss/{s}": float(loss_S[i]) for i, s in enumerate(skills) if tok_S[i] > 0}
+    writer.write(step, rec)
+    return rec
+
   accum = int(config.optimizer.grad_accum_steps)
-  writer = reporting.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = reporting.MetricWriter(
+    workdir, enabled=jax.process_index() == 0, resume_step=start if restored else None
+  )
   history: list[dict] = []
   bad_in_row, bad_total = 0, 0
   bar = tqdm(total=steps, initial=start, desc=f"stage 1: {S} skill(s)", unit="step",
              disable=not config.train.progress or jax.process_index() != 0)  # fmt: skip
   t_last, tokens_since = time.perf_counter(), 0
+  finished = start >= steps
+  if finished:
+    print(f"{workdir}: the checkpoint at step {start} already completes {steps} steps")
+  eval_before = {} if finished else evaluate(start)
+  window: list[np.ndarray] = []
+  eval_after: dict[str, float] = {}
   try:
     for step in range(start, steps if stop_after is None else min(steps, stop_after)):
       for _ in range(accum):
@@ -362,6 +429,7 @@ def train_skills(
           )
       done = step + 1
       loss_S = np.asarray(m["loss_S"])
+      window.append(loss_S)
       record = {f"loss/{s}": float(loss_S[i]) for i, s in enumerate(skills)}
       record.update({f"orth/{s}": float(m["orth_S"][i]) for i, s in enumerate(skills)})
       record["adalora/budget"] = float(m["budget"])
@@ -372,19 +440,34 @@ def train_skills(
         now = time.perf_counter()
         record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
         t_last, tokens_since = now, 0
+        # the logged loss is the mean over the steps since the last write: less row noise
+        mean_S = np.mean(window, axis=0)
+        window.clear()
+        record.update({f"loss/{s}": float(mean_S[i]) for i, s in enumerate(skills)})
         writer.write(done, record)
         bar.set_postfix_str(
-          f"loss {loss_S.mean():.3f} ["
-          + " ".join(f"{s}:{v:.2f}" for s, v in zip(skills, loss_S, strict=True))
+          f"loss {mean_S.mean():.3f} ["
+          + " ".join(f"{s}:{v:.2f}" for s, v in zip(skills, mean_S, strict=True))
           + f"] {record['tokens_per_s']:.0f} tok/s budget {int(m['budget'])}"
+          + f" (mean rank {float(m['budget']) / n_matrices:.1f})"
         )
       bar.update(1)
       if done % config.train.checkpoint_every == 0 or done == steps:
         checkpoint.save(mngr, done, state, batches.get_state(), meta)
+    eval_after = {} if finished else evaluate(int(state["step"]))
   finally:
     bar.close()
     mngr.wait_until_finished()
     writer.close()
+  if eval_before and eval_after and jax.process_index() == 0:
+    lines = [
+      f"  {k.split('/')[1]:5s} {eval_before[k]:7.3f} -> {eval_after[k]:7.3f}" for k in eval_after
+    ]
+    log.info(
+      "eval loss per skill (step %d -> %d):\n%s", start, int(state["step"]), "\n".join(lines)
+    )
+    print(f"eval loss per skill on reserved rows (step {start} -> {int(state['step'])}):")
+    print("\n".join(lines))
   masks = {t: np.asarray(m_) for t, m_ in adalora.find_state(state["opt_state"]).mask.items()}
   ranks = reporting.rank_table(masks, list(targets))
   if jax.process_index() == 0:
@@ -396,7 +479,10 @@ def train_skills(
       reporting.plot_rank_allocation(workdir / "rank_allocation.png", ranks, list(skills),
                                      list(targets), acfg.init_r)  # fmt: skip
   return {"adapters": state["adapters"], "masks": masks, "history": history, "ranks": ranks,
-          "skills": skills, "skipped_steps": bad_total}  # fmt: skip
+          "skills": skills, "skipped_steps": bad_total, "eval_before": eval_before,
+          "allocator_step": adalora.find_state(state["opt_state"]).count,
+          "data_state": batches.get_state(),
+          "eval_after": eval_after}  # fmt: skip
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

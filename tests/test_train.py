@@ -149,3 +149,14 @@ def test_rerun_resumes_and_finishes_like_uninterrupted(tmp_path):
   # the allocator state came back too: same masks as the uninterrupted run
   for t in full["masks"]:
     np.testing.assert_array_equal(full["masks"][t], resumed["masks"][t])
+
+
+def test_gradient_accumulation_counts_optimizer_updates(tmp_path):
+  cfg = tiny_config(steps=4)
+  cfg.optimizer.grad_accum_steps = 2
+  out = train.train_skills(cfg, tmp_path, ("qa",))
+  assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
+  # the allocator counted 4 optimizer updates, not 8 micro-batches, and pruned to target
+  assert int(out["allocator_step"]) == 4
+  assert out["ranks"].mean() == pytest.approx(cfg.adalora.target_r)
+  assert out["data_state"]["qa"]["step"] == 8  # two micro-batches per update
