@@ -1,0 +1,125 @@
+"""Stage 2: fit a skill router for one downstream task on the frozen base and frozen skills.
+
+Default (SmolLM2-135M-Instruct, the 12 skills of the default stage-1 run, the reserved rows of
+the embedded demo corpus as a toy task; stage 1 must have run first):
+
+  python -m mdkif_jax.main --config=configs/router.py --config.skills_from=runs/skill \
+    --workdir=runs/router
+
+Presets after a colon, comma-separated, then `key=value` overrides:
+
+  --config=configs/router.py:tiny                  # random tiny model (tests, smoke runs)
+  --config=configs/router.py:shared,task=pubmedqa  # a reserved task of ../shared/data
+  --config=configs/router.py:fewshot               # CMA-ES on k = 5, 20, 100 examples
+  --config=configs/router.py:gate                  # the input-conditioned router
+
+A 13th skill trained later (stage 1 with --config.skills=<it> in its own workdir) joins with
+--config.skills_from=runs/skill,runs/skill13: the others are not retrained, the router refits.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common, skill
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "router"  # which stage main.py runs: "skill" | "router" (this file)
+  c.model = common.model_config("smollm2_135m")  # the frozen base: the one the skills trained on
+  c.mesh = common.mesh_config()  # devices and the logical-axis rule table (as in stage 1)
+  # Only lora_alpha and scale_convention are read: the adapter scale, when the skills
+  # checkpoint does not record it. Keep them equal to stage 1's.
+  c.adalora = common.adalora_config()
+  c.data = common.data_config()  # the data and its template: keep them equal to stage 1's
+  c.data.buckets = (128,)  # padded lengths a batch can take (as configs/skill.py)
+  c.data.max_len = 128  # longest row in tokens (longer contexts are cut)
+
+  # Stage-1 workdir(s) holding the skills (<dir>/checkpoints), comma-separated; their skills
+  # are stacked on the skill axis in this order. Required.
+  c.skills_from = ml_collections.config_dict.placeholder(str)
+  # Checkpoint step to load when skills_from is one workdir; None = the latest.
+  c.skills_step = ml_collections.config_dict.placeholder(int)
+  # The downstream task: a source with reserved rows in the split registry
+  # (mdkif_jax/data/splits.py, e.g. "pubmedqa", "covid_dialogue", "mmlu_fewshot", "demo"),
+  # optionally ":skill" to keep that skill's rows only ("hoc:mldc").
+  c.task = "demo"
+  # Share of the task's reserved rows (by id hash) that score the router; the rest fit it.
+  c.eval_fraction = 0.5
+  c.max_fit_examples = 0  # at most this many rows fit the router (0 = all)
+  c.max_eval_examples = 0  # at most this many rows score it (0 = all)
+  c.plot = True  # write router_weights.png
+
+  c.router = ml_collections.ConfigDict()
+  # "auto": CMA-ES when fewer than cmaes_threshold rows fit the router, else gradient
+  # descent (the paper's rule); or force "gd" | "cmaes" | "gate" (input-conditioned).
+  c.router.method = "auto"
+  c.router.cmaes_threshold = 64  # rows below which "auto" picks CMA-ES
+  # Also score the base, each single skill, the uniform average, the other router kinds and
+  # CMA-ES on cmaes.k_shots examples per seed (the issue's baselines).
+  c.router.baselines = True
+  c.router.batch_size = 8  # rows per batch when fitting by gradient descent and scoring
+  c.router.parametrisation = "free"  # w = theta ("free") | softmax(theta) | sigmoid(theta)
+  c.router.regulariser = "l1"  # "l1" (sum |w|) | "entropy" (of |w| normalised) | "none"
+  c.router.reg_weight = 0.05  # weight of the regulariser (LoraHub: L1 0.05)
+  c.router.steps = 100  # gradient-descent steps (Adam)
+  c.router.learning_rate = 0.05  # Adam learning rate of the task-level weights
+  c.router.seed = 0  # seed of CMA-ES (main run) and of the gate's init
+
+  c.cmaes = ml_collections.ConfigDict()
+  c.cmaes.parametrisation = "free"  # as router.parametrisation, for the CMA-ES search space
+  c.cmaes.population = 16  # candidates per generation (scored by one vmapped call)
+  c.cmaes.generations = 40  # generations (one jitted lax.scan)
+  c.cmaes.sigma0 = 0.3  # initial step size around the uniform average
+  c.cmaes.bounds = (-1.5, 1.5)  # candidates are clipped to this box (LoraHub's)
+  # Baselines: CMA-ES on k rows drawn from the fit rows, for each k and seed; k above the
+  # number of fit rows is an error. () = none.
+  c.cmaes.k_shots = ()
+  c.cmaes.seeds = (0, 1, 2)  # seeds of the k-shot draws and of CMA-ES
+
+  c.gate = ml_collections.ConfigDict()
+  c.gate.hidden = 64  # hidden width of the gate MLP on the pooled prompt hidden state
+  c.gate.top_k = 0  # keep the k largest skill weights per row (0 = dense softmax)
+  c.gate.steps = 100  # Adam steps
+  c.gate.learning_rate = 1e-3  # Adam learning rate of the gate
+
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key == "task":
+      c.task = value  # "task=pubmedqa" after the colon
+    elif key in PRESETS:
+      PRESETS[key](c)
+    else:
+      raise ValueError(f"unknown preset {key!r} in configs/router.py (known: {sorted(PRESETS)})")
+  return c
+
+
+def _tiny(c):
+  c_skill = skill.get_config("tiny")  # the same base and adapter scale as stage 1's :tiny
+  c.model = c_skill.model
+  c.adalora = c_skill.adalora
+  c.data.buckets, c.data.max_len = c_skill.data.buckets, c_skill.data.max_len
+  c.router.steps = 10
+  c.cmaes.generations = 5
+  c.cmaes.population = 8
+  c.gate.steps = 10
+  c.plot = False
+
+
+def _shared(c):
+  c.data.data_dir = "../shared/data"
+  c.data.max_per_source = 200  # as stage 1's :shared
+  c.task = "pubmedqa"
+
+
+def _fewshot(c):
+  c.router.method = "cmaes"
+  c.cmaes.k_shots = (5, 20, 100)
+
+
+def _gate(c):
+  c.router.method = "gate"
+
+
+PRESETS = {"tiny": _tiny, "shared": _shared, "fewshot": _fewshot, "gate": _gate}

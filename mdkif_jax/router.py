@@ -1,0 +1,326 @@
+"""Stage 2 routers: weights over frozen skills, the answer-token loss, and merged inference.
+
+Skills are stacked on a leading skill axis S (stage 1's adapters, registry order). A mixture is
+always the exact weighted sum of deltas, Σ_s w_s ΔW_s (never P and Q mixed separately):
+
+- task-level weights w ∈ R^S (the paper's router): `task_weights(theta, parametrisation)`,
+  fitted by gradient descent (`fit_task_gd`, optax, L1 or entropy regulariser) or by CMA-ES
+  (`fit_task_cmaes`, evosax; the whole population is scored by one vmapped, jitted call);
+  served by merging Σ_s w_s ΔW_s into a copy of the frozen kernels once (`merged_params`), so
+  inference costs exactly the base model's forward;
+- an input-conditioned gate (`Gate`): a small MLP on the mean-pooled prompt hidden state of the
+  frozen LLM (no adapters) gives per-row softmax weights [B, S] (optionally top-k), applied
+  unmerged through `AdapterCtx(weights=...)`, so rows with different mixtures share one pass.
+
+The frozen base (`frozen`) and the skills (`stacked`) are inputs of every jitted function,
+never differentiated, donated or given optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mdkif_jax import adapters as adapters_lib
+
+PARAMETRISATIONS = ("free", "softmax", "sigmoid")
+REGULARISERS = ("none", "l1", "entropy")
+F32 = jnp.float32
+
+
+# ---- task-level weights --------------------------------------------------------------------
+def task_weights(theta_S: jax.Array, parametrisation: str) -> jax.Array:
+  """Skill weights w [S] from the router's raw parameters."""
+  if parametrisation == "free":
+    return theta_S
+  if parametrisation == "softmax":
+    return jax.nn.softmax(theta_S)
+  if parametrisation == "sigmoid":
+    return jax.nn.sigmoid(theta_S)
+  raise ValueError(
+    f"router parametrisation must be one of {PARAMETRISATIONS}, got {parametrisation!r}"
+  )
+
+
+def init_theta(num_skills: int, parametrisation: str) -> jax.Array:
+  """Raw parameters whose weights are the uniform average 1/S (for every parametrisation)."""
+  u = 1.0 / num_skills
+  value = {"free": u, "softmax": 0.0, "sigmoid": math.log(u / (1 - u)) if num_skills > 1 else 0.0}
+  if parametrisation not in value:
+    raise ValueError(
+      f"router parametrisation must be one of {PARAMETRISATIONS}, got {parametrisation!r}"
+    )
+  return jnp.full((num_skills,), value[parametrisation], F32)
+
+
+def regulariser(w_S: jax.Array, kind: str) -> jax.Array:
+  """L1 (sparse, small weights: LoraHub's choice) or the entropy of |w| normalised (peaked)."""
+  if kind == "none":
+    return jnp.zeros([], F32)
+  if kind == "l1":
+    return jnp.sum(jnp.abs(w_S))
+  if kind == "entropy":
+    p = jnp.abs(w_S) / (jnp.sum(jnp.abs(w_S)) + 1e-12)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
+  raise ValueError(f"router regulariser must be one of {REGULARISERS}, got {kind!r}")
+
+
+# ---- the answer-token loss -----------------------------------------------------------------
+def answer_stats(model, h_BTD: jax.Array, batch: dict) -> dict[str, jax.Array]:
+  """Per-row answer-token NLL sum, token count, argmax-correct count (logits at answers only).
+
+  A row whose every answer token (EOS included) is the argmax under teacher forcing is exactly
+  the row greedy decoding reproduces, so `exact` is greedy exact match at no decoding cost.
+  """
+  idx = batch["answer_idx"]
+  logits = model.logits(jnp.take_along_axis(h_BTD, idx[..., None], axis=1)).astype(F32)
+  targets = jnp.take_along_axis(batch["targets"], idx, axis=1)
+  valid = batch["answer_valid"].astype(F32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  right = (jnp.argmax(logits, axis=-1) == targets).astype(F32) * valid
+  tokens = jnp.sum(valid, axis=1)
+  correct = jnp.sum(right, axis=1)
+  return {
+    "nll": jnp.sum(nll * valid, axis=1),
+    "tokens": tokens,
+    "correct": correct,
+    "exact": ((correct == tokens) & (tokens > 0)).astype(F32),
+  }
+
+
+def mean_nll(stats: dict[str, jax.Array]) -> jax.Array:
+  return jnp.sum(stats["nll"]) / jnp.maximum(jnp.sum(stats["tokens"]), 1.0)
+
+
+def mixture_stats(graphdef, frozen, stacked, scale, batch, weights_BS=None):
+  """Answer stats of the base + Σ_s w_bs ΔW_s per row (unmerged); None weights = the base."""
+  model = nnx.merge(graphdef, frozen)
+  kw = {}
+  if weights_BS is not None:
+    kw = dict(adapters=stacked, adapter_ctx=adapters_lib.AdapterCtx(scale, weights=weights_BS))
+  h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
+                      mask_BT=batch["attention_mask"], **kw)  # fmt: skip
+  return answer_stats(model, h, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFit:
+  """How task-level weights are fitted (see configs/router.py for each field)."""
+
+  parametrisation: str = "free"
+  regulariser: str = "l1"
+  reg_weight: float = 0.05
+  steps: int = 100
+  learning_rate: float = 0.05
+  population: int = 16
+  generations: int = 40
+  sigma0: float = 0.3
+  bounds: tuple[float, float] = (-1.5, 1.5)
+  seed: int = 0
+
+
+def task_loss(theta_S, graphdef, frozen, stacked, scale, batch, fit: TaskFit):
+  """Answer NLL under the task mixture + reg_weight * regulariser(w); (total, nll)."""
+  w_S = task_weights(theta_S, fit.parametrisation)
+  B = batch["tokens"].shape[0]
+  stats = mixture_stats(
+    graphdef, frozen, stacked, scale, batch, jnp.broadcast_to(w_S, (B, w_S.shape[0]))
+  )
+  nll = mean_nll(stats)
+  return nll + fit.reg_weight * regulariser(w_S, fit.regulariser), nll
+
+
+def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=None):
+  """Task-level weights by Adam on the regularised answer NLL; (theta, [nll per step]).
+
+  batches: a list of prepared batches, cycled (a downstream task is small; pass one batch for
+  full-batch descent).
+  """
+  S = jax.tree.leaves(stacked)[0].shape[0]
+  theta = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
+  tx = optax.adam(fit.learning_rate)
+
+  @jax.jit
+  def step(theta, opt_state, frozen, stacked, batch):
+    frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
+    (_, nll), g = jax.value_and_grad(task_loss, has_aux=True)(
+      theta, graphdef, frozen, stacked, scale, batch, fit
+    )
+    updates, opt_state = tx.update(g, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, nll
+
+  opt_state = tx.init(theta)
+  history = []
+  for i in range(fit.steps):
+    theta, opt_state, nll = step(theta, opt_state, frozen, stacked, batches[i % len(batches)])
+    history.append(nll)
+  return theta, [float(x) for x in jax.device_get(history)]
+
+
+def fit_task_cmaes(graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0=None):
+  """Task-level weights by CMA-ES (evosax) on one (k-shot) batch; (theta, [best per generation]).
+
+  Every generation's population is scored by one vmapped loss and all generations run in one
+  jitted `lax.scan`: no Python loop per candidate or per generation. Candidates are clipped to
+  `fit.bounds` (LoraHub's box) and the best one seen is returned.
+  """
+  from evosax.algorithms import CMA_ES
+
+  S = jax.tree.leaves(stacked)[0].shape[0]
+  mean0 = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
+  es = CMA_ES(population_size=fit.population, solution=jnp.zeros((S,), F32))
+  params = es.default_params.replace(std_init=jnp.asarray(fit.sigma0, F32))
+  lo, hi = fit.bounds
+
+  @jax.jit
+  def run(key, frozen, stacked, batch):
+    frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
+
+    def fitness(theta):
+      return task_loss(theta, graphdef, frozen, stacked, scale, batch, fit)[0]
+
+    def generation(state, key):
+      k_ask, k_tell = jax.random.split(key)
+      pop, state = es.ask(k_ask, state, params)
+      pop = jnp.clip(pop, lo, hi)
+      values = jax.vmap(fitness)(pop)
+      state, _ = es.tell(k_tell, pop, values, state, params)
+      return state, state.best_fitness
+
+    k_init, k_run = jax.random.split(key)
+    state = es.init(k_init, mean0, params)
+    state, best = jax.lax.scan(generation, state, jax.random.split(k_run, fit.generations))
+    return state.best_solution, best
+
+  theta, best = run(jax.random.key(fit.seed), frozen, stacked, batch)
+  return theta, [float(x) for x in np.asarray(best)]
+
+
+# ---- zero-overhead inference for task-level weights ------------------------------------------
+def merged_params(frozen: nnx.State, stacked: dict, w_S: jax.Array, scale: float) -> nnx.State:
+  """A copy of the frozen params with W0 + Σ_s w_s ΔW_s in every adapted kernel, in place of
+  the originals' shardings; run the plain model on it (no adapters): the base's cost."""
+  kernels = {t: frozen[t][...] for t in stacked}
+  shardings = {t: getattr(kernels[t], "sharding", None) for t in stacked}
+  merged = jax.jit(adapters_lib.merge_mixture, static_argnums=(3,), out_shardings=shardings)(
+    kernels, stacked, jnp.asarray(w_S, F32), scale
+  )
+  out = nnx.State(dict(frozen))
+  for t, value in merged.items():
+    out[t] = frozen[t].replace(value)
+  return out
+
+
+# ---- adding a skill ------------------------------------------------------------------------
+def pad_rank(stacked: dict, rank: int) -> dict:
+  """Zero-pad the rank axis of every leaf to `rank` (ΔW unchanged exactly)."""
+
+  def pad(name, x):
+    axis = {"A": -2, "E": -1, "B": -1}[name]
+    width = [(0, 0)] * x.ndim
+    width[axis] = (0, rank - x.shape[axis])
+    return jnp.pad(x, width)
+
+  return {t: {k: pad(k, v) for k, v in leaf.items()} for t, leaf in stacked.items()}
+
+
+def add_skills(stacked: dict, new: dict) -> dict:
+  """Append skills (leading axis) to the stack, padding ranks to a common size; the existing
+  skills' arrays are untouched, so only the router needs refitting."""
+  if set(stacked) != set(new):
+    raise ValueError(f"new skill adapts {sorted(new)}, the stack adapts {sorted(stacked)}")
+  for t in stacked:
+    have, want = new[t]["A"].shape, stacked[t]["A"].shape
+    if (have[1], have[3]) != (want[1], want[3]) or new[t]["B"].shape[2] != stacked[t]["B"].shape[2]:
+      raise ValueError(f"new skill's {t!r} adapter {have} does not fit the stack's {want}")
+  rank = max(stacked[t]["A"].shape[2] for t in stacked)
+  rank = max([rank] + [new[t]["A"].shape[2] for t in new])
+  a, b = pad_rank(stacked, rank), pad_rank(new, rank)
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y.astype(x.dtype)]), a, b)
+
+
+# ---- the input-conditioned gate --------------------------------------------------------------
+def pooled_prompt(graphdef, frozen, batch) -> jax.Array:
+  """Mean of the frozen base's final hidden states over prompt tokens [B, D] (no adapters).
+
+  Prompt positions never attend to the answer (causal), so the features do not leak it.
+  """
+  model = nnx.merge(graphdef, frozen)
+  h, _ = model.hidden(
+    batch["tokens"], positions_BT=batch["positions"], mask_BT=batch["attention_mask"]
+  )
+  m = batch["prompt_mask"].astype(F32)
+  return jnp.einsum("btd,bt->bd", h.astype(F32), m) / jnp.maximum(jnp.sum(m, 1, keepdims=True), 1.0)
+
+
+class Gate(nnx.Module):
+  """pooled [B, D] -> RMS-normalised -> Linear -> GELU -> Linear -> softmax over S (top-k).
+
+  The output layer starts at zero, so an untrained gate is the uniform average of skills.
+  """
+
+  def __init__(
+    self, dim: int, num_skills: int, hidden: int = 64, top_k: int = 0, *, rngs: nnx.Rngs
+  ):
+    self.top_k = top_k
+    self.hidden = nnx.Linear(dim, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, num_skills, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def __call__(self, pooled_BD: jax.Array) -> jax.Array:
+    x = pooled_BD * jax.lax.rsqrt(jnp.mean(pooled_BD**2, -1, keepdims=True) + 1e-6)
+    logits = self.out(jax.nn.gelu(self.hidden(x)))
+    if self.top_k and self.top_k < logits.shape[-1]:
+      kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+      logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def gate_loss(gate_params, gate_def, graphdef, frozen, stacked, scale, batch):
+  gate = nnx.merge(gate_def, gate_params)
+  w_BS = gate(jax.lax.stop_gradient(pooled_prompt(graphdef, frozen, batch)))
+  return mean_nll(mixture_stats(graphdef, frozen, stacked, scale, batch, w_BS))
+
+
+def fit_gate(graphdef, frozen, stacked, scale, batches, *, hidden=64, top_k=0, steps=100,
+             learning_rate=1e-3, seed=0) -> tuple[Any, list[float]]:  # fmt: skip
+  """Train a `Gate` (only its parameters) on the answer NLL; (gate module, [nll per step])."""
+  S = jax.tree.leaves(stacked)[0].shape[0]
+  D = nnx.merge(graphdef, frozen).cfg.hidden_size
+  gate_def, params = nnx.split(Gate(D, S, hidden, top_k, rngs=nnx.Rngs(seed)))
+  tx = optax.adam(learning_rate)
+
+  @jax.jit
+  def step(params, opt_state, frozen, stacked, batch):
+    frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
+    nll, g = jax.value_and_grad(gate_loss)(
+      params, gate_def, graphdef, frozen, stacked, scale, batch
+    )
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, nll
+
+  opt_state = tx.init(params)
+  history = []
+  for i in range(steps):
+    params, opt_state, nll = step(params, opt_state, frozen, stacked, batches[i % len(batches)])
+    history.append(nll)
+  return nnx.merge(gate_def, params), [float(x) for x in jax.device_get(history)]
+
+
+def gate_stats(gate: Gate, graphdef, frozen, stacked, scale, batch):
+  """(answer stats, per-row weights [B, S]) of the gated mixture, unmerged, one pass."""
+  gate_def, params = nnx.split(gate)
+
+  @jax.jit
+  def run(params, frozen, stacked, batch):
+    w_BS = nnx.merge(gate_def, params)(pooled_prompt(graphdef, frozen, batch))
+    return mixture_stats(graphdef, frozen, stacked, scale, batch, w_BS), w_BS
+
+  return run(params, frozen, stacked, batch)
