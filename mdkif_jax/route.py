@@ -266,6 +266,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
   fit_rows, score_rows = task_examples(config)
   method = choose_method(config, len(fit_rows))
+  if config.router.baselines:  # k larger than the data: fail before any fitting
+    for k in config.cmaes.k_shots:
+      k_shot_rows(fit_rows, int(k), 0, config.task)
   log.info("stage 2: task %s, %d skills, %d fit / %d scored rows, router %s", config.task,
            len(skills), len(fit_rows), len(score_rows), method)  # fmt: skip
   dp = mesh.shape["data"] * mesh.shape["fsdp"]

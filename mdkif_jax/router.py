@@ -19,8 +19,8 @@ never differentiated, donated or given optimizer state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,16 @@ def task_loss(theta_S, graphdef, frozen, stacked, scale, batch, fit: TaskFit):
   return nll + fit.reg_weight * regulariser(w_S, fit.regulariser), nll
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "scale", "fit"))
+def _gd_step(theta, opt_state, frozen, stacked, batch, *, graphdef, scale, fit: TaskFit):
+  frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
+  (_, nll), g = jax.value_and_grad(task_loss, has_aux=True)(
+    theta, graphdef, frozen, stacked, scale, batch, fit
+  )
+  updates, opt_state = optax.adam(fit.learning_rate).update(g, opt_state, theta)
+  return optax.apply_updates(theta, updates), opt_state, nll
+
+
 def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=None):
   """Task-level weights by Adam on the regularised answer NLL; (theta, [nll per step]).
 
@@ -146,23 +156,41 @@ def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=
   """
   S = jax.tree.leaves(stacked)[0].shape[0]
   theta = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
-  tx = optax.adam(fit.learning_rate)
-
-  @jax.jit
-  def step(theta, opt_state, frozen, stacked, batch):
-    frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
-    (_, nll), g = jax.value_and_grad(task_loss, has_aux=True)(
-      theta, graphdef, frozen, stacked, scale, batch, fit
-    )
-    updates, opt_state = tx.update(g, opt_state, theta)
-    return optax.apply_updates(theta, updates), opt_state, nll
-
-  opt_state = tx.init(theta)
+  fit = dataclasses.replace(fit, seed=0)  # the seed plays no part: one compile for all seeds
+  opt_state = optax.adam(fit.learning_rate).init(theta)
   history = []
   for i in range(fit.steps):
-    theta, opt_state, nll = step(theta, opt_state, frozen, stacked, batches[i % len(batches)])
+    theta, opt_state, nll = _gd_step(theta, opt_state, frozen, stacked,
+                                     batches[i % len(batches)], graphdef=graphdef,
+                                     scale=scale, fit=fit)  # fmt: skip
     history.append(nll)
   return theta, [float(x) for x in jax.device_get(history)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "scale", "fit"))
+def _cmaes_run(key, mean0, frozen, stacked, batch, *, graphdef, scale, fit: TaskFit):
+  from evosax.algorithms import CMA_ES
+
+  frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
+  es = CMA_ES(population_size=fit.population, solution=jnp.zeros_like(mean0))
+  params = es.default_params.replace(std_init=jnp.asarray(fit.sigma0, F32))
+  lo, hi = fit.bounds
+
+  def fitness(theta):
+    return task_loss(theta, graphdef, frozen, stacked, scale, batch, fit)[0]
+
+  def generation(state, key):
+    k_ask, k_tell = jax.random.split(key)
+    pop, state = es.ask(k_ask, state, params)
+    pop = jnp.clip(pop, lo, hi)
+    values = jax.vmap(fitness)(pop)  # the whole population in one batched forward
+    state, _ = es.tell(k_tell, pop, values, state, params)
+    return state, state.best_fitness
+
+  k_init, k_run = jax.random.split(key)
+  state = es.init(k_init, mean0, params)
+  state, best = jax.lax.scan(generation, state, jax.random.split(k_run, fit.generations))
+  return state.best_solution, best
 
 
 def fit_task_cmaes(graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0=None):
@@ -172,35 +200,11 @@ def fit_task_cmaes(graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0
   jitted `lax.scan`: no Python loop per candidate or per generation. Candidates are clipped to
   `fit.bounds` (LoraHub's box) and the best one seen is returned.
   """
-  from evosax.algorithms import CMA_ES
-
   S = jax.tree.leaves(stacked)[0].shape[0]
   mean0 = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
-  es = CMA_ES(population_size=fit.population, solution=jnp.zeros((S,), F32))
-  params = es.default_params.replace(std_init=jnp.asarray(fit.sigma0, F32))
-  lo, hi = fit.bounds
-
-  @jax.jit
-  def run(key, frozen, stacked, batch):
-    frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
-
-    def fitness(theta):
-      return task_loss(theta, graphdef, frozen, stacked, scale, batch, fit)[0]
-
-    def generation(state, key):
-      k_ask, k_tell = jax.random.split(key)
-      pop, state = es.ask(k_ask, state, params)
-      pop = jnp.clip(pop, lo, hi)
-      values = jax.vmap(fitness)(pop)
-      state, _ = es.tell(k_tell, pop, values, state, params)
-      return state, state.best_fitness
-
-    k_init, k_run = jax.random.split(key)
-    state = es.init(k_init, mean0, params)
-    state, best = jax.lax.scan(generation, state, jax.random.split(k_run, fit.generations))
-    return state.best_solution, best
-
-  theta, best = run(jax.random.key(fit.seed), frozen, stacked, batch)
+  key = jax.random.key(fit.seed)
+  theta, best = _cmaes_run(key, mean0, frozen, stacked, batch, graphdef=graphdef, scale=scale,
+                           fit=dataclasses.replace(fit, seed=0))  # fmt: skip
   return theta, [float(x) for x in np.asarray(best)]
 
 
@@ -289,38 +293,40 @@ def gate_loss(gate_params, gate_def, graphdef, frozen, stacked, scale, batch):
   return mean_nll(mixture_stats(graphdef, frozen, stacked, scale, batch, w_BS))
 
 
+@functools.partial(jax.jit, static_argnames=("gate_def", "graphdef", "scale", "learning_rate"))
+def _gate_step(params, opt_state, frozen, stacked, batch, *, gate_def, graphdef, scale,
+               learning_rate):  # fmt: skip
+  frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
+  nll, g = jax.value_and_grad(gate_loss)(params, gate_def, graphdef, frozen, stacked, scale, batch)
+  updates, opt_state = optax.adam(learning_rate).update(g, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, nll
+
+
 def fit_gate(graphdef, frozen, stacked, scale, batches, *, hidden=64, top_k=0, steps=100,
-             learning_rate=1e-3, seed=0) -> tuple[Any, list[float]]:  # fmt: skip
+             learning_rate=1e-3, seed=0) -> tuple[Gate, list[float]]:  # fmt: skip
   """Train a `Gate` (only its parameters) on the answer NLL; (gate module, [nll per step])."""
   S = jax.tree.leaves(stacked)[0].shape[0]
   D = nnx.merge(graphdef, frozen).cfg.hidden_size
   gate_def, params = nnx.split(Gate(D, S, hidden, top_k, rngs=nnx.Rngs(seed)))
-  tx = optax.adam(learning_rate)
-
-  @jax.jit
-  def step(params, opt_state, frozen, stacked, batch):
-    frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
-    nll, g = jax.value_and_grad(gate_loss)(
-      params, gate_def, graphdef, frozen, stacked, scale, batch
-    )
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, nll
-
-  opt_state = tx.init(params)
+  opt_state = optax.adam(learning_rate).init(params)
   history = []
   for i in range(steps):
-    params, opt_state, nll = step(params, opt_state, frozen, stacked, batches[i % len(batches)])
+    params, opt_state, nll = _gate_step(params, opt_state, frozen, stacked,
+                                        batches[i % len(batches)], gate_def=gate_def,
+                                        graphdef=graphdef, scale=scale,
+                                        learning_rate=learning_rate)  # fmt: skip
     history.append(nll)
   return nnx.merge(gate_def, params), [float(x) for x in jax.device_get(history)]
 
 
+@functools.partial(jax.jit, static_argnames=("gate_def", "graphdef", "scale"))
+def _gate_stats(params, frozen, stacked, batch, *, gate_def, graphdef, scale):
+  w_BS = nnx.merge(gate_def, params)(pooled_prompt(graphdef, frozen, batch))
+  return mixture_stats(graphdef, frozen, stacked, scale, batch, w_BS), w_BS
+
+
 def gate_stats(gate: Gate, graphdef, frozen, stacked, scale, batch):
-  """(answer stats, per-row weights [B, S]) of the gated mixture, unmerged, one pass."""
+  """(answer stats, per-row weights [B, S]) of the gated mixture, unmerged, in one pass."""
   gate_def, params = nnx.split(gate)
-
-  @jax.jit
-  def run(params, frozen, stacked, batch):
-    w_BS = nnx.merge(gate_def, params)(pooled_prompt(graphdef, frozen, batch))
-    return mixture_stats(graphdef, frozen, stacked, scale, batch, w_BS), w_BS
-
-  return run(params, frozen, stacked, batch)
+  return _gate_stats(params, frozen, stacked, batch, gate_def=gate_def, graphdef=graphdef,
+                     scale=scale)  # fmt: skip

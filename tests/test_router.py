@@ -1,0 +1,141 @@
+"""Task-level router on a tiny model: exact limits (w = 0, one-hot), merged == unmerged,
+gradient descent and CMA-ES recover a planted mixture, sharded == single device, and a skill
+added later joins without retraining the others."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mdkif_jax import adapters, router, sharding
+from tests import router_fixtures as fx
+
+W_STAR = np.array([0.7, 0.3], np.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  base, graphdef, frozen = fx.tiny_base()
+  stacked = fx.random_skills(base.cfg, 2, seed=1)
+  batch = fx.planted(graphdef, frozen, stacked, np.broadcast_to(W_STAR, (fx.B, 2)), fx.raw_batch(0))
+  return base, graphdef, frozen, stacked, batch
+
+
+def _forward(graphdef):
+  @jax.jit
+  def run(params, tokens, stacked=None, ctx=None):
+    return nnx.merge(graphdef, params)(tokens, adapters=stacked, adapter_ctx=ctx)
+
+  return run
+
+
+def test_parametrisations_and_regularisers():
+  for p in router.PARAMETRISATIONS:
+    np.testing.assert_allclose(router.task_weights(router.init_theta(4, p), p), 0.25, rtol=1e-6)
+  w = jnp.array([0.5, -0.5, 0.0])
+  assert float(router.regulariser(w, "l1")) == pytest.approx(1.0)
+  assert float(router.regulariser(w, "entropy")) == pytest.approx(np.log(2), rel=1e-6)
+  assert float(router.regulariser(jnp.array([1.0, 0.0]), "entropy")) == pytest.approx(0.0)
+  with pytest.raises(ValueError, match="parametrisation"):
+    router.task_weights(w, "tanh")
+  with pytest.raises(ValueError, match="regulariser"):
+    router.regulariser(w, "l2")
+
+
+def test_zero_weights_are_the_base_and_one_hot_is_that_skill(setup):
+  _, graphdef, frozen, stacked, batch = setup
+  run = _forward(graphdef)
+  tokens = batch["tokens"]
+  base = run(frozen, tokens)
+  ctx0 = adapters.AdapterCtx(fx.SCALE, weights=jnp.zeros((fx.B, 2)))
+  np.testing.assert_array_equal(run(frozen, tokens, stacked, ctx0), base)  # bit-exact
+  zero_merged = router.merged_params(frozen, stacked, jnp.zeros(2), fx.SCALE)
+  np.testing.assert_array_equal(run(zero_merged, tokens), base)
+  for s in range(2):
+    onehot = adapters.AdapterCtx(fx.SCALE, weights=jnp.broadcast_to(jnp.eye(2)[s], (fx.B, 2)))
+    ids = adapters.AdapterCtx(fx.SCALE, skill_ids=jnp.full((fx.B,), s, jnp.int32))
+    got, want = run(frozen, tokens, stacked, onehot), run(frozen, tokens, stacked, ids)
+    assert float(jnp.abs(want - base).max()) > 1.0  # the skill really changes the logits
+    # the same sum in another f32 order: logits of magnitude ~10 agree to ~4e-5
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_merged_equals_unmerged(setup):
+  _, graphdef, frozen, stacked, batch = setup
+  run = _forward(graphdef)
+  w = jnp.asarray([0.7, -0.4])
+  ctx = adapters.AdapterCtx(fx.SCALE, weights=jnp.broadcast_to(w, (fx.B, 2)))
+  unmerged = run(frozen, batch["tokens"], stacked, ctx)
+  merged = run(router.merged_params(frozen, stacked, w, fx.SCALE), batch["tokens"])
+  np.testing.assert_allclose(merged, unmerged, atol=1e-4, rtol=1e-5)
+  # and the frozen params are untouched by merging (a copy is made)
+  assert not np.array_equal(
+    frozen["q"][...], router.merged_params(frozen, stacked, w, 1.0)["q"][...]
+  )
+
+
+def test_gradient_descent_recovers_planted_mixture(setup):
+  _, graphdef, frozen, stacked, batch = setup
+  fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, steps=60,
+                       learning_rate=0.1)  # fmt: skip
+  theta, curve = router.fit_task_gd(graphdef, frozen, stacked, fx.SCALE, [batch], fit)
+  np.testing.assert_allclose(router.task_weights(theta, "free"), W_STAR, atol=0.05)
+  assert curve[-1] < curve[0] - 0.3
+
+
+def test_cmaes_recovers_planted_mixture(setup):
+  _, graphdef, frozen, stacked, batch = setup
+  fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, population=16,
+                       generations=30, sigma0=0.3)  # fmt: skip
+  theta, best = router.fit_task_cmaes(graphdef, frozen, stacked, fx.SCALE, batch, fit)
+  np.testing.assert_allclose(theta, W_STAR, atol=0.05)
+  assert best[-1] <= best[0] and len(best) == 30
+
+
+def test_sharded_equals_single_device(setup):
+  _, graphdef, frozen, stacked, batch = setup
+  fit = router.TaskFit(parametrisation="softmax", regulariser="entropy", reg_weight=0.1)
+  theta = jnp.asarray([0.3, -0.2])
+
+  def loss_and_grad(graphdef, frozen, stacked, batch):
+    f = jax.jit(jax.value_and_grad(router.task_loss, has_aux=True), static_argnums=(1, 4, 6))
+    return f(theta, graphdef, frozen, stacked, fx.SCALE, batch, fit)
+
+  (want, want_nll), want_g = loss_and_grad(graphdef, frozen, stacked, batch)
+  mesh = sharding.make_mesh((2, 2, 2))
+  _, graphdef8, frozen8 = fx.tiny_base(mesh)
+  assert len(frozen8["gate"][...].addressable_shards) == 8
+  batch8 = {
+    k: jax.device_put(v, sharding.named_sharding(mesh, ("batch", "length")[: v.ndim], v.shape))
+    for k, v in batch.items()
+  }
+  (got, got_nll), got_g = loss_and_grad(graphdef8, frozen8, stacked, batch8)
+  assert len(batch8["tokens"].addressable_shards) == 8
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_nll, want_nll, rtol=1e-5)
+  reg = router.regulariser(jax.nn.softmax(theta), "entropy")  # the loss carries its regulariser
+  np.testing.assert_allclose(got - got_nll, 0.1 * reg, rtol=1e-4)
+  np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+
+
+def test_thirteenth_skill_joins_without_retraining(setup):
+  _, graphdef, frozen, stacked, _ = setup
+  new = fx.random_skills(nnx.merge(graphdef, frozen).cfg, 1, seed=7, rank=2)  # another rank
+  grown = router.add_skills(stacked, new)
+  # the old skills are the same arrays (zero rank-padding only); the new one is exact too
+  for t in stacked:
+    assert grown[t]["A"].shape[0] == 3
+    np.testing.assert_array_equal(grown[t]["A"][:2], stacked[t]["A"])
+    np.testing.assert_array_equal(adapters.delta_weight(grown[t], 1.0)[2],
+                                  adapters.delta_weight(new[t], 1.0)[0])  # fmt: skip
+  w_star = np.array([0.0, 0.2, 0.8], np.float32)
+  batch = fx.planted(graphdef, frozen, grown, np.broadcast_to(w_star, (fx.B, 3)), fx.raw_batch(3))
+  fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, population=16,
+                       generations=30, sigma0=0.3)  # fmt: skip
+  theta, _ = router.fit_task_cmaes(graphdef, frozen, grown, fx.SCALE, batch, fit)
+  np.testing.assert_allclose(theta, w_star, atol=0.1)
+  with pytest.raises(ValueError, match="does not fit the stack"):
+    router.add_skills(
+      stacked, {t: {k: v[:, :1] for k, v in leaf.items()} for t, leaf in new.items()}
+    )
