@@ -1,0 +1,120 @@
+"""The stage-2 run end to end on the tiny model and the demo corpus, and its bad inputs: skills
+of another base model, an unknown task, a task without reserved rows, k larger than the data."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import router as router_config
+from mdkif_jax import adapters, checkpoint, loading, route, train
+from mdkif_jax.model_config import PRESETS
+
+
+def write_skills(workdir, model_name: str, skills=("qa", "ner"), init_r=4, seed=0):
+  """A stage-1 checkpoint exactly as train_skills writes it (checkpoint.save of
+  {adapters, opt_state, step} with run_meta), with random nonzero adapters."""
+  cfg = PRESETS[model_name]
+  targets = adapters.TARGETS
+  ad = adapters.init_adalora(jax.random.key(seed), cfg.projection_dims(), cfg.num_hidden_layers,
+                             init_r, num_skills=len(skills), std=0.1)  # fmt: skip
+  ad = {t: {**leaf, "E": jnp.ones_like(leaf["E"])} for t, leaf in ad.items()}
+  state = {"adapters": ad, "opt_state": {"mu": ad}, "step": jnp.asarray(3, jnp.int32)}
+  acfg = train.adalora_config(router_config.get_config("tiny"), 10)
+  meta = train.run_meta(cfg, skills, targets, dataclasses.replace(acfg, init_r=init_r))
+  mngr = checkpoint.manager(workdir / "checkpoints", 1, False)
+  checkpoint.save(mngr, 3, state, {"skills": {}}, meta)
+  mngr.wait_until_finished()
+  return ad
+
+
+def tiny(tmp_path, **over):
+  c = router_config.get_config("tiny")
+  c.skills_from = str(tmp_path / "skills")
+  c.mesh.shape = (1, 1, 1)
+  c.max_fit_examples, c.max_eval_examples = 12, 8
+  c.plot = True
+  c.cmaes.k_shots, c.cmaes.seeds = (4,), (0,)
+  for k, v in over.items():
+    section, _, field = k.rpartition("__")
+    setattr(c[section] if section else c, field, v)
+  return c
+
+
+@pytest.fixture(scope="module")
+def base():
+  return loading.load_model("tiny_smollm_vocab")
+
+
+def test_route_end_to_end(tmp_path, base):
+  ad = write_skills(tmp_path / "skills", "tiny_smollm_vocab")
+  cfg = tiny(tmp_path)
+  out = route.train_and_evaluate(cfg, tmp_path / "run", base=base)
+  assert out["method"] == "cmaes"  # 12 rows < cmaes_threshold: the paper's few-shot choice
+  assert out["skills"] == ("qa", "ner") and out["fit_rows"] == 12 and out["score_rows"] == 8
+  res = out["results"]
+  for name in ("base", "skill_qa", "skill_ner", "uniform", "gd", "cmaes", "gate", "cmaes_k4_s0"):
+    assert np.isfinite(res[name]["loss"]) and 0 <= res[name]["exact"] <= 1, name
+  assert res["skill_qa"]["loss"] != res["base"]["loss"]  # the loaded skills act
+  assert out["history"]["cmaes"][-1] <= out["history"]["cmaes"][0]  # CMA-ES keeps its best
+  assert len(out["history"]["gd"]) == cfg.router.steps
+  rows = [
+    json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  ]
+  final = rows[-1]
+  assert final["eval/base/loss"] == pytest.approx(res["base"]["loss"])
+  assert {"weights/cmaes/qa", "weights/gd/ner", "weights/gate/qa"} <= set(final)
+  assert (tmp_path / "run" / "router_weights.png").stat().st_size > 1000
+  state, meta = route.load_router(tmp_path / "run")
+  np.testing.assert_allclose(state["weights"], out["weights"]["cmaes"])
+  assert meta["skills"] == ["qa", "ner"] and meta["method"] == "cmaes"
+  # the skills were loaded as written (not re-initialised)
+  stacked, skills, _ = route.load_skills(cfg, base.cfg, route.sharding.make_mesh((1, 1, 1)))
+  np.testing.assert_array_equal(stacked["q"]["A"], ad["q"]["A"])
+  # a 13th skill from a later stage-1 run joins: qa, ner from one workdir + es from another
+  write_skills(tmp_path / "skill13", "tiny_smollm_vocab", skills=("es",), init_r=2, seed=5)
+  cfg.skills_from = f"{tmp_path / 'skills'},{tmp_path / 'skill13'}"
+  grown, names, _ = route.load_skills(cfg, base.cfg, route.sharding.make_mesh((1, 1, 1)))
+  assert names == ("qa", "ner", "es") and grown["q"]["A"].shape[0] == 3
+  np.testing.assert_array_equal(grown["q"]["A"][:2], ad["q"]["A"])
+
+
+def test_skills_of_another_base_model_are_refused(tmp_path, base):
+  write_skills(tmp_path / "skills", "tiny")  # trained on the 512-token tiny model
+  with pytest.raises(route.SkillsMismatchError, match="another base model.*vocab_size"):
+    route.train_and_evaluate(tiny(tmp_path), tmp_path / "run", base=base)
+  with pytest.raises(route.SkillsMismatchError, match="no stage-1 checkpoint"):
+    route.train_and_evaluate(tiny(tmp_path, skills_from=str(tmp_path)), tmp_path / "run", base=base)
+  with pytest.raises(route.SkillsMismatchError, match="skills_from is not set"):
+    route.train_and_evaluate(tiny(tmp_path, skills_from=None), tmp_path / "run", base=base)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_task_and_k_larger_than_the_data(tmp_path, base):
+  write_skills(tmp_path / "skills", "tiny_smollm_vocab")
+  for task in ("nope", "demo:nope", ""):
+    with pytest.raises(route.TaskError, match="unknown task"):
+      route.train_and_evaluate(tiny(tmp_path, task=task), tmp_path / "run", base=base)
+  with pytest.raises(route.TaskError, match="no reserved examples"):
+    route.train_and_evaluate(tiny(tmp_path, task="pubmedqa"), tmp_path / "run", base=base)
+  with pytest.raises(route.TaskError, match="k=100 .* only 12 rows"):
+    route.train_and_evaluate(tiny(tmp_path, cmaes__k_shots=(4, 100)), tmp_path / "run", base=base)
+  with pytest.raises(ValueError, match="router.method"):
+    route.train_and_evaluate(tiny(tmp_path, router__method="lora"), tmp_path / "run", base=base)
+  assert "demo" in route.task_names() and "covid_dialogue" in route.task_names()
+
+
+def test_a_real_stage1_checkpoint_loads_as_trained(tmp_path, base):
+  from tests.test_train import tiny_config
+
+  stage1 = train.train_skills(tiny_config(skills="qa+ner", steps=4), tmp_path / "skills",
+                              ("qa", "ner"), base=base)  # fmt: skip
+  cfg = tiny(tmp_path)
+  stacked, names, scale = route.load_skills(cfg, base.cfg, route.sharding.make_mesh((1, 1, 1)))
+  assert names == ("qa", "ner")
+  assert scale == pytest.approx(adapters.adapter_scale(cfg.adalora.lora_alpha, 4))
+  jax.tree.map(np.testing.assert_array_equal, stacked, jax.tree.map(np.asarray, stage1["adapters"]))
+  assert float(jnp.abs(stacked["q"]["E"]).sum()) > 0  # trained, not the E = 0 init
