@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.router = ml_collections.ConfigDict()
   # "auto": CMA-ES when fewer than cmaes_threshold rows fit the router, else gradient
   # descent (the paper's rule); or force "gd" | "cmaes" | "gate" (input-conditioned).
+  # CMA-ES scores all its rows in one batch per candidate: meant for few-shot data.
   c.router.method = "auto"
   c.router.cmaes_threshold = 64  # rows below which "auto" picks CMA-ES
   # Also score the base, each single skill, the uniform average, the other router kinds and

@@ -398,7 +398,8 @@ def plot_weights(path, skills: list[str], weights: dict[str, np.ndarray], task: 
   fig, ax = plt.subplots(figsize=(2 + 0.5 * S * max(1, M / 3), 3.5), constrained_layout=True)
   width = 0.8 / max(M, 1)
   for j, m in enumerate(names):
-    ax.bar(np.arange(S) + (j - (M - 1) / 2) * width, weights[m], width, label=m)
+    label = f"{m} (mean over rows)" if m == "gate" else m
+    ax.bar(np.arange(S) + (j - (M - 1) / 2) * width, weights[m], width, label=label)
   ax.axhline(0, color="k", lw=0.5)
   ax.set_xticks(range(S), skills, rotation=45)
   ax.set_ylabel("weight")

@@ -118,3 +118,14 @@ def test_a_real_stage1_checkpoint_loads_as_trained(tmp_path, base):
   assert scale == pytest.approx(adapters.adapter_scale(cfg.adalora.lora_alpha, 4))
   jax.tree.map(np.testing.assert_array_equal, stacked, jax.tree.map(np.asarray, stage1["adapters"]))
   assert float(jnp.abs(stacked["q"]["E"]).sum()) > 0  # trained, not the E = 0 init
+
+
+def test_router_config_presets():
+  assert router_config.get_config().stage == "router"
+  c = router_config.get_config("shared,fewshot,task=covid_dialogue")
+  assert c.task == "covid_dialogue" and c.data.data_dir == "../shared/data"
+  assert c.router.method == "cmaes" and tuple(c.cmaes.k_shots) == (5, 20, 100)
+  assert router_config.get_config("tiny").model.source == "tiny_smollm_vocab"
+  assert router_config.get_config("gate").router.method == "gate"
+  with pytest.raises(ValueError, match="unknown preset"):
+    router_config.get_config("huge")
