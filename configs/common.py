@@ -71,3 +71,17 @@ def optimizer_config() -> ml_collections.ConfigDict:
   c.clip_norm = 1.0  # clip each skill's gradient to this global norm (0 = off)
   c.grad_accum_steps = 1  # micro-batches per optimizer update (optax.MultiSteps)
   return c
+
+
+def apply_presets(c: ml_collections.ConfigDict, arg: str | None, presets: dict, where: str):
+  """Apply `--config=file.py:a,b,key=value`: named presets in order, `key=value` sets a
+  top-level field (e.g. skills=ner+re, task=pubmedqa)."""
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if sep and key in c:
+      c[key] = value
+    elif key in presets:
+      presets[key](c)
+    else:
+      raise ValueError(f"unknown preset {key!r} in {where} (known: {sorted(presets)})")
+  return c

@@ -85,15 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.gate.steps = 100  # Adam steps
   c.gate.learning_rate = 1e-3  # Adam learning rate of the gate
 
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key == "task":
-      c.task = value  # "task=pubmedqa" after the colon
-    elif key in PRESETS:
-      PRESETS[key](c)
-    else:
-      raise ValueError(f"unknown preset {key!r} in configs/router.py (known: {sorted(PRESETS)})")
-  return c
+  return common.apply_presets(c, arg, PRESETS, "configs/router.py")
 
 
 def _tiny(c):

@@ -52,15 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.plot = True  # write rank_allocation.png at the end
   c.train.progress = True  # show a progress bar
 
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key == "skills":
-      c.skills = value  # "skills=ner+re" after the colon
-    elif key in PRESETS:
-      PRESETS[key](c)
-    else:
-      raise ValueError(f"unknown preset {key!r} in configs/skill.py (known: {sorted(PRESETS)})")
-  return c
+  return common.apply_presets(c, arg, PRESETS, "configs/skill.py")
 
 
 def _tiny(c):

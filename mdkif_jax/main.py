@@ -52,12 +52,18 @@ def main(argv):
   )
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", config.stage)
-  if config.stage == "skill":
+  if config.stage == "router":
+    from mdkif_jax import route
+
+    route.train_and_evaluate(config, workdir)
+  elif config.stage == "skill":
     from mdkif_jax import train
 
     train.train_and_evaluate(config, workdir)
   else:
-    raise app.UsageError(f"config.stage={config.stage!r} is not implemented yet (only 'skill')")
+    raise app.UsageError(
+      f"config.stage={config.stage!r} is not implemented (only 'skill' or 'router')"
+    )
 
 
 if __name__ == "__main__":

@@ -192,16 +192,21 @@ class Llama(nnx.Module):
 
     ctx = adapter_ctx or adapters_lib.AdapterCtx()
     ad = _layer_major(adapters, ctx)
+    # per-layer mixtures: weights [B, L, S] are scanned with the layers (layer l sees [B, S])
+    per_layer = None
+    if ctx.weights is not None and ctx.weights.ndim == 3:
+      per_layer = jnp.moveaxis(ctx.weights, 1, 0)
 
     def block(x, xs):
-      w, a, kv = xs
-      x, new_kv = self._block(x, w, a, ctx, sin, cos, bias_BTS, kv, cache_index)
+      w, a, kv, lw = xs
+      c = ctx if lw is None else dataclasses.replace(ctx, weights=lw)
+      x, new_kv = self._block(x, w, a, c, sin, cos, bias_BTS, kv, cache_index)
       return x, new_kv
 
     if num.remat:
       block = jax.checkpoint(block, prevent_cse=False)
     kv_in = None if cache is None else (cache["k"], cache["v"])
-    x, kv_out = jax.lax.scan(block, x, (self.layer_weights(), ad, kv_in))
+    x, kv_out = jax.lax.scan(block, x, (self.layer_weights(), ad, kv_in, per_layer))
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:

@@ -325,6 +325,7 @@ def run_meta(model_cfg, skills, targets, acfg) -> dict:
     "skills": list(skills),
     "targets": list(targets),
     "init_r": acfg.init_r,
+    "scale": adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention),
   }
 
 

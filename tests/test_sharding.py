@@ -64,3 +64,28 @@ def test_sharded_forward_with_per_row_skill_adapters_equals_single_device():
       single, tokens[row : row + 1], adapters=alone, adapter_ctx=adapters.AdapterCtx(scale=0.5)
     )
     np.testing.assert_allclose(a[row : row + 1], ref, atol=1e-5)
+
+
+def test_per_layer_mixture_weights_equal_task_weights_when_layers_agree():
+  cfg = PRESETS["tiny"]
+  rng = np.random.default_rng(3)
+  L, S, r = cfg.num_hidden_layers, 2, 4
+  ad = {
+    name: {
+      "A": jnp.asarray(rng.normal(0, 0.1, (S, L, r, i)), jnp.float32),
+      "E": jnp.asarray(rng.normal(0, 1.0, (S, L, r)), jnp.float32),
+      "B": jnp.asarray(rng.normal(0, 0.1, (S, L, o, r)), jnp.float32),
+    }
+    for name, (i, o) in cfg.projection_dims().items()
+  }
+  model = loading.random_init(cfg, seed=4)
+  tokens = jnp.asarray(rng.integers(0, 512, (2, 8)), jnp.int32)
+  w_BS = jnp.asarray([[0.7, 0.3], [0.2, 0.9]], jnp.float32)
+  flat = _forward(model, tokens, adapters=ad, adapter_ctx=adapters.AdapterCtx(0.5, weights=w_BS))
+  w_BLS = jnp.broadcast_to(w_BS[:, None, :], (2, L, S))
+  same = _forward(model, tokens, adapters=ad, adapter_ctx=adapters.AdapterCtx(0.5, weights=w_BLS))
+  np.testing.assert_allclose(flat, same, atol=1e-6)
+  # a different mixture in layer 1 only changes the output
+  w_BLS2 = w_BLS.at[:, 1].set(jnp.asarray([0.0, 1.0]))
+  other = _forward(model, tokens, adapters=ad, adapter_ctx=adapters.AdapterCtx(0.5, weights=w_BLS2))
+  assert np.abs(np.asarray(other) - np.asarray(flat)).max() > 1e-4
