@@ -58,9 +58,7 @@ def _gguf_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(
       str(cached), local_files_only=True, trust_remote_code=False
     )
-  tok = AutoTokenizer.from_pretrained(
-    str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
-  )
+  tok = tokenizer_from_gguf(path)
   try:
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=cached.parent))
@@ -72,6 +70,54 @@ def _gguf_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
   except OSError:  # a read-only home: just do without the cache
     pass
   return tok
+
+
+def _gguf_metadata(path: pathlib.Path) -> dict:
+  from gguf import GGUFReader
+
+  from mdkif_jax.loading import WeightLoadError
+
+  try:
+    reader = GGUFReader(str(path))
+  except Exception as e:
+    raise WeightLoadError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
+  meta = {}
+  for key, field in reader.fields.items():
+    if key.startswith(("tokenizer.", "general.architecture")):
+      meta[key] = field.contents()
+  return meta
+
+
+def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerBase:
+  """The tokenizer a GGUF file describes, built without torch.
+
+  transformers' own GGUF route (`AutoTokenizer.from_pretrained(..., gguf_file=...)`) reads the
+  metadata with a torch-based reader; this reads it with the `gguf` package and hands it to the
+  same transformers builder (`convert_gguf_tokenizer`), so the result is identical (a test
+  compares ids and chat strings with the torch route).
+  """
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+    _SPECIAL_TOKENS,
+    GGUF_TOKENIZER_MAPPING,
+    convert_gguf_tokenizer,
+  )
+
+  meta = _gguf_metadata(path)
+  if "tokenizer.ggml.tokens" not in meta:
+    raise ValueError(f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens)")
+  grouped = {
+    group: {name: meta[f"tokenizer.{k}"] for k, name in renames.items() if f"tokenizer.{k}" in meta}
+    for group, renames in GGUF_TOKENIZER_MAPPING.items()
+  }
+  tokenizer_dict, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer_dict.get("tokenizer_type") == "llama":
+    tok_config.setdefault("add_bos_token", True)
+  for name, key in _SPECIAL_TOKENS.items():
+    token_id = meta.get(f"tokenizer.ggml.{key}")
+    tok_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+  backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, **{**tok_config, **extra})
 
 
 def chat_prompt(tok: PreTrainedTokenizerBase, user: str, system: str | None = None) -> list[int]:

@@ -85,3 +85,27 @@ def test_cached_gguf_tokenizer_equals_a_fresh_conversion(tmp_path, monkeypatch):
   assert fresh(text)["input_ids"] == cached(text)["input_ids"]
   assert tokenizer.chat_prompt(fresh, text) == tokenizer.chat_prompt(cached, text)
   assert (fresh.eos_token_id, fresh.pad_token_id) == (cached.eos_token_id, cached.pad_token_id)
+
+
+def test_torch_free_gguf_tokenizer_equals_transformers_gguf_route():
+  from transformers import AutoTokenizer
+
+  from mdkif_jax import tokenizer
+
+  path = loading.smollm2_gguf_path()
+  ours = tokenizer.tokenizer_from_gguf(path)
+  ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)  # needs torch
+  texts = [
+    "What is the first-line treatment for type 2 diabetes?",
+    "  leading spaces, tabs\tand émojis 🩺 <|im_start|>user\nhi<|im_end|>",
+    "IL-6 and TNF-α levels (p<0.001) in 12,345 patients",
+  ]
+  for text in texts:
+    assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+    assert tokenizer.chat_prompt(ours, text) == tokenizer.chat_prompt(ref, text)
+  assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (
+    ref.eos_token_id,
+    ref.pad_token_id,
+    ref.bos_token_id,
+  )
+  assert ours.decode(ours(texts[1])["input_ids"]) == ref.decode(ref(texts[1])["input_ids"])
