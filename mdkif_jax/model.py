@@ -197,20 +197,24 @@ class Llama(nnx.Module):
     if ctx.weights is not None and ctx.weights.ndim == 3:
       per_layer = jnp.moveaxis(ctx.weights, 1, 0)
 
-    def block(x, xs):
-      w, a, kv, lw = xs
+    def block(carry, xs):
+      x, kv = carry
+      w, a, lw, layer = xs
       c = ctx if lw is None else dataclasses.replace(ctx, weights=lw)
-      x, new_kv = self._block(x, w, a, c, sin, cos, bias_BTS, kv, cache_index)
-      return x, new_kv
+      x, kv = self._block(x, w, a, c, sin, cos, bias_BTS, kv, layer, cache_index)
+      return (x, kv), None
 
     if num.remat:
       block = jax.checkpoint(block, prevent_cse=False)
-    kv_in = None if cache is None else (cache["k"], cache["v"])
-    x, kv_out = jax.lax.scan(block, x, (self.layer_weights(), ad, kv_in, per_layer))
+    # The whole KV cache rides in the scan carry and each layer writes only its new [B, T]
+    # slots in place. (Scanned as xs/ys it was rebuilt, i.e. copied, on every decode step.)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    layers = jnp.arange(cfg.num_hidden_layers)
+    (x, kv), _ = jax.lax.scan(block, (x, kv), (self.layer_weights(), ad, per_layer, layers))
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:
-      new_cache = {"k": kv_out[0], "v": kv_out[1], "mask": k_mask, "pos": k_pos}
+      new_cache = {"k": kv[0], "v": kv[1], "mask": k_mask, "pos": k_pos}
     return x, new_cache
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
@@ -227,7 +231,7 @@ class Llama(nnx.Module):
     h, _ = self.hidden(tokens_BT, **kw)
     return self.logits(h)
 
-  def _block(self, x, w, a, ctx, sin, cos, bias_BTS, kv, cache_index):
+  def _block(self, x, w, a, ctx, sin, cos, bias_BTS, kv, layer, cache_index):
     cfg = self.cfg
     B, T, _ = x.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -246,10 +250,13 @@ class Llama(nnx.Module):
     v = proj("v", h).reshape(B, T, K, Dh)
     q = self._constrain(q, ("batch", "length", "act_heads", None))
     new_kv = None
-    if kv is not None:
-      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
-      new_kv = (k, v)
+    if kv is not None:  # the full caches [L, B, S, K, Dh]: write this layer's slots, read it
+      at = (layer, 0, cache_index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), at)
+      cv = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), at)
+      k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+      new_kv = (ck, cv)
     qg = q.reshape(B, T, K, H // K, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=F32)
     scores = scores / math.sqrt(Dh) + bias_BTS[:, None, None]
