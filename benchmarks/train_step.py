@@ -4,7 +4,7 @@ Run (from the repo root; one command runs everything, each framework in its own 
 
   PYTHONPATH=. .venv/bin/python benchmarks/train_step.py [--steps 10] [--warmup 2]
       [--batch 8] [--seq 256] [--dtype float32,bfloat16] [--only ours|peft] [--rounds 1]
-      [--max-load 1.5]
+      [--max-load 1.5] [--remat]
 
 What is timed (identical for both frameworks):
   * Model: the packaged SmolLM2-135M-Instruct GGUF dequantized to f32 (ours: mdkif_jax.loading;
@@ -85,11 +85,12 @@ def our_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   return b
 
 
-def bench_config(dtype: str):
+def bench_config(dtype: str, remat: bool = False):
   from configs import skill
 
   cfg = skill.get_config()
   cfg.model.compute_dtype = dtype
+  cfg.model.remat = remat
   a = cfg.adalora
   a.targets = "q,k,v,o,gate,up,down"
   a.init_r, a.target_r = ADALORA["init_r"], ADALORA["target_r"]
@@ -103,7 +104,7 @@ def bench_config(dtype: str):
   return cfg
 
 
-def setup_ours(dtype: str, num_skills: int = 1):
+def setup_ours(dtype: str, num_skills: int = 1, remat: bool = False):
   """(step_fn, state, frozen, mesh, model cfg): the real `train.make_step` for S skills."""
   import jax
   import jax.numpy as jnp
@@ -111,7 +112,7 @@ def setup_ours(dtype: str, num_skills: int = 1):
 
   from mdkif_jax import adapters, data, loading, sharding, train
 
-  cfg = bench_config(dtype)
+  cfg = bench_config(dtype, remat)
   mesh = sharding.make_mesh((1, 1, 1))
   base = loading.load_model("smollm2_135m", numerics=train._numerics(cfg), mesh=mesh,
                             progress=False)  # fmt: skip
@@ -136,7 +137,7 @@ def child_ours(args) -> dict:
   from mdkif_jax import train
 
   t0 = time.perf_counter()
-  step, state, frozen, mesh, mcfg = setup_ours(args.dtype)
+  step, state, frozen, mesh, mcfg = setup_ours(args.dtype, remat=args.remat)
   load_s = time.perf_counter() - t0
   data = [train.to_global(our_batch(t), mesh) for t in batches(args.warmup + args.steps,
                                                                 args.batch, args.seq)]  # fmt: skip
@@ -153,7 +154,8 @@ def child_ours(args) -> dict:
     losses.append(float(m["loss_S"][0] + ADALORA["orth_reg_weight"] * m["orth_S"][0]))
   if args.trace:
     jax.profiler.stop_trace()
-  return {"framework": "ours", "dtype": args.dtype, "load_s": load_s,
+  dtype = args.dtype + ("+remat" if args.remat else "")
+  return {"framework": "ours", "dtype": dtype, "load_s": load_s,
           "first_step_s": times[0], "step_s": times[args.warmup:],
           "others": others[args.warmup:],
           "losses": losses[args.warmup:], "all_losses": losses,
@@ -233,14 +235,20 @@ def summarize(runs: list[dict], tokens_per_step: int) -> None:
   )
   if "PEFT f32" in stats:
     tps_p, mem_p = stats["PEFT f32"]
-    for k, target in (("ours float32", 1.3), ("ours bfloat16", 2.0)):
+    for k, target in (
+      ("ours float32", 1.3),
+      ("ours bfloat16", 2.0),
+      ("ours float32+remat", 1.3),
+      ("ours bfloat16+remat", 2.0),
+    ):
       if k in stats:
         tps, mem = stats[k]
         print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x (target >= {target}x: "
               f"{'met' if tps / tps_p >= target else 'MISSED'}), peak memory {mem / mem_p:.2f}x "
               f"(target <= 0.5x: {'met' if mem / mem_p <= 0.5 else 'MISSED'})")  # fmt: skip
-  f32 = rows.get("ours float32", [None])[0]
-  bf16 = rows.get("ours bfloat16", [None])[0]
+  sfx = "+remat" if any(r["dtype"].endswith("+remat") for r in runs) else ""
+  f32 = rows.get("ours float32" + sfx, [None])[0]
+  bf16 = rows.get("ours bfloat16" + sfx, [None])[0]
   if f32 and bf16:
     a, b = np.asarray(f32["all_losses"]), np.asarray(bf16["all_losses"])
     rel = np.abs(b - a) / np.abs(a)
@@ -266,6 +274,7 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=1, help="alternating rounds of all runs")
   p.add_argument("--max-load", type=float, default=1.5, help="wait for 1-min load below this")
   p.add_argument("--wait", type=float, default=600.0, help="max seconds to wait for the load")
+  p.add_argument("--remat", action="store_true", help="ours: model.remat=True (per block)")
   p.add_argument("--retries", type=int, default=2, help="rerun a child whose steps were "
                  "contended (others' median CPU share > 10%%)")  # fmt: skip
   p.add_argument("--trace", default=None, help="ours: jax.profiler trace dir (measured steps)")
@@ -278,7 +287,8 @@ def main() -> None:
     _common.emit(child_peft(args))
     return
   common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-            "--seq", str(args.seq)] + (["--trace", args.trace] if args.trace else [])  # fmt: skip
+            "--seq", str(args.seq)] + (["--trace", args.trace] if args.trace else []) \
+    + (["--remat"] if args.remat else [])  # fmt: skip
   plan = []
   dtypes = [d for d in args.dtype.split(",") if d]
   if args.only != "peft":
