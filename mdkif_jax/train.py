@@ -341,9 +341,6 @@ def train_skills(
     lines = [
       f"  {k.split('/')[1]:5s} {eval_before[k]:7.3f} -> {eval_after[k]:7.3f}" for k in eval_after
     ]
-    log.info(
-      "eval loss per skill (step %d -> %d):\n%s", start, int(state["step"]), "\n".join(lines)
-    )
     print(f"eval loss per skill on reserved rows (step {start} -> {int(state['step'])}):")
     print("\n".join(lines))
   masks = {t: np.asarray(m_) for t, m_ in adalora.find_state(state["opt_state"]).mask.items()}
