@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -177,25 +176,40 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def read_gguf(path: str | pathlib.Path):
-  """(config, tensors) of a GGUF file; clear errors for missing, corrupt or foreign files."""
+def open_gguf(path: str | pathlib.Path):
+  """A `gguf.GGUFReader` on `path`; clear errors for a missing or corrupt file."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: GGUF file not found")
   from gguf import GGUFReader
 
   try:
-    reader = GGUFReader(str(path))
+    return GGUFReader(str(path))
   except Exception as e:
     raise WeightLoadError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
+
+
+def gguf_metadata(reader, keep=lambda key: True) -> dict:
+  """The GGUF key/value fields whose key passes `keep`, as Python values."""
   meta = {}
   for key, field in reader.fields.items():
-    if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "merges", "token_type")):
+    if not keep(key):
       continue
     try:
       meta[key] = field.contents()
     except Exception:  # a field of a type we do not need
       continue
+  return meta
+
+
+def read_gguf(path: str | pathlib.Path):
+  """(config, tensors) of a GGUF file; clear errors for missing, corrupt or foreign files."""
+  path = pathlib.Path(path)
+  reader = open_gguf(path)
+  vocab_arrays = ("tokens", "merges", "token_type")  # large, and not needed for the config
+  meta = gguf_metadata(
+    reader, lambda k: not (k.startswith("tokenizer.ggml.") and k.endswith(vocab_arrays))
+  )
   names = {t.name for t in reader.tensors}
   cfg = mc.from_gguf_fields(meta, has_output="output.weight" in names, source=str(path))
   return cfg, GGUFTensors(path, reader, cfg)
@@ -313,16 +327,3 @@ def load_model(
       f"{source}: not a preset ({', '.join(mc.PRESETS)}), a directory or a .gguf file"
     )
   raise WeightLoadError(f"{source}: unrecognised weight source (expected a directory or .gguf)")
-
-
-def iter_names(cfg: mc.ModelConfig, names: dict[str, tuple[str, bool]]) -> Iterator[str]:
-  """Every source tensor name the model reads (for diagnostics and tests)."""
-  for key, (template, _) in names.items():
-    if key.endswith("_bias") and not cfg.attention_bias:
-      continue
-    if key == "lm_head" and cfg.tie_word_embeddings:
-      continue
-    if "{i}" in template:
-      yield from (template.format(i=i) for i in range(cfg.num_hidden_layers))
-    else:
-      yield template

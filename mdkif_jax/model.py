@@ -282,11 +282,6 @@ def _layer_major(adapters: dict | None, ctx: adapters_lib.AdapterCtx) -> dict | 
 
 
 # ---- the functional boundary ------------------------------------------------------------------
-def split(model: Llama) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, frozen params). Pass both into jitted steps; only `params` is an array pytree."""
-  return nnx.split(model)
-
-
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BT: jax.Array, **kw) -> jax.Array:
   """Pure logits function of the frozen params: jit/grad over the other arguments only."""
   return nnx.merge(graphdef, params)(tokens_BT, **kw)

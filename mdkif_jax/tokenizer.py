@@ -72,22 +72,6 @@ def _gguf_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
   return tok
 
 
-def _gguf_metadata(path: pathlib.Path) -> dict:
-  from gguf import GGUFReader
-
-  from mdkif_jax.loading import WeightLoadError
-
-  try:
-    reader = GGUFReader(str(path))
-  except Exception as e:
-    raise WeightLoadError(f"{path}: corrupt or unreadable GGUF file ({e})") from e
-  meta = {}
-  for key, field in reader.fields.items():
-    if key.startswith(("tokenizer.", "general.architecture")):
-      meta[key] = field.contents()
-  return meta
-
-
 def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerBase:
   """The tokenizer a GGUF file describes, built without torch.
 
@@ -103,7 +87,9 @@ def tokenizer_from_gguf(path: pathlib.Path) -> PreTrainedTokenizerBase:
     convert_gguf_tokenizer,
   )
 
-  meta = _gguf_metadata(path)
+  meta = loading.gguf_metadata(
+    loading.open_gguf(path), lambda k: k.startswith(("tokenizer.", "general.architecture"))
+  )
   if "tokenizer.ggml.tokens" not in meta:
     raise ValueError(f"{path}: the GGUF file has no tokenizer (tokenizer.ggml.tokens)")
   grouped = {
