@@ -53,6 +53,18 @@ def others_share(before, after) -> float:
   return max(busy - own, 0.0) / max(wall * os.cpu_count(), 1e-9)
 
 
+def timed_step(step, state, frozen, batch):
+  """Run one jitted step to completion: (state, metrics, seconds, others' CPU share)."""
+  import jax
+
+  c0 = cpu_snapshot()
+  t = time.perf_counter()
+  state, m = step(state, frozen, batch)
+  jax.block_until_ready((state, m))
+  seconds = time.perf_counter() - t
+  return state, m, seconds, others_share(c0, cpu_snapshot())
+
+
 def peak_rss_gb() -> float:
   """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

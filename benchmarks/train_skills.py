@@ -87,7 +87,6 @@ def build(cfg, base, skills: tuple[str, ...], mesh):
 
 
 def run_steps(step, state, frozen, batches, mesh, n: int, mcfg, targets, rank) -> dict:
-  import jax
 
   from mdkif_jax import train
 
@@ -97,12 +96,9 @@ def run_steps(step, state, frozen, batches, mesh, n: int, mcfg, targets, rank) -
     rows, T = b["tokens"].shape
     K = b["answer_idx"].shape[1]
     g = train.to_global(b, mesh)
-    c0 = _common.cpu_snapshot()
-    t = time.perf_counter()
-    state, m = step(state, frozen, g)
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t)
-    others.append(_common.others_share(c0, _common.cpu_snapshot()))
+    state, m, seconds, other = _common.timed_step(step, state, frozen, g)
+    times.append(seconds)
+    others.append(other)
     shapes.append((rows, T, K))
     flops.append(_common.step_flops(mcfg, rows, T, K, rank, targets)["total"])
     tokens.append(int(b["attention_mask"].sum()))

@@ -145,12 +145,9 @@ def child_ours(args) -> dict:
   for i, b in enumerate(data):
     if args.trace and i == args.warmup:
       jax.profiler.start_trace(args.trace)
-    c0 = _common.cpu_snapshot()
-    t = time.perf_counter()
-    state, m = step(state, frozen, b)
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t)
-    others.append(_common.others_share(c0, _common.cpu_snapshot()))
+    state, m, seconds, other = _common.timed_step(step, state, frozen, b)
+    times.append(seconds)
+    others.append(other)
     losses.append(float(m["loss_S"][0] + ADALORA["orth_reg_weight"] * m["orth_S"][0]))
   if args.trace:
     jax.profiler.stop_trace()
