@@ -50,6 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_fit_examples = 0  # at most this many rows fit the router (0 = all)
   c.max_eval_examples = 0  # at most this many rows score it (0 = all)
   c.plot = True  # write router_weights.png
+  # The task's standard metric, reported beside loss / token_acc / exact for every method
+  # (mdkif_jax/metrics.py): "auto" picks it by source (metrics.TASK_METRICS: label tasks
+  # "choice" = accuracy + macro-F1 over candidate log-likelihoods; summaries and dialogue
+  # "rouge" = ROUGE-1/2/L of greedy generations; HoC and NER "sets" = F1 of generated lists);
+  # or force "choice" | "rouge" | "sets" | "exact" (nothing beyond teacher-forced exact match).
+  c.metric = "auto"
+  c.gen = ml_collections.ConfigDict()
+  c.gen.max_new_tokens = 64  # greedy generation stops here for "rouge" / "sets" rows
+  c.gen.batch_size = 8  # prompts per generation call (the last call is padded to it)
 
   c.router = ml_collections.ConfigDict()
   # "auto": CMA-ES when fewer than cmaes_threshold rows fit the router, else gradient
@@ -97,6 +106,7 @@ def _tiny(c):
   c.cmaes.generations = 5
   c.cmaes.population = 8
   c.gate.steps = 10
+  c.gen.max_new_tokens = 8
   c.plot = False
 
 

@@ -11,15 +11,20 @@
    gate; with `router.baselines` it also scores the base, each single skill, the uniform
    average, every router kind and CMA-ES on k examples for each k and seed;
 4. scores each (task-level mixtures merged into the kernels: the zero-overhead serving path;
-   the gate unmerged), saves the router with Orbax, writes metrics.jsonl and router_weights.png.
+   the gate unmerged) by answer NLL, token accuracy, teacher-forced exact match and the task's
+   standard metric (`TaskScorer`, metrics.py: accuracy + macro-F1 over candidate
+   log-likelihoods for label tasks, ROUGE of greedy generations for summaries and dialogue),
+   saves the router with Orbax, writes metrics.jsonl and router_weights.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mdkif_jax import adapters, checkpoint, data, loading, reporting, router, sharding, tokenizer
+from mdkif_jax import (
+  adapters,
+  checkpoint,
+  data,
+  generate,
+  loading,
+  metrics,
+  reporting,
+  router,
+  sharding,
+  tokenizer,
+)
 from mdkif_jax import train as train_lib
 from mdkif_jax.data import pipeline, splits
 from mdkif_jax.data.tokenize import encode_many, pad_row
@@ -173,24 +189,44 @@ def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "prompt_mask": prompt.astype(np.float32)}  # fmt: skip
 
 
-def make_batches(examples, tok, data_cfg, batch_size: int, multiple: int = 1) -> list[dict]:
-  """Every example once, in order, `batch_size` rows a batch (rounded up to `multiple`, the
-  data-parallel device count; filler rows have no answer tokens), padded to a bucket."""
-  enc = [e for e in encode_many(examples, tok, data.Template.from_config(data_cfg.template),
-                                int(data_cfg.max_len)) if e is not None]  # fmt: skip
-  if not enc:
+def encode_rows(examples, tok, data_cfg) -> list:
+  """Each example's `Encoded` (None when it cannot fit data.max_len), in order."""
+  template = data.Template.from_config(data_cfg.template)
+  return encode_many(examples, tok, template, int(data_cfg.max_len))
+
+
+def pack(enc: list, tok, data_cfg, batch_size: int, multiple: int = 1, by_length: bool = False,
+         drop_eos: bool = False) -> list[tuple[np.ndarray, dict]]:  # fmt: skip
+  """(row indices into `enc`, prepared batch) pairs: every encoded row once, `batch_size` rows
+  a batch (rounded up to `multiple`, the data-parallel device count; filler rows have index -1
+  and no answer tokens), padded to a bucket. `by_length` orders rows by length first (less
+  padding); `drop_eos` leaves the final end-of-turn token out of the answer (candidate scoring)."""
+  keep = [i for i, e in enumerate(enc) if e is not None]
+  if not keep:
     raise TaskError("no task example fits data.max_len")
+  if by_length:
+    keep.sort(key=lambda i: len(enc[i].tokens))
   buckets = pipeline.resolve_buckets(data_cfg.buckets, int(data_cfg.max_len))
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   size = -(-batch_size // multiple) * multiple
   out = []
-  for i in range(0, len(enc), batch_size):
-    part = enc[i : i + batch_size]
-    length = next(b for b in buckets if b >= max(len(e.tokens) for e in part))
-    rows = [pad_row(e, length, pad_id) for e in part]
+  for start in range(0, len(keep), batch_size):
+    part = keep[start : start + batch_size]
+    length = next(b for b in buckets if b >= max(len(enc[i].tokens) for i in part))
+    rows = [pad_row(enc[i], length, pad_id) for i in part]
+    if drop_eos:
+      for r in rows:
+        r["loss_mask"][np.flatnonzero(r["loss_mask"])[-1]] = 0.0
     rows += [{**rows[0], "loss_mask": np.zeros(length, np.float32)}] * (size - len(rows))
-    out.append(prepare({k: np.stack([r[k] for r in rows]) for k in rows[0]}))
+    idx = np.asarray(part + [-1] * (size - len(part)), np.int64)
+    out.append((idx, prepare({k: np.stack([r[k] for r in rows]) for k in rows[0]})))
   return out
+
+
+def make_batches(examples, tok, data_cfg, batch_size: int, multiple: int = 1) -> list[dict]:
+  """Every example once, in order, `batch_size` rows a batch (see `pack`)."""
+  enc = encode_rows(examples, tok, data_cfg)
+  return [b for _, b in pack(enc, tok, data_cfg, batch_size, multiple)]
 
 
 def to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -203,21 +239,151 @@ def to_device(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 # ---- scoring -------------------------------------------------------------------------------
+STAT_KEYS = ("nll", "tokens", "correct", "exact")
+
+
 def summarize(stats: list[dict]) -> dict[str, float]:
-  tot = {k: float(sum(np.sum(np.asarray(s[k])) for s in stats)) for k in stats[0]}
+  tot = {k: float(sum(np.sum(np.asarray(s[k])) for s in stats)) for k in STAT_KEYS}
   rows = float(sum(np.sum(np.asarray(s["tokens"]) > 0) for s in stats))
   return {"loss": tot["nll"] / max(tot["tokens"], 1.0),
           "token_acc": tot["correct"] / max(tot["tokens"], 1.0),
           "exact": tot["exact"] / max(rows, 1.0)}  # fmt: skip
 
 
-def make_scorer(graphdef, frozen, stacked, scale, batches):
-  """score(w_S or None) over `batches` through the merged kernels (the serving path)."""
-  plain = jax.jit(lambda params, batch: router.mixture_stats(graphdef, params, None, scale, batch))
+def scored_stats(graphdef, params, stacked, scale, batch, weights_BS=None):
+  """router.mixture_stats, plus `choice_logp` [B, C] when the batch carries `choice_ids`:
+  log p(candidate token | prompt) at the first answer position, from the same forward (label
+  tasks whose candidates are one token each cost no extra pass)."""
+  model = nnx.merge(graphdef, params)
+  kw = {}
+  if weights_BS is not None:
+    kw = dict(adapters=stacked, adapter_ctx=adapters.AdapterCtx(scale, weights=weights_BS))
+  h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
+                      mask_BT=batch["attention_mask"], **kw)  # fmt: skip
+  stats = router.answer_stats(model, h, batch)
+  if "choice_ids" in batch:
+    first = jnp.take_along_axis(h, batch["answer_idx"][:, :1, None], axis=1)
+    logp = jax.nn.log_softmax(model.logits(first)[:, 0].astype(jnp.float32), axis=-1)
+    stats["choice_logp"] = jnp.take_along_axis(logp, batch["choice_ids"], axis=1)
+  return stats
+
+
+_merged_stats = jax.jit(
+  lambda params, batch, *, graphdef: scored_stats(graphdef, params, None, 1.0, batch),
+  static_argnames=("graphdef",),
+)
+
+
+@functools.partial(jax.jit, static_argnames=("gate_def", "graphdef", "scale"))
+def _gate_stats(params, frozen, stacked, batch, *, gate_def, graphdef, scale):
+  w_BS = nnx.merge(gate_def, params)(router.pooled_prompt(graphdef, frozen, batch))
+  return {**scored_stats(graphdef, frozen, stacked, scale, batch, w_BS), "weights": w_BS}
+
+
+class TaskScorer:
+  """Scores one method on the task's scored rows: answer NLL, token accuracy, teacher-forced
+  exact match and the task's standard metric (metrics.py).
+
+  Label rows: when every candidate is one token, their log-likelihoods come from the gold
+  pass itself (`choice_ids`); otherwise each (row, candidate) is one more row, batched by
+  length, through the same jitted forward. Generated rows: greedy decoding of up to
+  `gen.max_new_tokens` tokens (generate.py), `gen.batch_size` prompts a call, sorted by
+  length and padded to full batches so each prompt bucket compiles once.
+  """
+
+  def __init__(self, rows, task_rows, tok, config, put, multiple: int = 1, one_token_fast=True):
+    self.plan = metrics.plan(rows, task_rows, config.metric)
+    self.tok, self.config = tok, config
+    bs, dcfg = int(config.router.batch_size), config.data
+    enc = encode_rows(rows, tok, dcfg)
+    eos = tok.eos_token or ""
+    fast, slow = {}, []
+    for i, cands in self.plan.choices.items():
+      ids = [tok(c + eos, add_special_tokens=False)["input_ids"] for c in cands]
+      ids = [x[:-1] if eos and x and x[-1] == tok.eos_token_id else x for x in ids]
+      if one_token_fast and all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == len(ids):
+        fast[i] = [x[0] for x in ids]
+      else:
+        slow += [(i, j) for j in range(len(cands))]
+    width = max((len(v) for v in fast.values()), default=0)
+    self.fast, self.gold = fast, []
+    for idx, batch in pack(enc, tok, dcfg, bs, multiple):
+      if width:
+        batch["choice_ids"] = np.zeros((len(idx), width), np.int32)
+        for r, i in enumerate(idx):
+          batch["choice_ids"][r, : len(fast.get(i, ()))] = fast.get(i, ())
+      self.gold.append((idx, put(batch)))
+    self.slow, self.expanded = slow, []
+    if slow:
+      cand = [dataclasses.replace(rows[i], answer=self.plan.choices[i][j]) for i, j in slow]
+      cenc = encode_rows(cand, tok, dcfg)
+      packed = pack(cenc, tok, dcfg, bs, multiple, by_length=True, drop_eos=bool(eos))
+      self.expanded = [(idx, put(b)) for idx, b in packed]
+    gen = sorted((i for i in self.plan.generated if enc[i] is not None),
+                 key=lambda i: enc[i].answer_start)  # fmt: skip
+    self.prompts = {i: enc[i].tokens[: enc[i].answer_start].tolist() for i in gen}
+
+  def __call__(self, stats_fn, generate_fn=None) -> dict[str, float]:
+    """stats_fn(batch) -> per-row stats (scored_stats; "weights" [B, S] for the gate);
+    generate_fn(prompts, rows, weights) -> new token lists (None: no generated rows)."""
+    gold, choice, weights = [], {}, {}
+    for idx, batch in self.gold:
+      st = jax.device_get(stats_fn(batch))
+      gold.append(st)
+      for r, i in enumerate(idx):
+        if i < 0:
+          continue
+        if i in self.fast:
+          choice[i] = st["choice_logp"][r, : len(self.fast[i])]
+        if "weights" in st:
+          weights[i] = st["weights"][r]
+    out = summarize(gold)
+    for idx, batch in self.expanded:
+      st = jax.device_get(stats_fn(batch))
+      for r, k in enumerate(idx):
+        if k >= 0:
+          i, j = self.slow[k]
+          choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = -st["nll"][r]
+    texts = {}
+    if self.prompts and generate_fn is not None:
+      order, size = list(self.prompts), int(self.config.gen.batch_size)
+      for s in range(0, len(order), size):
+        part = order[s : s + size]
+        full = part + [part[-1]] * (size - len(part))  # one shape per prompt bucket
+        w = np.stack([weights[i] for i in full]) if weights else None
+        new = generate_fn([self.prompts[i] for i in full], full, w)
+        for i, ids in zip(part, new, strict=False):
+          texts[i] = self.tok.decode(ids, skip_special_tokens=True).strip()
+    out.update(self.plan.finish(choice, texts))
+    # per scored row: candidate log-likelihoods, generated text, the gate's mixture
+    self.last = {"choice": choice, "texts": texts, "weights": weights}
+    return out
+
+
+def generator(tok, config, model, stacked=None, scale=1.0):
+  """generate_fn for TaskScorer: greedy decoding with `model` (merged kernels), or with the
+  unmerged skills mixed per row by the given weights (the gate)."""
+  eos = tuple(sorted({*model.cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token else [])}))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+
+  def run(prompts, rows, weights_BS):
+    kw = {}
+    if weights_BS is not None:
+      kw = dict(adapters=stacked, adapter_ctx=adapters.AdapterCtx(scale, weights=weights_BS))
+    return generate.generate(model, prompts, max_new_tokens=int(config.gen.max_new_tokens),
+                             eos_ids=eos, pad_id=pad, **kw)  # fmt: skip
+
+  return run
+
+
+def make_scorer(graphdef, frozen, stacked, scale, scorer: TaskScorer, tok, config):
+  """score(w_S or None) through the merged kernels (the serving path): W0 + Σ w_s ΔW_s."""
 
   def score(w_S=None) -> dict[str, float]:
     params = frozen if w_S is None else router.merged_params(frozen, stacked, w_S, scale)
-    return summarize([plain(params, b) for b in batches])
+    model = nnx.merge(graphdef, params)
+    return scorer(functools.partial(_merged_stats, params, graphdef=graphdef),
+                  generator(tok, config, model))  # fmt: skip
 
   return score
 
@@ -258,6 +424,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   rules = tuple(tuple(r) for r in config.mesh.rules)
   source, _ = parse_task(config.task)  # bad config fails before anything loads
   choose_method(config, 0)
+  metrics.check_metric(config.metric)
   if base is None:
     base = loading.load_model(config.model.source, numerics=train_lib._numerics(config),
                               mesh=mesh, rules=rules, seed=config.model.seed)  # fmt: skip
@@ -277,18 +444,30 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   def batches(rows, size=bs):
     return [to_device(b, mesh) for b in make_batches(rows, tok, config.data, size, dp)]
 
-  fit_b, score_b = batches(fit_rows), batches(score_rows)
-  score = make_scorer(graphdef, frozen, stacked, scale, score_b)
+  def put(batch):
+    return to_device(batch, mesh)
+
+  fit_b = batches(fit_rows)
+  scorer = TaskScorer(score_rows, fit_rows + score_rows, tok, config, put, dp)
+  score = make_scorer(graphdef, frozen, stacked, scale, scorer, tok, config)
   S = len(skills)
   results: dict[str, dict] = {}
   weights: dict[str, np.ndarray] = {}
   history: dict[str, list[float]] = {}
   state: dict = {}
 
+  clock = [time.perf_counter()]
+
+  def done(name, res):  # each method's seconds (its fit, if any, and its scoring)
+    now = time.perf_counter()
+    results[name] = {**res, "seconds": now - clock[0]}
+    clock[0] = now
+    log.info("stage 2: %s done in %.1f s", name, results[name]["seconds"])
+
   def task_level(name, theta, curve, fit):
     w = np.asarray(router.task_weights(theta, fit.parametrisation))
     weights[name], history[name] = w, curve
-    results[name] = score(w)
+    done(name, score(w))
     return theta
 
   def run(kind: str, primary: bool):
@@ -306,10 +485,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
       gate, curve = router.fit_gate(graphdef, frozen, stacked, scale, fit_b, hidden=g.hidden,
                                     top_k=g.top_k, steps=g.steps, learning_rate=g.learning_rate,
                                     seed=config.router.seed)  # fmt: skip
-      out = [router.gate_stats(gate, graphdef, frozen, stacked, scale, b) for b in score_b]
-      results["gate"] = summarize([o[0] for o in out])
-      rows = np.concatenate([np.asarray(w)[np.asarray(s["tokens"]) > 0] for s, w in out])
-      weights["gate"], history["gate"] = rows.mean(0), curve
+      gate_def, params = nnx.split(gate)
+      stats = functools.partial(_gate_stats, params, frozen, stacked, gate_def=gate_def,
+                                graphdef=graphdef, scale=scale)  # fmt: skip
+      done("gate", scorer(stats, generator(tok, config, base, stacked, scale)))
+      weights["gate"], history["gate"] = np.mean(list(scorer.last["weights"].values()), 0), curve
       if primary:
         state["gate"] = nnx.to_pure_dict(nnx.split(gate)[1])
       return
@@ -318,15 +498,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
 
   run(method, primary=True)
   if config.router.baselines:
-    results["base"] = score(None)
+    clock[0] = time.perf_counter()
+    done("base", score(None))
     for i, s in enumerate(skills):
-      results[f"skill_{s}"] = score(np.eye(S, dtype=np.float32)[i])
-    results["uniform"] = score(np.full(S, 1.0 / S, np.float32))
+      done(f"skill_{s}", score(np.eye(S, dtype=np.float32)[i]))
+    done("uniform", score(np.full(S, 1.0 / S, np.float32)))
     for kind in ("gd", "cmaes", "gate"):
       if kind != method:
         run(kind, primary=False)
     for k in config.cmaes.k_shots:
       for seed in config.cmaes.seeds:
+        clock[0] = time.perf_counter()
         fit = task_fit(config, seed=seed, cmaes=True)
         rows = k_shot_rows(fit_rows, int(k), seed, config.task)
         one = batches(rows, size=len(rows))[0]
@@ -379,11 +561,24 @@ def write_report(workdir, config, skills, method, results, weights, history) -> 
   writer.write(longest + 1, rec)
   writer.close()
   if jax.process_index() == 0:
-    lines = [f"  {m:22s} loss {r['loss']:7.3f}  token_acc {r['token_acc']:.3f}  exact "
-             f"{r['exact']:.3f}" for m, r in results.items()]  # fmt: skip
-    print(f"stage 2 on {config.task} (router: {method}):\n" + "\n".join(lines))
+    print(f"stage 2 on {config.task} (router: {method}):\n" + format_table(results))
     if config.plot:
       plot_weights(workdir / "router_weights.png", list(skills), weights, config.task)
+
+
+COLUMNS = ("loss", "token_acc", "exact", "accuracy", "macro_f1", "rouge1", "rouge2", "rougeL",
+           "example_f1", "micro_f1", "seconds")  # fmt: skip
+
+
+def format_table(results: dict[str, dict]) -> str:
+  """One line per method: the loss, token accuracy, exact match, the standard metric(s) the
+  task has and the seconds the method took (fit + score)."""
+  cols = [c for c in COLUMNS if any(c in r for r in results.values())]
+  lines = ["  " + f"{'method':22s}" + "".join(f"{c:>11s}" for c in cols)]
+  for m, r in results.items():
+    cells = "".join(f"{r[c]:11.3f}" if c in r else f"{'-':>11s}" for c in cols)
+    lines.append(f"  {m:22s}" + cells)
+  return "\n".join(lines)
 
 
 def plot_weights(path, skills: list[str], weights: dict[str, np.ndarray], task: str) -> None:

@@ -49,7 +49,7 @@ def base():
   return loading.load_model("tiny_smollm_vocab")
 
 
-def test_route_end_to_end(tmp_path, base):
+def test_route_end_to_end(tmp_path, base, capsys):
   ad = write_skills(tmp_path / "skills", "tiny_smollm_vocab")
   cfg = tiny(tmp_path)
   out = route.train_and_evaluate(cfg, tmp_path / "run", base=base)
@@ -58,6 +58,10 @@ def test_route_end_to_end(tmp_path, base):
   res = out["results"]
   for name in ("base", "skill_qa", "skill_ner", "uniform", "gd", "cmaes", "gate", "cmaes_k4_s0"):
     assert np.isfinite(res[name]["loss"]) and 0 <= res[name]["exact"] <= 1, name
+    # the demo task's standard metrics: MCQA rows by choice, TS/MC rows by ROUGE, MLDC by F1
+    for key in ("accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "example_f1", "micro_f1"):
+      assert 0 <= res[name][key] <= 1, (name, key)
+    assert res[name]["seconds"] > 0
   assert res["skill_qa"]["loss"] != res["base"]["loss"]  # the loaded skills act
   assert out["history"]["cmaes"][-1] <= out["history"]["cmaes"][0]  # CMA-ES keeps its best
   assert len(out["history"]["gd"]) == cfg.router.steps
@@ -66,8 +70,12 @@ def test_route_end_to_end(tmp_path, base):
   ]
   final = rows[-1]
   assert final["eval/base/loss"] == pytest.approx(res["base"]["loss"])
+  assert final["eval/gate/accuracy"] == pytest.approx(res["gate"]["accuracy"])
+  assert final["eval/cmaes_k4_s0/rougeL"] == pytest.approx(res["cmaes_k4_s0"]["rougeL"])
   assert {"weights/cmaes/qa", "weights/gd/ner", "weights/gate/qa"} <= set(final)
   assert (tmp_path / "run" / "router_weights.png").stat().st_size > 1000
+  table = capsys.readouterr().out
+  assert "accuracy" in table and "rougeL" in table and "cmaes_k4_s0" in table
   state, meta = route.load_router(tmp_path / "run")
   np.testing.assert_allclose(state["weights"], out["weights"]["cmaes"])
   assert meta["skills"] == ["qa", "ner"] and meta["method"] == "cmaes"
@@ -102,6 +110,8 @@ def test_bad_task_and_k_larger_than_the_data(tmp_path, base):
     route.train_and_evaluate(tiny(tmp_path, task="pubmedqa"), tmp_path / "run", base=base)
   with pytest.raises(route.TaskError, match="k=100 .* only 12 rows"):
     route.train_and_evaluate(tiny(tmp_path, cmaes__k_shots=(4, 100)), tmp_path / "run", base=base)
+  with pytest.raises(ValueError, match="metric must be"):
+    route.train_and_evaluate(tiny(tmp_path, metric="bleu"), tmp_path / "run", base=base)
   with pytest.raises(ValueError, match="router.method"):
     route.train_and_evaluate(tiny(tmp_path, router__method="lora"), tmp_path / "run", base=base)
   assert "demo" in route.task_names() and "covid_dialogue" in route.task_names()
@@ -127,5 +137,6 @@ def test_router_config_presets():
   assert c.router.method == "cmaes" and tuple(c.cmaes.k_shots) == (5, 20, 100)
   assert router_config.get_config("tiny").model.source == "tiny_smollm_vocab"
   assert router_config.get_config("gate").router.method == "gate"
+  assert router_config.get_config().metric == "auto"
   with pytest.raises(ValueError, match="unknown preset"):
     router_config.get_config("huge")

@@ -1,0 +1,209 @@
+"""A downstream task's standard metric, beside the answer NLL (pure: numpy and rouge-score).
+
+Which metric a scored row gets is decided by `TASK_METRICS`, keyed by source (and, where a
+source holds several skills, by skill):
+
+- "choice" (label tasks: PubMedQA yes/no/maybe, RQE yes/no, MCQA letters, ChemProt labels):
+  each candidate answer is scored by its log-likelihood given the prompt, lm-eval-harness
+  style (the answer's tokens without the end-of-turn token), the highest wins (a tie goes to
+  the first candidate in `candidates` order); reported as `accuracy` and `macro_f1` (over the
+  labels that occur as gold or prediction, as sklearn's default). Candidates: the option
+  letters listed in an MCQA query, else the source's fixed label set (`CHOICES`), else the
+  distinct answers among the task's rows of that skill. ChemProt's accuracy equals micro-F1
+  over all 13 labels (its literature's micro-F1 over the positive labels only is not computed).
+- "rouge" (summarisation, dialogue, free QA): greedy generation, then the mean ROUGE-1, ROUGE-2
+  and ROUGE-L F-measure of Google's `rouge-score` (Porter stemming on), as `rouge1/2/L`.
+- "sets" (HoC labels, NER mentions): greedy generation parsed as a one-per-line list
+  (`data.skills.parse_list`, compared case-folded): `example_f1` (mean per-row F1: HoC's
+  example-based F1) and `micro_f1` (pooled over rows: strict mention-level micro-F1 for NER,
+  since each NER task asks for one entity type).
+- "exact": nothing beyond the teacher-forced exact match every method already reports; the
+  fall-back for sources not in the table (the knowledge-graph sources: ES/EA/ER).
+
+Mixed corpora (`demo`, `instruct`, `hub`) take each skill's answer format (`FORMAT_METRICS`).
+The model-facing half (one forward for choices, generation) lives in route.py; this module
+turns its per-row numbers into metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from mdkif_jax.data.example import Example
+from mdkif_jax.data.skills import get_skill, parse_list
+from mdkif_jax.data.sources.text import CHEMPROT_LABELS
+
+CHOICE, ROUGE, SETS, EXACT = "choice", "rouge", "sets", "exact"
+KINDS = (CHOICE, ROUGE, SETS, EXACT)
+BY_SKILL = "by_skill"
+FORMAT_METRICS = {"option": CHOICE, "label": CHOICE, "list": SETS, "text": ROUGE}
+TASK_METRICS: dict[str, str | dict[str, str]] = {
+  "pubmedqa": {"mrc": CHOICE, "qa": ROUGE},  # yes/no/maybe; the long answer
+  "medagents_pubmedqa": CHOICE,
+  "medmcqa": CHOICE,
+  "mmlu_fewshot": CHOICE,
+  "rqe": CHOICE,
+  "chemprot": CHOICE,
+  "hoc": SETS,
+  "bc5cdr_chem": SETS,
+  "bc5cdr_disease": SETS,
+  "ncbi_disease": SETS,
+  "meqsum": ROUGE,
+  "covid_dialogue": ROUGE,
+  "genmedgpt": ROUGE,
+  "medquad": {"qa": ROUGE, "es": SETS},
+  "demo": BY_SKILL,
+  "instruct": BY_SKILL,
+  "hub": BY_SKILL,
+}
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+  ("pubmedqa", "mrc"): ("yes", "no", "maybe"),
+  ("rqe", "nli"): ("yes", "no"),
+  ("chemprot", "re"): CHEMPROT_LABELS,
+}
+MAX_CHOICES = 32  # more distinct answers than this is not a label task: use "rouge"
+GENERATED = (ROUGE, SETS)
+
+
+def check_metric(name: str) -> str:
+  if name != "auto" and name not in KINDS:
+    raise ValueError(f"metric must be 'auto' or one of {KINDS}, got {name!r}")
+  return name
+
+
+def kind_of(ex: Example, override: str = "auto") -> str:
+  """The metric kind of one row: `override` unless "auto", else the table."""
+  if check_metric(override) != "auto":
+    return override
+  kind = TASK_METRICS.get(ex.source, EXACT)
+  if kind == BY_SKILL:
+    return FORMAT_METRICS[get_skill(ex.skill).answer_format]
+  if isinstance(kind, dict):
+    return kind.get(ex.skill, EXACT)
+  return kind
+
+
+def candidates(ex: Example, pool: dict[tuple[str, str], tuple[str, ...]]) -> tuple[str, ...]:
+  """The answers a label row chooses from (see the module docstring)."""
+  if get_skill(ex.skill).answer_format == "option":
+    letters = tuple(re.findall(r"(?m)^([A-J])\. ", ex.query))
+    if letters:
+      return letters
+  key = (ex.source, ex.skill)
+  return CHOICES.get(key) or pool[key]
+
+
+def answer_pool(rows: Sequence[Example]) -> dict[tuple[str, str], tuple[str, ...]]:
+  """Distinct answers per (source, skill), sorted: the candidates of label rows without a
+  fixed label set. Pass every row of the task (fit and scored) so rare labels are present."""
+  pool: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
+  for ex in rows:
+    pool[(ex.source, ex.skill)].add(ex.answer)
+  return {k: tuple(sorted(v)) for k, v in pool.items()}
+
+
+# ---- the metrics ---------------------------------------------------------------------------
+def accuracy(gold: Sequence[str], pred: Sequence[str]) -> float:
+  return float(np.mean([g == p for g, p in zip(gold, pred, strict=True)])) if gold else 0.0
+
+
+def macro_f1(gold: Sequence[str], pred: Sequence[str]) -> float:
+  """Mean over labels (those in gold or pred) of 2TP / (2TP + FP + FN)."""
+  labels = sorted(set(gold) | set(pred))
+  if not labels:
+    return 0.0
+  f1 = []
+  for lab in labels:
+    tp = sum(g == lab and p == lab for g, p in zip(gold, pred, strict=True))
+    fp = sum(g != lab and p == lab for g, p in zip(gold, pred, strict=True))
+    fn = sum(g == lab and p != lab for g, p in zip(gold, pred, strict=True))
+    f1.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(f1))
+
+
+def pick(scores: Sequence[Sequence[float]]) -> list[int]:
+  """Index of each row's best candidate; ties go to the first (np.argmax)."""
+  return [int(np.argmax(np.asarray(s, np.float64))) for s in scores]
+
+
+def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+  """Mean ROUGE-1/2/L F-measure (rouge-score, Porter stemming), in [0, 1]."""
+  from rouge_score import rouge_scorer
+
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  per = [scorer.score(r, p) for p, r in zip(preds, refs, strict=True)]
+  return {k: float(np.mean([s[k].fmeasure for s in per])) if per else 0.0
+          for k in ("rouge1", "rouge2", "rougeL")}  # fmt: skip
+
+
+def _items(text: str) -> set[str]:
+  return {x.casefold() for x in parse_list(text)}
+
+
+def set_f1(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+  """Example-based F1 (mean per row; two empty sets agree: 1.0) and micro-F1 (pooled)."""
+  tp = fp = fn = 0
+  per = []
+  for p, r in zip(preds, refs, strict=True):
+    ps, rs = _items(p), _items(r)
+    hit = len(ps & rs)
+    tp, fp, fn = tp + hit, fp + len(ps) - hit, fn + len(rs) - hit
+    per.append(1.0 if not ps and not rs else 2 * hit / (len(ps) + len(rs)))
+  micro = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+  return {"example_f1": float(np.mean(per)) if per else 0.0, "micro_f1": float(micro)}
+
+
+# ---- a task's plan: which rows get which metric ------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The scored rows split by metric kind. Indices point into the scored rows."""
+
+  rows: tuple[Example, ...]
+  kinds: tuple[str, ...]
+  choices: dict[int, tuple[str, ...]]  # row -> candidates, for "choice" rows
+
+  def of(self, kind: str) -> list[int]:
+    return [i for i, k in enumerate(self.kinds) if k == kind]
+
+  @property
+  def generated(self) -> list[int]:
+    return [i for i, k in enumerate(self.kinds) if k in GENERATED]
+
+  def finish(self, choice_scores: dict[int, Sequence[float]], texts: dict[int, str]) -> dict:
+    """Metrics from each choice row's candidate log-likelihoods and each generated row's text.
+
+    Rows missing from both (too long to encode) count as wrong / empty."""
+    out: dict[str, float] = {}
+    rows = self.of(CHOICE)
+    if rows:
+      gold = [self.rows[i].answer for i in rows]
+      scored = [i for i in rows if i in choice_scores]
+      best = dict(zip(scored, pick([choice_scores[i] for i in scored]), strict=True))
+      pred = [self.choices[i][best[i]] if i in best else "" for i in rows]
+      out.update(accuracy=accuracy(gold, pred), macro_f1=macro_f1(gold, pred))
+    for kind, fn in ((ROUGE, rouge), (SETS, set_f1)):
+      rows = self.of(kind)
+      if rows:
+        out.update(fn([texts.get(i, "") for i in rows], [self.rows[i].answer for i in rows]))
+    return out
+
+
+def plan(scored: Sequence[Example], task_rows: Sequence[Example], override: str = "auto") -> Plan:
+  """Decide each scored row's metric kind and a label row's candidates."""
+  kinds = tuple(kind_of(ex, override) for ex in scored)
+  pool = answer_pool(task_rows)
+  choices = {}
+  for i, (ex, kind) in enumerate(zip(scored, kinds, strict=True)):
+    if kind == CHOICE:
+      choices[i] = candidates(ex, pool)
+      if len(choices[i]) > MAX_CHOICES:
+        raise ValueError(
+          f"metric 'choice' for {ex.source}:{ex.skill}: {len(choices[i])} distinct answers "
+          f"(more than {MAX_CHOICES}) is not a label task; use metric='rouge' or 'exact'"
+        )
+  return Plan(tuple(scored), kinds, choices)
