@@ -4,7 +4,7 @@ Run (from the repo root; one command runs everything, each framework in its own 
 
   PYTHONPATH=. .venv/bin/python benchmarks/train_step.py [--steps 10] [--warmup 2]
       [--batch 8] [--seq 256] [--dtype float32,bfloat16] [--only ours|peft] [--rounds 1]
-      [--max-load 1.5] [--remat]
+      [--max-load 1.5] [--remat] [--data random|real] [--accum K]
 
 What is timed (identical for both frameworks):
   * Model: the packaged SmolLM2-135M-Instruct GGUF dequantized to f32 (ours: mdkif_jax.loading;
@@ -32,7 +32,18 @@ What is timed (identical for both frameworks):
     f32 and bf16 runs use the same init and data; the max relative difference over the
     measured steps is printed.
 
+`--data real` (issue 5: the full step through the real trainer) replaces the random batches by
+stage-1 batches of the real skill data: `skill_batches.make_batches` on ../shared/data (the
+`configs/skill.py:shared` data config), all 12 skills, one row per skill
+(12 rows x `--seq` tokens, bucketed and padded as in training), loss on answer tokens
+only. Ours trains the 12 skills jointly (one adapter per skill, `train.make_step`); PEFT trains one
+AdaLoRA adapter on the same rows with labels = -100 outside the answers (HF's usual SFT
+masking), attention_mask on padding. `--accum K` accumulates K micro-batches per optimizer
+update on both sides (ours: optax.MultiSteps inside the jitted step; PEFT: K backward passes
+per opt.step()). The parent builds the batches once and hands both children the same arrays.
+
 Targets (issue 3): ours >= 1.3x PEFT tokens/s in f32, >= 2x with bf16 compute, peak RSS <= 0.5x.
+Target (issue 5, `--data real`): >= 2x PEFT tokens/s with bf16 compute, peak RSS <= 0.5x.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -85,10 +97,13 @@ def our_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   return b
 
 
-def bench_config(dtype: str, remat: bool = False):
+def bench_config(dtype: str, remat: bool = False, accum: int = 1, seq: int = 256):
   from configs import skill
 
-  cfg = skill.get_config()
+  cfg = skill.get_config("shared")  # the data config of the real run (../shared/data)
+  cfg.data.buckets, cfg.data.max_len = (seq,), seq
+  cfg.train.rows_per_skill = 1
+  cfg.optimizer.grad_accum_steps = accum
   cfg.model.compute_dtype = dtype
   cfg.model.remat = remat
   a = cfg.adalora
@@ -104,7 +119,30 @@ def bench_config(dtype: str, remat: bool = False):
   return cfg
 
 
-def setup_ours(dtype: str, num_skills: int = 1, remat: bool = False):
+def real_batches(n: int, seq: int, path: str) -> dict:
+  """`n` stage-1 batches of all 12 skills (one row each) from ../shared/data, saved to `path`."""
+  from mdkif_jax import data, skill_batches, tokenizer
+
+  cfg = bench_config("float32", seq=seq)
+  it = skill_batches.make_batches(cfg, data.SKILLS, tokenizer.load_tokenizer("smollm2_135m"))
+  out = [next(it) for _ in range(n)]
+  np.savez(path, **{f"{i}/{k}": v for i, b in enumerate(out) for k, v in b.items()})
+  answer = sum(float((b["loss_mask"] > 0).sum()) for b in out)
+  real = sum(float(b["attention_mask"].sum()) for b in out)
+  return {"rows": out[0]["tokens"].shape[0], "answer_share": answer / real,
+          "padding_share": 1 - real / sum(b["tokens"].size for b in out)}  # fmt: skip
+
+
+def load_batches(path: str) -> list[dict[str, np.ndarray]]:
+  z = np.load(path)
+  out: dict[int, dict] = {}
+  for key in z.files:
+    i, k = key.split("/", 1)
+    out.setdefault(int(i), {})[k] = z[key]
+  return [out[i] for i in sorted(out)]
+
+
+def setup_ours(dtype: str, num_skills: int = 1, remat: bool = False, accum: int = 1):
   """(step_fn, state, frozen, mesh, model cfg): the real `train.make_step` for S skills."""
   import jax
   import jax.numpy as jnp
@@ -112,7 +150,7 @@ def setup_ours(dtype: str, num_skills: int = 1, remat: bool = False):
 
   from mdkif_jax import adapters, data, loading, sharding, train
 
-  cfg = bench_config(dtype, remat)
+  cfg = bench_config(dtype, remat, accum)
   mesh = sharding.make_mesh((1, 1, 1))
   base = loading.load_model("smollm2_135m", numerics=train._numerics(cfg), mesh=mesh,
                             progress=False)  # fmt: skip
@@ -133,14 +171,17 @@ def setup_ours(dtype: str, num_skills: int = 1, remat: bool = False):
 
 def child_ours(args) -> dict:
   import jax
+  import jax.numpy as jnp
 
   from mdkif_jax import train
 
   t0 = time.perf_counter()
-  step, state, frozen, mesh, mcfg = setup_ours(args.dtype, remat=args.remat)
+  real = load_batches(args.batches) if args.batches else None
+  num_skills = 12 if real else 1
+  step, state, frozen, mesh, mcfg = setup_ours(args.dtype, num_skills, args.remat, args.accum)
   load_s = time.perf_counter() - t0
-  data = [train.to_global(our_batch(t), mesh) for t in batches(args.warmup + args.steps,
-                                                                args.batch, args.seq)]  # fmt: skip
+  host = real or [our_batch(t) for t in batches(args.warmup + args.steps, args.batch, args.seq)]
+  data = [train.to_global(b, mesh) for b in host]
   times, losses, others = [], [], []
   for i, b in enumerate(data):
     if args.trace and i == args.warmup:
@@ -148,7 +189,7 @@ def child_ours(args) -> dict:
     state, m, seconds, other = _common.timed_step(step, state, frozen, b)
     times.append(seconds)
     others.append(other)
-    losses.append(float(m["loss_S"][0] + ADALORA["orth_reg_weight"] * m["orth_S"][0]))
+    losses.append(float(jnp.sum(m["loss_S"] + ADALORA["orth_reg_weight"] * m["orth_S"])))
   if args.trace:
     jax.profiler.stop_trace()
   dtype = args.dtype + ("+remat" if args.remat else "")
@@ -183,15 +224,22 @@ def child_peft(args) -> dict:
                           weight_decay=WEIGHT_DECAY)  # fmt: skip
   load_s = time.perf_counter() - t0
   times, losses, others = [], [], []
-  for i, tokens in enumerate(batches(args.warmup + args.steps, args.batch, args.seq)):
-    x = torch.from_numpy(tokens)
+  if args.batches:
+    inputs = [peft_inputs(b) for b in load_batches(args.batches)]
+  else:
+    inputs = [{"input_ids": torch.from_numpy(t), "labels": torch.from_numpy(t)}
+              for t in batches(args.warmup + args.steps, args.batch, args.seq)]  # fmt: skip
+  update = 0
+  for i, kw in enumerate(inputs):
     c0 = _common.cpu_snapshot()
     t = time.perf_counter()
-    out = model(input_ids=x, labels=x)
-    out.loss.backward()
-    opt.step()
-    model.base_model.update_and_allocate(i)
-    opt.zero_grad()
+    out = model(**kw)
+    (out.loss / args.accum).backward()
+    if (i + 1) % args.accum == 0:  # as optax.MultiSteps: one update per `accum` micro-batches
+      opt.step()
+      model.base_model.update_and_allocate(update)
+      opt.zero_grad()
+      update += 1
     times.append(time.perf_counter() - t)
     others.append(_common.others_share(c0, _common.cpu_snapshot()))
     losses.append(float(out.loss.detach()))
@@ -201,6 +249,22 @@ def child_peft(args) -> dict:
           "losses": losses[args.warmup:], "all_losses": losses,
           "peak_rss_gb": _common.peak_rss_gb(),
           "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def peft_inputs(b: dict[str, np.ndarray]) -> dict:
+  """HF causal-LM inputs of one stage-1 batch: labels -100 outside the answer tokens.
+
+  Ours: loss_mask[t] > 0 means targets[t] (= tokens[t+1]) is an answer token. transformers
+  shifts inside its loss (position t predicts labels[t+1]), so labels[t+1] = tokens[t+1] there.
+  """
+  import torch
+
+  tokens = b["tokens"].astype(np.int64)
+  labels = np.full_like(tokens, -100)
+  keep = b["loss_mask"][:, :-1] > 0
+  labels[:, 1:][keep] = tokens[:, 1:][keep]
+  return {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+          "attention_mask": torch.from_numpy(b["attention_mask"].astype(np.int64))}  # fmt: skip
 
 
 # ---- parent -----------------------------------------------------------------------------------
@@ -275,6 +339,14 @@ def main() -> None:
   p.add_argument("--retries", type=int, default=2, help="rerun a child whose steps were "
                  "contended (others' median CPU share > 10%%)")  # fmt: skip
   p.add_argument("--trace", default=None, help="ours: jax.profiler trace dir (measured steps)")
+  p.add_argument(
+    "--data",
+    choices=("random", "real"),
+    default="random",
+    help="random tokens (issue 3) or stage-1 batches of ../shared/data (issue 5)",
+  )
+  p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer update")
+  p.add_argument("--batches", default=None, help=argparse.SUPPRESS)
   p.add_argument("--child", choices=("ours", "peft"), default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child == "ours":
@@ -284,8 +356,17 @@ def main() -> None:
     _common.emit(child_peft(args))
     return
   common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-            "--seq", str(args.seq)] + (["--trace", args.trace] if args.trace else []) \
-    + (["--remat"] if args.remat else [])  # fmt: skip
+            "--seq", str(args.seq), "--accum", str(args.accum)]  # fmt: skip
+  common += (["--trace", args.trace] if args.trace else []) + (["--remat"] if args.remat else [])
+  tokens_per_step = args.batch * args.seq
+  if args.data == "real":
+    path = os.path.join(tempfile.mkdtemp(prefix="mdkif_bench_"), "batches.npz")
+    info = real_batches(args.warmup + args.steps, args.seq, path)
+    common += ["--batches", path]
+    tokens_per_step = info["rows"] * args.seq
+    print(f"real batches: {info['rows']} rows x {args.seq} (one per skill), answer tokens "
+          f"{info['answer_share']:.1%} of the real tokens, padding {info['padding_share']:.1%}",
+          file=sys.stderr, flush=True)  # fmt: skip
   plan = []
   dtypes = [d for d in args.dtype.split(",") if d]
   if args.only != "peft":
@@ -303,7 +384,7 @@ def main() -> None:
             f"{r['peak_rss_gb']:.2f} GB (load {r['load_at_start']:.2f} -> "
             f"{r['load_at_end']:.2f})", file=sys.stderr, flush=True)  # fmt: skip
       runs.append(r)
-  summarize(runs, args.batch * args.seq)
+  summarize(runs, tokens_per_step)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdkif_jax import dots
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +55,19 @@ def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
   b = leaf["B"].astype(dt)
   f32 = jnp.float32
   if a.ndim == 2:  # no skill axis
-    h = jnp.einsum("bti,ri->btr", x_BTI, a, preferred_element_type=f32).astype(dt)
-    out = jnp.einsum("btr,or->bto", h, b, preferred_element_type=f32)
+    h = dots.einsum("bti,ri->btr", x_BTI, a)
+    out = dots.einsum("btr,or->bto", h, b, out_dtype=f32)
+  elif ctx.skill_ids is not None and a.shape[0] == 1:  # one skill: every row uses it
+    h = dots.einsum("bti,ri->btr", x_BTI, a[0])
+    out = dots.einsum("btr,or->bto", h, b[0], out_dtype=f32)
   elif ctx.skill_ids is not None:  # one skill per row: gather that skill's factors
     a_b, b_b = a[ctx.skill_ids], b[ctx.skill_ids]
-    h = jnp.einsum("bti,bri->btr", x_BTI, a_b, preferred_element_type=f32).astype(dt)
-    out = jnp.einsum("btr,bor->bto", h, b_b, preferred_element_type=f32)
+    h = dots.einsum("bti,bri->btr", x_BTI, a_b)
+    out = dots.einsum("btr,bor->bto", h, b_b, out_dtype=f32)
   elif ctx.weights is not None:  # exact weighted sum of deltas: Σ_s w_bs B_s A_s x
-    h = jnp.einsum("bti,sri->btsr", x_BTI, a, preferred_element_type=f32)
+    h = dots.einsum("bti,sri->btsr", x_BTI, a, out_dtype=f32)
     h = (h * ctx.weights.astype(f32)[:, None, :, None]).astype(dt)
-    out = jnp.einsum("btsr,sor->bto", h, b, preferred_element_type=f32)
+    out = dots.einsum("btsr,sor->bto", h, b, out_dtype=f32)
   else:
     raise ValueError(
       "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"

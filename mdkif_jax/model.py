@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdkif_jax import adapters as adapters_lib
-from mdkif_jax import sharding
+from mdkif_jax import dots, sharding
 from mdkif_jax.model_config import ModelConfig
 
 F32 = jnp.float32
@@ -89,10 +89,9 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w in x's dtype with f32 accumulation (bf16 only pays on CPU this way)."""
-  return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=F32).astype(
-    x.dtype
-  )
+  """x @ w in x's dtype with f32 accumulation, forward and backward (see dots.py)."""
+  lead = "abcdefgh"[: x.ndim - 1]
+  return dots.einsum(f"{lead}i,io->{lead}o", x, w.astype(x.dtype))
 
 
 class Llama(nnx.Module):
@@ -221,10 +220,10 @@ class Llama(nnx.Module):
     """Vocabulary logits in f32."""
     if self.cfg.tie_word_embeddings:
       w = self.embed[...]
-      out = jnp.einsum("btd,vd->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=F32)
+      out = dots.einsum("btd,vd->btv", h_BTD, w.astype(h_BTD.dtype), out_dtype=F32)
     else:
       w = self.lm_head[...]
-      out = jnp.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), preferred_element_type=F32)
+      out = dots.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), out_dtype=F32)
     return self._constrain(out, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens_BT: jax.Array, **kw) -> jax.Array:
@@ -258,10 +257,10 @@ class Llama(nnx.Module):
       v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
       new_kv = (ck, cv)
     qg = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=F32)
+    scores = dots.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), out_dtype=F32)
     scores = scores / math.sqrt(Dh) + bias_BTS[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    att = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype), preferred_element_type=F32)
+    att = dots.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
     att = att.astype(x.dtype).reshape(B, T, H * Dh)
     x = x + proj("o", att)
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

@@ -107,8 +107,10 @@ def build_optimizer(
 # ---- loss and step ----------------------------------------------------------------------------
 def skill_losses(logits_BKV, targets_BK, weight_BK, local_ids_B, num_skills: int):
   """(mean answer-token NLL per skill [S], answer tokens per skill [S])."""
-  logp = jax.nn.log_softmax(logits_BKV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets_BK[..., None], axis=-1)[..., 0]
+  logits = logits_BKV.astype(jnp.float32)
+  # logsumexp - target logit: no [B, K, V] log-probabilities are materialised
+  target = jnp.take_along_axis(logits, targets_BK[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target
   w = weight_BK.astype(jnp.float32)
   onehot = jax.nn.one_hot(local_ids_B, num_skills, dtype=jnp.float32)  # [B, S]
   tok_S = onehot.T @ jnp.sum(w, axis=1)

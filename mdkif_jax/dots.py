@@ -1,0 +1,66 @@
+"""Two-operand einsums that accumulate in f32 and keep their backward pass in the compute dtype.
+
+With bf16 compute, `jnp.einsum(..., preferred_element_type=f32)` runs the forward product as a
+fast bf16 x bf16 -> f32 matmul, but JAX's own transpose rule then multiplies the *f32*
+cotangent with the bf16 operand: a mixed f32 x bf16 product that XLA runs at f32 speed (or
+slower), so the backward pass gains nothing from bf16. `einsum` below casts the cotangent to
+the operands' dtype first and accumulates the two transposed products in f32 too: every
+matmul of the training step, forward and backward, is then bf16 x bf16 -> f32 (the usual
+mixed-precision recipe). With f32 operands it computes exactly what autodiff would.
+
+Specs are explicit ("btd,dv->btv"): no ellipsis, no index repeated within an operand, and
+every index of an operand appears in the other operand or the output (true of every product
+in a transformer layer), so each transposed product is again one einsum.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` with f32 accumulation, cast to `out_dtype` (default a's dtype).
+
+  `a` and `b` must share a dtype (cast the frozen weight to the compute dtype first).
+  """
+  if a.dtype != b.dtype:
+    raise TypeError(f"dots.einsum({spec!r}): operand dtypes differ ({a.dtype} vs {b.dtype})")
+  out_dtype = jnp.dtype(out_dtype or a.dtype)
+  return _einsum(_parse(spec), out_dtype, a, b)
+
+
+@functools.cache
+def _parse(spec: str) -> tuple[str, str, str]:
+  ins, out = spec.replace(" ", "").split("->")
+  lhs, rhs = ins.split(",")
+  for name, op, other in (("lhs", lhs, rhs + out), ("rhs", rhs, lhs + out)):
+    if "." in op or len(set(op)) != len(op) or not set(op) <= set(other):
+      raise ValueError(f"dots.einsum: unsupported spec {spec!r} ({name} {op!r})")
+  return lhs, rhs, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum(parsed, out_dtype, a, b):
+  lhs, rhs, out = parsed
+  return jnp.einsum(f"{lhs},{rhs}->{out}", a, b, preferred_element_type=F32).astype(out_dtype)
+
+
+def _fwd(parsed, out_dtype, a, b):
+  return _einsum(parsed, out_dtype, a, b), (a, b)
+
+
+def _bwd(parsed, out_dtype, res, g):
+  lhs, rhs, out = parsed
+  a, b = res
+  g = g.astype(a.dtype)
+  da = jnp.einsum(f"{out},{rhs}->{lhs}", g, b, preferred_element_type=F32).astype(a.dtype)
+  db = jnp.einsum(f"{out},{lhs}->{rhs}", g, a, preferred_element_type=F32).astype(b.dtype)
+  return da, db
+
+
+_einsum.defvjp(_fwd, _bwd)
