@@ -94,7 +94,7 @@ def run_steps(step, state, frozen, batches, mesh, n: int, mcfg, targets, rank) -
   for _ in range(n):
     b = next(batches)
     rows, T = b["tokens"].shape
-    K = b["answer_idx"].shape[1]
+    K = b["answer_idx"].size / rows  # packed logit positions per row
     g = train.to_global(b, mesh)
     state, m, seconds, other = _common.timed_step(step, state, frozen, g)
     times.append(seconds)

@@ -12,6 +12,7 @@ per call (`adapters=`), applied by `adapters.delta` inside each projection.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -47,6 +48,9 @@ class Numerics:
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
   remat: bool = False  # rematerialise each block in the backward pass (saves activations)
+  # Recompute the attention scores and probabilities [B, heads, T, S] in the backward pass
+  # instead of storing them for every layer (cheap: one T x S product and a softmax).
+  remat_attention: bool = True
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -81,11 +85,60 @@ def apply_rope(x_BTHD: jax.Array, sin_BTD: jax.Array, cos_BTD: jax.Array) -> jax
   return out.astype(x_BTHD.dtype)
 
 
+# RMSNorm and SwiGLU compute in f32 whatever the compute dtype. Left to autodiff, each keeps
+# its f32 intermediates (x in f32, the normalised x, silu's sigmoid) for every layer until the
+# backward pass: with bf16 compute those stacks outweigh every other activation. The custom
+# VJPs below keep only their inputs and recompute the cheap elementwise rest.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   """RMSNorm in f32, scaled by the weight after casting back (as transformers does)."""
+  return _rms_norm_fwd(x, w, eps)[0]
+
+
+def _normalise(x, eps):
   xf = x.astype(F32)
-  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return w.astype(x.dtype) * xf.astype(x.dtype)
+  r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return xf * r, r
+
+
+def _rms_norm_fwd(x, w, eps):
+  n, _ = _normalise(x, eps)
+  return w.astype(x.dtype) * n.astype(x.dtype), (x, w)
+
+
+def _rms_norm_bwd(eps, res, g):
+  x, w = res
+  n, r = _normalise(x, eps)
+  nd = n.astype(x.dtype)
+  dn = (g * w.astype(x.dtype)).astype(F32)
+  dx = r * (dn - n * jnp.mean(dn * n, axis=-1, keepdims=True))
+  dw = jnp.sum((g * nd).astype(F32), axis=tuple(range(g.ndim - 1)))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up: silu in f32, cast back to the compute dtype, then the product."""
+  return jax.nn.silu(gate.astype(F32)).astype(up.dtype) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+  gate, up = res
+  gf = gate.astype(F32)
+  s = jax.nn.sigmoid(gf)
+  d_up = g * (gf * s).astype(up.dtype)
+  d_gate = (g * up).astype(F32) * (s * (1.0 + gf * (1.0 - s)))
+  return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -256,15 +309,20 @@ class Llama(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
       new_kv = (ck, cv)
-    qg = q.reshape(B, T, K, H // K, Dh)
-    scores = dots.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), out_dtype=F32)
-    scores = scores / math.sqrt(Dh) + bias_BTS[:, None, None]
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    att = dots.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-    att = att.astype(x.dtype).reshape(B, T, H * Dh)
+
+    def attend(q, k, v, bias_BTS):
+      qg = q.reshape(B, T, K, H // K, Dh)
+      scores = dots.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), out_dtype=F32)
+      scores = scores / math.sqrt(Dh) + bias_BTS[:, None, None]
+      probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+      return dots.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+
+    if self.numerics.remat_attention:  # keep q, k, v; recompute the [B,K,G,T,S] scores
+      attend = jax.checkpoint(attend)
+    att = attend(q, k, v, bias_BTS).astype(x.dtype).reshape(B, T, H * Dh)
     x = x + proj("o", att)
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(proj("gate", h).astype(F32)).astype(h.dtype) * proj("up", h)
+    mlp = swiglu(proj("gate", h), proj("up", h))
     mlp = self._constrain(mlp, ("batch", "length", "act_mlp"))
     x = x + proj("down", mlp)
     return self._constrain(x, ("batch", "length", "act_embed")), new_kv

@@ -2,7 +2,7 @@
 
 A batch holds `rows_per_skill` rows of every selected skill from that skill's own stream, so a
 skill sees exactly the rows it would see if trained alone. Logits are needed only at answer
-positions, whose indices are precomputed here with power-of-two padding.
+positions, whose indices are precomputed here, packed and padded to a power of two.
 """
 
 from __future__ import annotations
@@ -14,34 +14,47 @@ from jax.experimental import multihost_utils
 from mdkif_jax import checkpoint, data, sharding
 
 
-def answer_index(
-  loss_mask_BT: np.ndarray, smallest: int = 16, at_least: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-  """Positions of the answer tokens per row, padded to a power of two (static shapes for jit).
+def answer_count(loss_mask_BT: np.ndarray, groups: int = 1) -> int:
+  """Answer tokens in the fullest of `groups` equal consecutive row groups."""
+  per_row = (loss_mask_BT > 0).sum(axis=1)
+  return int(per_row.reshape(groups, -1).sum(axis=1).max())
 
-  The loss needs logits only there, so the vocabulary projection — the largest matmul of a
-  small model — runs on K answer positions instead of all T. Powers of two keep the number
-  of compiled shapes to a handful.
+
+def answer_index(
+  loss_mask_BT: np.ndarray, groups: int = 1, smallest: int = 16, at_least: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """Where the answer tokens are, packed: (idx [G, N] int32, weight [G, N] f32).
+
+  The loss needs logits only at answer tokens, so the vocabulary projection (the largest
+  matmul of a small model) runs on N packed positions instead of all B x T: a summary's
+  200-token answer no longer pads every other row's 2-token answer to 200. The B rows are cut
+  into G equal consecutive groups (G = the data-parallel devices, so a group never leaves its
+  device); idx[g, n] = row_in_group * T + t indexes group g's rows flattened. N is a power of
+  two (>= `smallest`, >= `at_least`), so only a handful of shapes ever compile; padding
+  entries have weight 0.
   """
-  counts = (loss_mask_BT > 0).sum(axis=1)
-  K = smallest
-  while max(int(counts.max()), at_least) > K:
-    K *= 2
-  K = min(K, loss_mask_BT.shape[1])
-  idx = np.zeros((loss_mask_BT.shape[0], K), np.int32)
-  valid = np.zeros((loss_mask_BT.shape[0], K), np.float32)
-  for b, row in enumerate(loss_mask_BT):
-    pos = np.flatnonzero(row > 0)[:K]
-    idx[b, : len(pos)] = pos
-    valid[b, : len(pos)] = row[pos]
+  B, T = loss_mask_BT.shape
+  if B % groups:
+    raise ValueError(f"{B} rows cannot be cut into {groups} equal answer groups")
+  N = smallest
+  while max(answer_count(loss_mask_BT, groups), at_least) > N:
+    N *= 2
+  N = min(N, B // groups * T)
+  flat = loss_mask_BT.reshape(groups, -1)
+  idx = np.zeros((groups, N), np.int32)
+  valid = np.zeros((groups, N), np.float32)
+  for g, row in enumerate(flat):
+    pos = np.flatnonzero(row > 0)[:N]
+    idx[g, : len(pos)] = pos
+    valid[g, : len(pos)] = row[pos]
   return idx, valid
 
 
 class SkillBatches:
   """One data stream per skill; a batch is `rows` rows of each, padded to a common length."""
 
-  def __init__(self, per_skill: dict[str, data.pipeline.Batches], pad_id: int):
-    self.per_skill, self.pad_id = per_skill, pad_id
+  def __init__(self, per_skill: dict[str, data.pipeline.Batches], pad_id: int, groups: int = 1):
+    self.per_skill, self.pad_id, self.groups = per_skill, pad_id, groups
 
   def __next__(self) -> dict[str, np.ndarray]:
     parts = [next(it) for it in self.per_skill.values()]
@@ -57,10 +70,13 @@ class SkillBatches:
         arrays.append(a)
       out[key] = np.concatenate(arrays, axis=0)
     # every process must feed the step the same shapes (the pipeline already agrees on T)
-    longest = int((out["loss_mask"] > 0).sum(axis=1).max())
+    groups = self.groups if out["loss_mask"].shape[0] % self.groups == 0 else 1
+    longest = answer_count(out["loss_mask"], groups)
     if jax.process_count() > 1:
       longest = int(multihost_utils.process_allgather(np.int32(longest)).max())
-    out["answer_idx"], out["answer_valid"] = answer_index(out["loss_mask"], at_least=longest)
+    out["answer_idx"], out["answer_valid"] = answer_index(
+      out["loss_mask"], groups, at_least=longest
+    )
     return out
 
   def get_state(self) -> dict:
@@ -73,6 +89,12 @@ class SkillBatches:
       )
     for s, it in self.per_skill.items():
       it.set_state(state[s])
+
+
+def answer_groups(config) -> int:
+  """Data-parallel devices of this process: the answer positions are packed per device."""
+  dp = sharding.make_mesh(tuple(config.mesh.shape)).shape
+  return max(dp["data"] * dp["fsdp"] // jax.process_count(), 1)
 
 
 def make_batches(config, skills: tuple[str, ...], tok) -> SkillBatches:
@@ -93,7 +115,7 @@ def make_batches(config, skills: tuple[str, ...], tok) -> SkillBatches:
     for s, ex in by_skill.items()
   }
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  return SkillBatches(per_skill, pad)
+  return SkillBatches(per_skill, pad, answer_groups(config))
 
 
 def make_eval_batch(config, skills: tuple[str, ...], tok) -> dict[str, np.ndarray] | None:
@@ -119,7 +141,7 @@ def make_eval_batch(config, skills: tuple[str, ...], tok) -> dict[str, np.ndarra
     it = data.make_iterator(ex, tok, cfg_data)
     it.batch_size = min(n, it.num_examples)  # every reserved row once, none repeated
     per[s] = it
-  return next(SkillBatches(per, pad))
+  return next(SkillBatches(per, pad, answer_groups(config)))
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:

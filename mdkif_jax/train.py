@@ -105,16 +105,20 @@ def build_optimizer(
 
 
 # ---- loss and step ----------------------------------------------------------------------------
-def skill_losses(logits_BKV, targets_BK, weight_BK, local_ids_B, num_skills: int):
-  """(mean answer-token NLL per skill [S], answer tokens per skill [S])."""
-  logits = logits_BKV.astype(jnp.float32)
-  # logsumexp - target logit: no [B, K, V] log-probabilities are materialised
-  target = jnp.take_along_axis(logits, targets_BK[..., None], axis=-1)[..., 0]
+def skill_losses(logits_GNV, targets_GN, weight_GN, skill_GN, num_skills: int):
+  """(mean answer-token NLL per skill [S], answer tokens per skill [S]).
+
+  Inputs are the packed answer positions (skill_batches.answer_index); skill_GN is the skill
+  of each position's row.
+  """
+  logits = logits_GNV.astype(jnp.float32)
+  # logsumexp - target logit: no [G, N, V] log-probabilities are materialised
+  target = jnp.take_along_axis(logits, targets_GN[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target
-  w = weight_BK.astype(jnp.float32)
-  onehot = jax.nn.one_hot(local_ids_B, num_skills, dtype=jnp.float32)  # [B, S]
-  tok_S = onehot.T @ jnp.sum(w, axis=1)
-  sum_S = onehot.T @ jnp.sum(nll * w, axis=1)
+  w = weight_GN.astype(jnp.float32)
+  onehot = jax.nn.one_hot(skill_GN, num_skills, dtype=jnp.float32)  # [G, N, S]
+  tok_S = jnp.einsum("gns,gn->s", onehot, w)
+  sum_S = jnp.einsum("gns,gn->s", onehot, nll * w)
   return sum_S / jnp.maximum(tok_S, 1.0), tok_S
 
 
@@ -144,10 +148,14 @@ def make_step(
     ctx = adapters.AdapterCtx(scale=scale, skill_ids=local)
     h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
                         mask_BT=batch["attention_mask"], adapters=ad, adapter_ctx=ctx)  # fmt: skip
-    idx = batch["answer_idx"]
-    logits = model.logits(jnp.take_along_axis(h, idx[..., None], axis=1))
-    targets = jnp.take_along_axis(batch["targets"], idx, axis=1)
-    loss_S, tok_S = skill_losses(logits, targets, batch["answer_valid"], local, num_skills)
+    # logits only at the packed answer positions: group g = the rows of data-parallel shard g
+    idx = batch["answer_idx"]  # [G, N], row_in_group * T + t
+    G, (B, T) = idx.shape[0], batch["tokens"].shape
+    h = jnp.take_along_axis(h.reshape(G, B // G * T, -1), idx[..., None], axis=1)
+    logits = model.logits(h)
+    targets = jnp.take_along_axis(batch["targets"].reshape(G, -1), idx, axis=1)
+    skill = jnp.take_along_axis(local.reshape(G, B // G), idx // T, axis=1)
+    loss_S, tok_S = skill_losses(logits, targets, batch["answer_valid"], skill, num_skills)
     orth_S = adalora.orth_reg(ad, acfg.orth_reg_form)
     total = jnp.sum(loss_S + acfg.orth_reg_weight * orth_S)
     return total, (loss_S, orth_S, tok_S)
@@ -195,6 +203,7 @@ def _numerics(config) -> model_lib.Numerics:
     param_dtype=jnp.dtype(config.model.param_dtype),
     compute_dtype=jnp.dtype(config.model.compute_dtype),
     remat=config.model.remat,
+    remat_attention=config.model.remat_attention,
   )
 
 
