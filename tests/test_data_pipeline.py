@@ -148,3 +148,12 @@ def test_smollm2_batches(smol):  # noqa: F811
   for row in range(4):
     answer = batch["targets"][row][batch["loss_mask"][row] == 1]
     assert smol.decode(answer.tolist()).endswith("<|im_end|>")
+
+
+def test_no_example_fitting_max_len_is_an_error_naming_the_limit_and_the_skills(demo_train):
+  tiny = ccfg(max_len=8, buckets=(8,))
+  with pytest.raises(ValueError, match=r"none of the \d+ examples fits data.max_len=8") as err:
+    make_iterator(demo_train[:5], char_tokenizer(), tiny)
+  assert demo_train[0].skill in str(err.value) and "raise data.max_len" in str(err.value)
+  with pytest.raises(ValueError, match="example list is empty"):
+    make_iterator([], char_tokenizer(), ccfg())

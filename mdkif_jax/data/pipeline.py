@@ -74,7 +74,13 @@ class Batches(Iterator[dict[str, np.ndarray]]):
       log.warning("skipped %d examples longer than max_len=%d even without context: %s",
                   sum(self.too_long.values()), self.max_len, dict(self.too_long))  # fmt: skip
     if not keep:
-      raise ValueError("no example fits data.max_len (or the example list is empty)")
+      if not examples:
+        raise ValueError("no examples to batch (the example list is empty)")
+      raise ValueError(
+        f"none of the {len(examples)} examples fits data.max_len={self.max_len} even with its "
+        f"context cut (per source and skill: {dict(self.too_long)}); raise data.max_len (and "
+        "data.buckets) or drop that skill"
+      )
     self.rows = [encoded[i] for i in keep]
     self.skill_ids = np.asarray([skill_id(examples[i].skill) for i in keep], np.int32)
     self.lengths = np.asarray([len(e.tokens) for e in self.rows], np.int64)
