@@ -12,6 +12,8 @@ Presets after a colon, comma-separated, then `key=value` overrides:
   --config=configs/router.py:shared,task=pubmedqa  # a reserved task of ../shared/data
   --config=configs/router.py:fewshot               # CMA-ES on k = 5, 20, 100 examples
   --config=configs/router.py:gate                  # the input-conditioned router
+  --config=configs/router.py:rqe_small             # README's real run (after skill.py:shared_small)
+  --config=configs/router.py:meqsum_small          # its second task (ROUGE)
 
 A 13th skill trained later (stage 1 with --config.skills=<it> in its own workdir) joins with
 --config.skills_from=runs/skill,runs/skill13: the others are not retrained, the router refits.
@@ -116,6 +118,40 @@ def _shared(c):
   c.task = "pubmedqa"
 
 
+def _rqe_small(c):
+  """README's "A real run", stage 2: RQE question entailment (accuracy, macro-F1) on the
+  skills of configs/skill.py:shared_small, with every baseline, sized for ~20 min on 2 CPU
+  cores: 20 rows fit the router (so "auto" picks CMA-ES, the paper's few-shot rule; GD and the
+  gate fit the same rows), 40 score it; CMA-ES 5 candidates x 4 generations (20 evaluations,
+  half LoraHub's 40); k-shot draws of 5 and 20 rows with seeds 1 and 2 (seed 0 on all 20
+  rows is the main "cmaes" run)."""
+  _shared(c)
+  c.task = "rqe"
+  c.data.sources = "rqe"  # load only the task's source (its reserved rows are the same)
+  c.data.buckets, c.data.max_len = (128, 192), 192  # max_len as stage 1's :shared_small
+  c.max_fit_examples, c.max_eval_examples = 20, 40
+  c.router.steps = 15
+  c.gate.steps = 15
+  c.gate.learning_rate = 1e-2  # 15 steps at 1e-3 would leave the gate at the uniform average
+  c.cmaes.population, c.cmaes.generations = 5, 4
+  c.cmaes.k_shots, c.cmaes.seeds = (5, 20), (1, 2)
+
+
+def _meqsum_small(c):
+  """README's second real task: MeQSum question summarisation (ROUGE-1/2/L of greedy
+  generations of up to 32 tokens; its reference summaries are 12 tokens at the median, 29 at
+  most), on the same skills as :rqe_small, smaller still: 12 rows fit, 24 score; CMA-ES
+  4 x 3; k-shot draws of 5 rows with seeds 1 and 2."""
+  _rqe_small(c)
+  c.task = "meqsum"
+  c.data.sources = "meqsum"
+  c.max_fit_examples, c.max_eval_examples = 12, 24
+  c.router.steps = c.gate.steps = 10
+  c.cmaes.population, c.cmaes.generations = 4, 3
+  c.cmaes.k_shots = (5,)
+  c.gen.max_new_tokens = 32
+
+
 def _fewshot(c):
   c.router.method = "cmaes"
   c.cmaes.k_shots = (5, 20, 100)
@@ -125,4 +161,11 @@ def _gate(c):
   c.router.method = "gate"
 
 
-PRESETS = {"tiny": _tiny, "shared": _shared, "fewshot": _fewshot, "gate": _gate}
+PRESETS = {
+  "tiny": _tiny,
+  "shared": _shared,
+  "rqe_small": _rqe_small,
+  "meqsum_small": _meqsum_small,
+  "fewshot": _fewshot,
+  "gate": _gate,
+}

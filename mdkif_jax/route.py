@@ -42,6 +42,7 @@ from mdkif_jax import (
   reporting,
   router,
   sharding,
+  skill_batches,
   tokenizer,
 )
 from mdkif_jax import train as train_lib
@@ -180,9 +181,10 @@ def task_examples(config) -> tuple[list, list]:
 
 def prepare(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A padded batch (tokens, targets, loss_mask, positions, attention_mask) -> the router's:
-  answer positions (train.answer_index) and the prompt mask the gate pools over."""
+  answer positions per row ([B, N]: skill_batches.answer_index with one group per row, as
+  router.answer_stats gathers them) and the prompt mask the gate pools over."""
   lm = batch["loss_mask"] > 0
-  idx, valid = train_lib.answer_index(batch["loss_mask"])
+  idx, valid = skill_batches.answer_index(batch["loss_mask"], groups=len(lm))
   prompt = ((np.cumsum(lm, 1) - lm) == 0) & (batch["attention_mask"] > 0)
   keys = ("tokens", "targets", "positions", "attention_mask")
   return {**{k: batch[k] for k in keys}, "answer_idx": idx, "answer_valid": valid,
@@ -284,11 +286,11 @@ class TaskScorer:
   """Scores one method on the task's scored rows: answer NLL, token accuracy, teacher-forced
   exact match and the task's standard metric (metrics.py).
 
-  Label rows: when every candidate is one token, their log-likelihoods come from the gold
-  pass itself (`choice_ids`); otherwise each (row, candidate) is one more row, batched by
-  length, through the same jitted forward. Generated rows: greedy decoding of up to
-  `gen.max_new_tokens` tokens (generate.py), `gen.batch_size` prompts a call, sorted by
-  length and padded to full batches so each prompt bucket compiles once.
+  Rows are batched by length (less padding). Label rows: when every candidate is one token,
+  their log-likelihoods come from the gold pass itself (`choice_ids`); otherwise each
+  (row, candidate) is one more row through the same jitted forward. Generated rows: greedy
+  decoding of up to `gen.max_new_tokens` tokens (generate.py), `gen.batch_size` prompts a
+  call, sorted by length and padded to full batches so each prompt bucket compiles once.
   """
 
   def __init__(self, rows, task_rows, tok, config, put, multiple: int = 1, one_token_fast=True):
@@ -307,7 +309,7 @@ class TaskScorer:
         slow += [(i, j) for j in range(len(cands))]
     width = max((len(v) for v in fast.values()), default=0)
     self.fast, self.gold = fast, []
-    for idx, batch in pack(enc, tok, dcfg, bs, multiple):
+    for idx, batch in pack(enc, tok, dcfg, bs, multiple, by_length=True):
       if width:
         batch["choice_ids"] = np.zeros((len(idx), width), np.int32)
         for r, i in enumerate(idx):

@@ -90,6 +90,18 @@ def test_route_end_to_end(tmp_path, base, capsys):
   np.testing.assert_array_equal(grown["q"]["A"][:2], ad["q"]["A"])
 
 
+def test_answer_positions_are_per_row():
+  lm = np.zeros((3, 40), np.float32)
+  lm[0, 5:8], lm[1, 30:39], lm[2, 0] = 1, 1, 1
+  ones = np.ones((3, 40), np.int32)
+  b = route.prepare({"tokens": ones, "targets": ones, "positions": ones, "attention_mask": ones,
+                     "loss_mask": lm})  # fmt: skip
+  assert b["answer_idx"].shape == (3, 16)  # [B, N], N a power of two, positions within the row
+  np.testing.assert_array_equal(b["answer_idx"][1, :9], np.arange(30, 39))
+  np.testing.assert_array_equal(b["answer_valid"].sum(1), [3, 9, 1])
+  np.testing.assert_array_equal(b["prompt_mask"][0], np.arange(40) <= 5)
+
+
 def test_skills_of_another_base_model_are_refused(tmp_path, base):
   write_skills(tmp_path / "skills", "tiny")  # trained on the 512-token tiny model
   with pytest.raises(route.SkillsMismatchError, match="another base model.*vocab_size"):
