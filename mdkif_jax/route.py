@@ -256,12 +256,7 @@ def scored_stats(graphdef, params, stacked, scale, batch, weights_BS=None):
   """router.mixture_stats, plus `choice_logp` [B, C] when the batch carries `choice_ids`:
   log p(candidate token | prompt) at the first answer position, from the same forward (label
   tasks whose candidates are one token each cost no extra pass)."""
-  model = nnx.merge(graphdef, params)
-  kw = {}
-  if weights_BS is not None:
-    kw = dict(adapters=stacked, adapter_ctx=adapters.AdapterCtx(scale, weights=weights_BS))
-  h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
-                      mask_BT=batch["attention_mask"], **kw)  # fmt: skip
+  model, h = router.mixture_hidden(graphdef, params, stacked, scale, batch, weights_BS)
   stats = router.answer_stats(model, h, batch)
   if "choice_ids" in batch:
     first = jnp.take_along_axis(h, batch["answer_idx"][:, :1, None], axis=1)

@@ -100,14 +100,20 @@ def mean_nll(stats: dict[str, jax.Array]) -> jax.Array:
   return jnp.sum(stats["nll"]) / jnp.maximum(jnp.sum(stats["tokens"]), 1.0)
 
 
-def mixture_stats(graphdef, frozen, stacked, scale, batch, weights_BS=None):
-  """Answer stats of the base + Σ_s w_bs ΔW_s per row (unmerged); None weights = the base."""
+def mixture_hidden(graphdef, frozen, stacked, scale, batch, weights_BS=None):
+  """(model, final hidden states) of the base + Σ_s w_bs ΔW_s per row; None weights = base."""
   model = nnx.merge(graphdef, frozen)
   kw = {}
   if weights_BS is not None:
     kw = dict(adapters=stacked, adapter_ctx=adapters_lib.AdapterCtx(scale, weights=weights_BS))
   h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
                       mask_BT=batch["attention_mask"], **kw)  # fmt: skip
+  return model, h
+
+
+def mixture_stats(graphdef, frozen, stacked, scale, batch, weights_BS=None):
+  """Answer stats of the base + Σ_s w_bs ΔW_s per row (unmerged); None weights = the base."""
+  model, h = mixture_hidden(graphdef, frozen, stacked, scale, batch, weights_BS)
   return answer_stats(model, h, batch)
 
 
