@@ -15,6 +15,8 @@ SPECS = {  # every product shape the model and the adapters use
   "bkgts,bskd->btkgd": ((2, 3, 2, 5, 5), (2, 5, 3, 4)),
   "bti,bri->btr": ((2, 5, 6), (2, 3, 6)),
   "btsr,sor->bto": ((2, 5, 4, 3), (4, 7, 3)),
+  "bti,ri->btr": ((2, 5, 6), (3, 6)),
+  "btr,or->bto": ((2, 5, 3), (7, 3)),
 }
 
 
@@ -104,3 +106,20 @@ def test_mixed_operand_dtypes_are_refused():
   a, b = _operands("bti,io->bto", F32)
   with pytest.raises(TypeError, match="operand dtypes differ"):
     dots.einsum("bti,io->bto", a, b.astype(BF16))
+
+
+@pytest.mark.parametrize("spec", ["bti,io->bto", "bti,ri->btr", "btr,or->bto"])
+def test_weight_gradient_puts_the_smaller_operand_first(spec):
+  """The weight gradient (a sum over the token dims, leading in both operands) is one dot whose
+  left operand is the smaller one (the one XLA's CPU dot transposes) and whose output starts
+  with that operand's free dims; the requested layout is a transpose of the small result."""
+  a, b = _operands(spec, F32)
+  a = jnp.concatenate([a] * 8, axis=1)  # many tokens: the activations outweigh the weights
+  loss = lambda a, b: jnp.sum(dots.einsum(spec, a, b) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=1))(a, b)
+  products = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  contracting = lambda e: tuple(map(tuple, e.params["dimension_numbers"][0]))
+  weight_grad = [e for e in products if contracting(e) == ((0, 1), (0, 1))]
+  assert len(weight_grad) == 1, products
+  left, right = (v.aval for v in weight_grad[0].invars)
+  assert left.size < right.size, (left, right)
