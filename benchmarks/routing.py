@@ -20,17 +20,21 @@ down) of every layer, init_r 12 (`adapters.init_adalora`), lora_alpha 8 (PEFT sc
 8 / 12). E is drawn N(0, 1) (nonzero, so every ΔW is real) and then pruned the way AdaLoRA's
 final allocation does: per skill one global top-k (`adalora.allocate`) over random triplet
 scores keeps target_r x (matrices) = 8 ranks per matrix on average (from 0 to 12 per matrix).
-Stage 2 loads the skills at init_r (`route.load_one`), so the unmerged path multiplies all 12
-ranks of every skill: that is the "computed" rank; the "kept" rank is the allocation's.
+Stage 2 loads the skills at init_r (`route.load_one`) and lays them out once for serving
+(`adapters.serving_stack`): per matrix, the kept ranks of all 12 skills side by side, layer-major,
+padded to the busiest layer's count (a multiple of 8): the "served" rank R.
 
-Three paths, each one jitted logits forward (`model.forward`, logits at every position):
+Four paths, each one jitted logits forward (`model.forward`, logits at every position):
   (a) base: the frozen model, no adapters.
-  (b) merged: W0 + Σ_s w_s ΔW_s in a copy of the kernels (`adapters.merge_mixture` on the
-      mixture folded into the rank axis, see `merged_params`; run once before timing) fed to
-      the same jitted base forward.
-  (c) unmerged: `AdapterCtx(weights=[B, S])`, a different softmax mixture per row (row 0 uses
-      the merged path's task mixture, so merged and unmerged logits are compared on it).
-After one warm-up call each (compilation), `--repeats` rounds call the three paths in turn
+  (b) merged: W0 + Σ_s w_s ΔW_s in a copy of the kernels (`router.merged_params` on the served
+      skills; run once before timing) fed to the same jitted base forward.
+  (c) unmerged (served): `AdapterCtx(weights=[B, S])` on the served layout, a different
+      softmax mixture per row (row 0 uses the merged path's task mixture, so merged and
+      unmerged logits are compared on it). This is stage 2's unmerged path (the gate).
+  (d) unmerged (stacked): the same mixtures on the skill-stacked [S, L, ...] adapters as stage 1
+      stores them (all S x r ranks, A⊙E and the layer-major transpose inside every call): the
+      layout A/B.
+After one warm-up call each (compilation), `--repeats` rounds call the paths in turn
 (the order rotates each round), timed with time.perf_counter around the call and
 `jax.block_until_ready`. Reported per path: the median, the overhead vs base from the medians
 and "paired" (the median over rounds of that round's path time / base time). Before the
@@ -43,10 +47,11 @@ FLOPs (matmul FLOPs, multiply-add = 2; `flop_counts`): per token
   base  = 2 (P + V D) + 4 L T H Dh
           P = projection weights over all layers, V D = the vocabulary projection,
           4 L T H Dh = QKᵀ and PV over the full T x T square (as computed)
-  extra = 2 L S r Σ_targets (in + out) + 7 L S r (the per-row weighting, one multiply each)
-with r = 12 (computed); "kept" is 2 Σ over (skill, layer, target) of kept rank x (in + out).
-Share = extra / base. Targets: merged within 3 % of the base; unmerged overhead at most
-1.25 x the computed-rank share.
+  extra = Σ_targets L R_t (2 (in + out) + 1)   (x Aᵀ, h Bᵀ, and one multiply per rank for
+          the per-row weighting), R_t = the ranks computed per matrix: served R, or S x r
+"kept" is 2 Σ over (skill, layer, target) of kept rank x (in + out).
+Share = extra / base. Targets: merged within 3 % of the base; unmerged (served) overhead at
+most 1.25 x its computed-rank share (its ratio to the kept-rank share is printed beside it).
 """
 
 from __future__ import annotations
@@ -70,31 +75,32 @@ MODELS = {  # name: (preset, layers or None for all, default batch, default seq)
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 NUM_SKILLS, INIT_R, TARGET_R, LORA_ALPHA = 12, 12, 8, 8.0
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-PATHS = ("base", "merged", "unmerged")
+PATHS = ("base", "merged", "unmerged", "stacked")
 MERGED_TARGET, UNMERGED_FACTOR = 0.03, 1.25
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------
-def flop_counts(cfg, batch: int, seq: int, computed_rank: int, kept_ranks: dict) -> dict:
+def flop_counts(cfg, batch: int, seq: int, computed: dict, kept_ranks: dict) -> dict:
   """Per-token matmul FLOPs of the base forward and of the unmerged skills (module docstring).
 
-  computed_rank: S x r the unmerged path multiplies per matrix (12 x 12 here).
+  computed: {target: ranks the unmerged path multiplies per matrix}: S x r for the stacked
+    layout, the served rank R for `adapters.serving_stack`.
   kept_ranks: {target: [S, L] int} ranks the allocation kept.
   """
   n = batch * seq
-  f = _common.step_flops(cfg, batch, seq, seq, computed_rank, tuple(kept_ranks))
+  f = _common.step_flops(cfg, batch, seq, seq, 0, ())
   dims = cfg.projection_dims()
   L = cfg.num_hidden_layers
-  weighting = L * computed_rank * len(kept_ranks)
+  extra = sum(L * r * (2 * sum(dims[t]) + 1) for t, r in computed.items())  # + the weighting
   kept = 2 * sum(int(np.sum(k)) * sum(dims[t]) for t, k in kept_ranks.items())
   base = (f["dense_fwd"] + f["attention_fwd"]) / n
   return {
     "base": base,
     "dense": f["dense_fwd"] / n,
     "attention": f["attention_fwd"] / n,
-    "extra_computed": f["adapter_fwd"] / n + weighting,
+    "extra_computed": extra,
     "extra_kept": kept,
-    "share_computed": (f["adapter_fwd"] / n + weighting) / base,
+    "share_computed": extra / base,
     "share_kept": kept / base,
   }
 
@@ -170,38 +176,6 @@ def make_skills(cfg, seed: int = 0) -> tuple[dict, dict]:
   return ad, kept
 
 
-def merged_params(frozen, skills: dict, w_S, scale: float):
-  """`router.merged_params` with the mixture folded into the rank axis first.
-
-  Σ_s w_s B_s (A_s ⊙ E_s) = [B_1 .. B_S] · [w_1 A_1 ⊙ E_1; ..; w_S A_S ⊙ E_S]: one adapter
-  of rank S r, merged by `adapters.merge_mixture` with weight 1, one jitted call per target.
-  Same result; `router.merged_params` materialises all S deltas (S, L, in, out) at once,
-  which peaked at 22.5 GB of RSS for the 2-layer 7B shape (the 12 deltas of its 7 kernels are
-  19.4 GB in f32) and does not fit beside other jobs on this 23 GB machine.
-  """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from mdkif_jax import adapters
-
-  @jax.jit
-  def one(kernel, leaf, w_S):
-    S, L, r, d_in = leaf["A"].shape
-    a = adapters.effective_a(leaf) * w_S[:, None, None, None]
-    a = jnp.moveaxis(a, 0, 1).reshape(1, L, S * r, d_in)
-    b = jnp.moveaxis(leaf["B"], 0, 2)  # (L, out, S, r)
-    b = b.reshape(1, L, b.shape[1], S * r)
-    folded = {"k": {"A": a, "B": b}}
-    return adapters.merge_mixture({"k": kernel}, folded, jnp.ones(1), scale)["k"]
-
-  out = nnx.State(dict(frozen))
-  w_S = jnp.asarray(w_S, jnp.float32)
-  for t, leaf in skills.items():
-    out[t] = frozen[t].replace(jax.block_until_ready(one(frozen[t][...], leaf, w_S)))
-  return out
-
-
 def mixtures(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """(task mixture [S], per-row mixtures [B, S]): softmax of N(0, 1) logits; row 0 = task."""
   rng = np.random.default_rng(seed)
@@ -228,7 +202,7 @@ def bench_model(name: str, args, deadline: float) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from mdkif_jax import adapters
+  from mdkif_jax import adapters, router
   from mdkif_jax import model as model_lib
 
   _, _, batch, seq = MODELS[name]
@@ -244,7 +218,10 @@ def bench_model(name: str, args, deadline: float) -> dict:
   jax.block_until_ready((frozen, skills))
   setup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  merged = merged_params(frozen, skills, w_task, scale)
+  served = jax.block_until_ready(adapters.serving_stack(skills))
+  serve_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  merged = jax.block_until_ready(router.merged_params(frozen, served, w_task, scale))
   merge_s = time.perf_counter() - t0
   tokens = jnp.asarray(np.random.default_rng(1).integers(100, cfg.vocab_size, (batch, seq)),
                        jnp.int32)  # fmt: skip
@@ -262,7 +239,8 @@ def bench_model(name: str, args, deadline: float) -> dict:
   calls = {
     "base": (plain, frozen, tokens),
     "merged": (plain, merged, tokens),
-    "unmerged": (mixed, frozen, tokens, skills, weights),
+    "unmerged": (mixed, frozen, tokens, served, weights),
+    "stacked": (mixed, frozen, tokens, skills, weights),
   }
   first, outs = {}, {}
   for p, (fn, *a) in calls.items():  # warm-up: compiles (merged reuses base's executable)
@@ -272,27 +250,33 @@ def bench_model(name: str, args, deadline: float) -> dict:
   check = {
     "merged_vs_base": float(np.abs(outs["merged"] - outs["base"]).max() / ref),
     "unmerged_vs_merged_row0": float(np.abs(outs["unmerged"] - outs["merged"]).max() / ref),
+    "unmerged_vs_stacked": float(np.abs(outs["unmerged"] - outs["stacked"]).max() / ref),
   }
   del outs
-  fl = flop_counts(cfg, batch, seq, NUM_SKILLS * INIT_R, kept)
+  served_r = {t: int(leaf["route"].shape[1]) for t, leaf in served.items()}
+  fl = flop_counts(cfg, batch, seq, served_r, kept)
+  fl_stacked = flop_counts(cfg, batch, seq, {t: NUM_SKILLS * INIT_R for t in kept}, kept)
   log(f"\n== {name}: {cfg.num_hidden_layers} layers, batch {batch} x {seq}, {args.dtype}; "
-      f"set-up {setup_s:.1f} s, merge {merge_s:.1f} s, first calls (compile) "
+      f"set-up {setup_s:.1f} s, serving layout {serve_s:.2f} s, merge {merge_s:.1f} s, "
+      "first calls (compile) "
       + ", ".join(f"{p} {first[p]:.1f} s" for p in PATHS))  # fmt: skip
   log(
     f"   max |logit diff| / max |logit|: merged vs base {check['merged_vs_base']:.2e} "
     f"(the deltas are real), unmerged vs merged on row 0 {check['unmerged_vs_merged_row0']:.2e}"
+    f", unmerged (served) vs stacked {check['unmerged_vs_stacked']:.2e}"
   )
   log(
     f"   kept ranks per matrix: mean {np.mean([k.mean() for k in kept.values()]):.2f}, "
     f"min {min(k.min() for k in kept.values())}, max {max(k.max() for k in kept.values())}; "
-    f"computed {INIT_R}"
+    f"computed: stacked {INIT_R} per skill ({NUM_SKILLS * INIT_R} per matrix), served "
+    f"(kept ranks of all skills, packed) {served_r}"
   )
   wait_s = max(0.0, deadline - time.monotonic())
   load_before = _common.wait_for_quiet(args.max_load, wait_s, poll_s=60.0)
   times = {p: [] for p in PATHS}
   others = {p: [] for p in PATHS}
   for i in range(args.repeats):
-    for p in PATHS[i % 3 :] + PATHS[: i % 3]:
+    for p in PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]:
       fn, *a = calls[p]
       _, s, o = timed(fn, *a)
       times[p].append(s)
@@ -312,6 +296,9 @@ def bench_model(name: str, args, deadline: float) -> dict:
     "target_r": TARGET_R,
     "kept_rank_mean": float(np.mean([k.mean() for k in kept.values()])),
     "flops_per_token": fl,
+    "flops_per_token_stacked": fl_stacked,
+    "served_ranks": served_r,
+    "serve_s": serve_s,
     "median_s": med,
     "paired_ratio": paired,
     "times_s": times,
@@ -327,7 +314,12 @@ def bench_model(name: str, args, deadline: float) -> dict:
 
 
 def verdicts(r: dict) -> dict:
-  """Overheads vs base (from the medians) and whether each target is met."""
+  """Overheads vs base (from the medians) and whether each target is met.
+
+  The target is judged on the served layout (stage 2's unmerged path) against the share of the
+  ranks it multiplies; its ratio to the kept-rank share (the allocation's own ranks) is
+  reported beside it. The stacked layout is judged against its own S x r share.
+  """
   base = r["median_s"]["base"]
   share = r["flops_per_token"]["share_computed"]
   over = {p: r["median_s"][p] / base - 1 for p in PATHS}
@@ -335,15 +327,16 @@ def verdicts(r: dict) -> dict:
     "overhead": over,
     "merged_met": abs(over["merged"]) <= MERGED_TARGET,
     "unmerged_ratio": over["unmerged"] / share,
+    "unmerged_ratio_kept": over["unmerged"] / r["flops_per_token"]["share_kept"],
     "unmerged_met": over["unmerged"] <= UNMERGED_FACTOR * share,
+    "stacked_ratio": over["stacked"] / r["flops_per_token_stacked"]["share_computed"],
   }
 
 
 def table_rows(r: dict) -> list[list[str]]:
   """One row per path: model, path, median ms, overhead, paired, share, ratio, target, met."""
   v = verdicts(r)
-  fl = r["flops_per_token"]
-  sc, sk = fl["share_computed"], fl["share_kept"]
+  sk = r["flops_per_token"]["share_kept"]
   label = f"{r['model']} {r['batch']}x{r['seq']} {r['dtype']}"
   rows = []
   for p in PATHS:
@@ -354,17 +347,24 @@ def table_rows(r: dict) -> list[list[str]]:
     elif p == "merged":
       target = f"within {MERGED_TARGET:.0%}"
       rows.append([label, p, ms, over, paired, "0", "–", target, v["merged_met"]])
-    else:
+    elif p == "unmerged":
+      sc = r["flops_per_token"]["share_computed"]
       share = f"{sc:.2%} ({sk:.2%})"
-      ratio = f"{v['unmerged_ratio']:.2f}"
+      ratio = f"{v['unmerged_ratio']:.2f} ({v['unmerged_ratio_kept']:.2f})"
       target = f"<= {UNMERGED_FACTOR * sc:.2%}"
-      rows.append([label, p, ms, over, paired, share, ratio, target, v["unmerged_met"]])
+      rows.append([label, "unmerged (served)", ms, over, paired, share, ratio, target,
+                   v["unmerged_met"]])  # fmt: skip
+    else:
+      sc = r["flops_per_token_stacked"]["share_computed"]
+      share = f"{sc:.2%} ({sk:.2%})"
+      rows.append([label, "unmerged (stacked)", ms, over, paired, share,
+                   f"{v['stacked_ratio']:.2f}", "(layout A/B)", "–"])  # fmt: skip
   return [[{True: "yes", False: "NO"}.get(c, c) for c in row] for row in rows]
 
 
 def print_table(results: list[dict]) -> None:
   head = ["model", "path", "median ms", "overhead vs base", "paired", "extra-FLOP share "
-          "computed (kept)", "overhead / share", "target", "met"]  # fmt: skip
+          "computed (kept)", "overhead / share computed (kept)", "target", "met"]  # fmt: skip
   print("\n" + " | ".join(head))
   print("|".join("---" for _ in head))
   for r in results:

@@ -3,9 +3,17 @@
 An adapter leaf for one projection of one layer is a dict of arrays:
   SVD form (AdaLoRA):  {"A": ([S,] r, in), "E": ([S,] r), "B": ([S,] out, r)}
   plain LoRA:          {"A": ([S,] r, in), "B": ([S,] out, r)}
+  served skills:       {"A": (R, in), "B": (out, R), "route": (R, S)}
 with an optional leading skill axis S. The model stacks layers, so the leaves it receives
-from the caller carry a layer axis too; `Llama.__call__` slices it off before calling
-`delta` once per layer inside its scan.
+from the caller carry a layer axis too (after the skill axis; first in the served form);
+`Llama.hidden` moves it to the front and its scan slices it off before calling `delta` once
+per layer.
+
+The served form (`serving_stack`) is stage 2's inference layout of S skills, built once when
+the skills are loaded: every skill's A⊙E side by side on one rank axis R (S·r, or only the
+ranks AdaLoRA kept), layer-major, with a one-hot `route` saying which skill each rank belongs
+to. A routed forward is then two plain matmuls per projection with a per-row rank weighting
+in between (the multi-LoRA layout), with no per-call transposes or A⊙E products.
 """
 
 from __future__ import annotations
@@ -54,6 +62,13 @@ def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
   a = effective_a(leaf).astype(dt)
   b = leaf["B"].astype(dt)
   f32 = jnp.float32
+  if "route" in leaf:  # served skills: every skill's ranks side by side (serving_stack)
+    if ctx.weights is None:
+      raise ValueError("served skills (a 'route' leaf) need AdapterCtx(weights=[B, S])")
+    w_BR = jnp.einsum("bs,rs->br", ctx.weights.astype(f32), leaf["route"].astype(f32))
+    h = dots.einsum("bti,ri->btr", x_BTI, a, out_dtype=f32)
+    h = (h * (w_BR * ctx.scale)[:, None, :]).astype(dt)  # per-row rank weights, scale folded in
+    return dots.einsum("btr,or->bto", h, b, out_dtype=f32).astype(dt)
   if a.ndim == 2:  # no skill axis
     h = dots.einsum("bti,ri->btr", x_BTI, a)
     out = dots.einsum("btr,or->bto", h, b, out_dtype=f32)
@@ -227,14 +242,70 @@ def unmerge(kernels: Mapping[str, jax.Array], adapters: dict, scale: float) -> d
 def merge_mixture(
   kernels: Mapping[str, jax.Array], adapters: dict, weights_S: jax.Array, scale: float
 ) -> dict:
-  """W0 + Σ_s w_s ΔW_s for skill-stacked adapters ([S,] L, ...): one einsum per target."""
+  """W0 + Σ_s w_s ΔW_s for skill-stacked ([S,] L, ...) or served adapters: one einsum per
+  target contracting skills and ranks together, Σ_(s,r) (w_s·A⊙E)_(s,r)ᵀ B_(s,r), so no
+  per-skill dense delta (S, L, in, out) is ever materialised."""
   out = dict(kernels)
   w_S = jnp.asarray(weights_S, jnp.float32)
   for t, leaf in adapters.items():
     w = kernels[t]
-    d = jnp.einsum("s,slio->lio", w_S, delta_weight(leaf, scale))
-    out[t] = (w.astype(jnp.float32) + d).astype(w.dtype)
+    a = effective_a(leaf).astype(jnp.float32)
+    b = leaf["B"].astype(jnp.float32)
+    if "route" in leaf:  # served: (L, R, in), (L, out, R), route (L, R, S)
+      w_R = jnp.einsum("lrs,s->lr", leaf["route"].astype(jnp.float32), w_S)
+      d = jnp.einsum("lri,lor->lio", a * w_R[..., None], b)
+    else:
+      d = jnp.einsum("slri,slor->lio", a * w_S[:, None, None, None], b)
+    out[t] = (w.astype(jnp.float32) + d * scale).astype(w.dtype)
   return out
+
+
+def num_skills(adapters: dict) -> int:
+  """S of skill-stacked ([S, L, ...]) or served adapters."""
+  leaf = next(iter(adapters.values()))
+  return int(leaf["route"].shape[-1]) if "route" in leaf else int(leaf["A"].shape[0])
+
+
+def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8, dtype=None) -> dict:
+  """Stage 2's inference layout of skill-stacked adapters ([S, L, ...]), built once.
+
+  Per target: {"A": (L, R, in) = A⊙E of every skill side by side on the rank axis,
+  "B": (L, out, R), "route": (L, R, S) one-hot, which skill each rank belongs to}. With the
+  same scale and weights it gives exactly the stacked adapters' mixture, Σ_s w_s ΔW_s
+  (`delta`), in two matmuls per projection. R = S·r, or with `compact` only the ranks
+  whose E is nonzero (AdaLoRA's pruned ranks contribute exactly 0): the largest count over
+  layers rounded up to a multiple of `bucket` (at most S·r), shorter layers padded with zero
+  ranks that route to no skill. Compaction reads E on the host (once, at load). `dtype`:
+  store A and B in this dtype (e.g. the compute dtype, so no per-call cast); default: unchanged.
+  """
+  out = {}
+  for t, leaf in stacked.items():
+    S, L, r, _ = leaf["A"].shape
+    if compact and "E" in leaf:
+      kept = np.asarray(jax.device_get(leaf["E"])) != 0  # (S, L, r)
+    else:
+      kept = np.ones((S, L, r), bool)
+    per_layer = [np.argwhere(kept[:, layer]) for layer in range(L)]  # (n_l, 2): (skill, rank)
+    R = max(1, max(len(p) for p in per_layer))
+    R = min(-(-R // bucket) * bucket, S * r) if compact else R
+    skill = np.zeros((L, R), np.int32)
+    rank = np.zeros((L, R), np.int32)
+    valid = np.zeros((L, R), bool)
+    for layer, p in enumerate(per_layer):
+      skill[layer, : len(p)], rank[layer, : len(p)], valid[layer, : len(p)] = p[:, 0], p[:, 1], True
+    out[t] = _serve_one(leaf, skill, rank, valid, S, dtype)
+  return out
+
+
+def _serve_one(leaf, skill, rank, valid, S, dtype):
+  layer = np.arange(skill.shape[0])[:, None]
+  a = effective_a(leaf)[skill, layer, rank]  # (L, R, in)
+  b = jnp.moveaxis(leaf["B"], -1, 2)[skill, layer, rank]  # (S, L, r, out) -> (L, R, out)
+  v = jnp.asarray(valid)[..., None]
+  a, b = jnp.where(v, a, 0), jnp.where(v, b, 0)
+  dt = a.dtype if dtype is None else jnp.dtype(dtype)
+  route = jax.nn.one_hot(skill, S, dtype=jnp.float32) * v
+  return {"A": a.astype(dt), "B": jnp.swapaxes(b, 1, 2).astype(dt), "route": route}
 
 
 def adapter_logical_axes(adapters: dict) -> dict:
@@ -250,6 +321,9 @@ def adapter_logical_axes(adapters: dict) -> dict:
   }
   out = {}
   for t, leaf in adapters.items():
+    if "route" in leaf:  # served
+      out[t] = {"A": names["A"], "B": names["B"], "route": ("layers", "rank", "skill")}
+      continue
     skill = ("skill",) if leaf["A"].ndim == 4 else ()
     out[t] = {k: skill + names[k] for k in leaf}
   return out

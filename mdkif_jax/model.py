@@ -243,7 +243,7 @@ class Llama(nnx.Module):
     bias_BTS = jnp.where(allowed, 0.0, jnp.finfo(F32).min).astype(F32)
 
     ctx = adapter_ctx or adapters_lib.AdapterCtx()
-    ad = _layer_major(adapters, ctx)
+    ad = _layer_major(adapters)
     # per-layer mixtures: weights [B, L, S] are scanned with the layers (layer l sees [B, S])
     per_layer = None
     if ctx.weights is not None and ctx.weights.ndim == 3:
@@ -328,14 +328,16 @@ class Llama(nnx.Module):
     return self._constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
-def _layer_major(adapters: dict | None, ctx: adapters_lib.AdapterCtx) -> dict | None:
-  """Move the layer axis of adapter leaves to the front so `scan` slices it off."""
+def _layer_major(adapters: dict | None) -> dict | None:
+  """Move the layer axis of skill-stacked leaves ([S, L, ...]) to the front so `scan` slices
+  it off; leaves without a skill axis and served leaves are layer-major already."""
   if not adapters:
     return None
-  skill_axis = ctx.skill_ids is not None or ctx.weights is not None
-  if not skill_axis:
-    return adapters
-  return jax.tree.map(lambda t: jnp.moveaxis(t, 1, 0), adapters)
+  return {
+    t: leaf if "route" in leaf or leaf["A"].ndim == 3
+    else jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), leaf)
+    for t, leaf in adapters.items()
+  }  # fmt: skip
 
 
 # ---- the functional boundary ------------------------------------------------------------------

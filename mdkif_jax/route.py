@@ -427,6 +427,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
                               mesh=mesh, rules=rules, seed=config.model.seed)  # fmt: skip
   graphdef, frozen = nnx.split(base)
   stacked, skills, scale = load_skills(config, base.cfg, mesh)
+  # Stage 2's layout, built once: every skill's kept ranks side by side (adapters.serving_stack)
+  stacked = adapters.serving_stack(stacked)
+  log.info("stage 2: served ranks per target %s",
+           {t: int(leaf["route"].shape[1]) for t, leaf in stacked.items()})  # fmt: skip
   tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
   fit_rows, score_rows = task_examples(config)
   method = choose_method(config, len(fit_rows))

@@ -160,7 +160,7 @@ def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=
   batches: a list of prepared batches, cycled (a downstream task is small; pass one batch for
   full-batch descent).
   """
-  S = jax.tree.leaves(stacked)[0].shape[0]
+  S = adapters_lib.num_skills(stacked)
   theta = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
   fit = dataclasses.replace(fit, seed=0)  # the seed plays no part: one compile for all seeds
   opt_state = optax.adam(fit.learning_rate).init(theta)
@@ -206,7 +206,7 @@ def fit_task_cmaes(graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0
   jitted `lax.scan`: no Python loop per candidate or per generation. Candidates are clipped to
   `fit.bounds` (LoraHub's box) and the best one seen is returned.
   """
-  S = jax.tree.leaves(stacked)[0].shape[0]
+  S = adapters_lib.num_skills(stacked)
   mean0 = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
   key = jax.random.key(fit.seed)
   theta, best = _cmaes_run(key, mean0, frozen, stacked, batch, graphdef=graphdef, scale=scale,
@@ -311,7 +311,7 @@ def _gate_step(params, opt_state, frozen, stacked, batch, *, gate_def, graphdef,
 def fit_gate(graphdef, frozen, stacked, scale, batches, *, hidden=64, top_k=0, steps=100,
              learning_rate=1e-3, seed=0) -> tuple[Gate, list[float]]:  # fmt: skip
   """Train a `Gate` (only its parameters) on the answer NLL; (gate module, [nll per step])."""
-  S = jax.tree.leaves(stacked)[0].shape[0]
+  S = adapters_lib.num_skills(stacked)
   D = nnx.merge(graphdef, frozen).cfg.hidden_size
   gate_def, params = nnx.split(Gate(D, S, hidden, top_k, rngs=nnx.Rngs(seed)))
   opt_state = optax.adam(learning_rate).init(params)

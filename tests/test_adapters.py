@@ -109,6 +109,39 @@ def test_mixture_merge_equals_weighted_deltas_and_routed_forward():
     np.testing.assert_allclose(x @ mixed[t][1], x @ w[t][1] + routed, rtol=1e-4, atol=1e-5)
 
 
+def test_serving_stack_packs_kept_ranks_and_keeps_every_mixture():
+  S = 3
+  a = with_random_e(ad.init_adalora(jax.random.key(10), DIMS, L, R0, num_skills=S), seed=11)
+  rng = np.random.default_rng(12)
+  masks = {t: rng.random(leaf["E"].shape) < 0.3 for t, leaf in a.items()}
+  masks["k"][...] = False  # a target pruned to rank 0 everywhere
+  pruned = {t: {**leaf, "E": leaf["E"] * masks[t]} for t, leaf in a.items()}
+  served = ad.serving_stack(pruned, bucket=4)
+  x = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
+  w_BS = jnp.asarray(rng.standard_normal((2, S)), jnp.float32)
+  for t, (i, _) in DIMS.items():
+    most = int(masks[t].sum(axis=(0, 2)).max())  # kept ranks of all skills, busiest layer
+    assert served[t]["A"].shape == (L, min(S * R0, max(4, -(-most // 4) * 4)), i)
+    # every rank routes to at most one skill, and exactly the kept ranks route somewhere
+    route = np.asarray(served[t]["route"])
+    assert set(np.unique(route)) <= {0.0, 1.0} and (route.sum(-1) <= 1).all()
+    np.testing.assert_array_equal(route.sum(axis=(1, 2)), masks[t].sum(axis=(0, 2)))
+    for layer in range(L):
+      leaf = jax.tree.map(lambda v, layer=layer: v[:, layer], pruned[t])
+      sl = jax.tree.map(lambda v, layer=layer: v[layer], served[t])
+      ctx = ad.AdapterCtx(scale=0.7, weights=w_BS)
+      np.testing.assert_allclose(ad.delta(x[..., :i], sl, ctx), ad.delta(x[..., :i], leaf, ctx),
+                                 rtol=1e-5, atol=1e-6)  # fmt: skip
+  assert not served["k"]["A"].any()
+  wts = jnp.array([0.2, -0.5, 0.3])
+  w = kernels()
+  for t, got in ad.merge_mixture(w, served, wts, 0.7).items():
+    np.testing.assert_allclose(got, ad.merge_mixture(w, pruned, wts, 0.7)[t], rtol=1e-5, atol=1e-6)
+  layer0 = jax.tree.map(lambda v: v[0], served["q"])
+  with pytest.raises(ValueError, match="need AdapterCtx"):
+    ad.delta(x[..., :16], layer0, ad.AdapterCtx(skill_ids=jnp.zeros(2, jnp.int32)))
+
+
 @pytest.mark.parametrize("skills", [None, 2])
 def test_compaction_keeps_delta_and_pads_to_bucket(skills):
   a = with_random_e(ad.init_adalora(jax.random.key(7), DIMS, L, R0, num_skills=skills), seed=8)

@@ -12,6 +12,7 @@ from mdkif_jax import adapters, router, sharding
 from tests import router_fixtures as fx
 
 W_STAR = np.array([0.7, 0.3], np.float32)
+F32 = jnp.float32
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,54 @@ def test_merged_equals_unmerged(setup):
   )
 
 
+def _pruned(stacked, seed=3):
+  """An AdaLoRA-like final allocation: about half of every skill's ranks pruned (E = 0)."""
+  rng = np.random.default_rng(seed)
+  return {t: {**leaf, "E": leaf["E"] * (rng.random(leaf["E"].shape) < 0.5)}
+          for t, leaf in stacked.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_served_layout_is_the_stacked_mixture(setup, compact):
+  _, graphdef, frozen, stacked, batch = setup
+  pruned = _pruned(stacked)
+  served = adapters.serving_stack(pruned, compact=compact, bucket=1)
+  S, r = 2, fx.RANK
+  assert adapters.num_skills(served) == adapters.num_skills(pruned) == S
+  for t, leaf in served.items():
+    kept = np.asarray(pruned[t]["E"] != 0).sum(axis=(0, 2))  # per layer
+    R = leaf["route"].shape[1]
+    want = int(kept.max()) if compact else S * r
+    assert want == R
+    assert leaf["A"].shape[:2] == leaf["route"].shape[:2] and leaf["B"].shape[2] == R
+    assert "E" not in leaf  # folded into A
+  assert any(leaf["route"].shape[1] < S * r for leaf in served.values()) == compact
+  run = _forward(graphdef)
+  tokens = batch["tokens"]
+  L = nnx.merge(graphdef, frozen).cfg.num_hidden_layers
+  rng = np.random.default_rng(4)
+  for shape in ((fx.B, S), (fx.B, L, S)):  # per row, and per row and layer
+    ctx = adapters.AdapterCtx(fx.SCALE, weights=jnp.asarray(rng.standard_normal(shape), F32))
+    got, want = run(frozen, tokens, served, ctx), run(frozen, tokens, pruned, ctx)
+    assert float(jnp.abs(want - run(frozen, tokens)).max()) > 1.0
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+  ctx0 = adapters.AdapterCtx(fx.SCALE, weights=jnp.zeros((fx.B, S)))
+  np.testing.assert_array_equal(run(frozen, tokens, served, ctx0), run(frozen, tokens))
+  w = jnp.asarray([0.7, -0.4])
+  for t in served:
+    np.testing.assert_allclose(router.merged_params(frozen, served, w, fx.SCALE)[t][...],
+                               router.merged_params(frozen, pruned, w, fx.SCALE)[t][...],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+  # the router's loss and its gradient w.r.t. the weights are the same through either layout
+  fit = router.TaskFit(parametrisation="softmax", regulariser="l1", reg_weight=0.1)
+  f = jax.jit(jax.value_and_grad(router.task_loss, has_aux=True), static_argnums=(1, 4, 6))
+  theta = jnp.asarray([0.3, -0.2])
+  (got, _), got_g = f(theta, graphdef, frozen, served, fx.SCALE, batch, fit)
+  (want, _), want_g = f(theta, graphdef, frozen, pruned, fx.SCALE, batch, fit)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_descent_recovers_planted_mixture(setup):
   _, graphdef, frozen, stacked, batch = setup
   fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, steps=60,
@@ -117,6 +166,12 @@ def test_sharded_equals_single_device(setup):
   reg = router.regulariser(jax.nn.softmax(theta), "entropy")  # the loss carries its regulariser
   np.testing.assert_allclose(got - got_nll, 0.1 * reg, rtol=1e-4)
   np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+  # stage 2's served layout, replicated over the mesh, gives the same loss
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  served8 = jax.device_put(adapters.serving_stack(stacked), rep)
+  (got_s, _), got_gs = loss_and_grad(graphdef8, frozen8, served8, batch8)
+  np.testing.assert_allclose(got_s, want, rtol=1e-5)
+  np.testing.assert_allclose(got_gs, want_g, rtol=1e-4, atol=1e-6)
 
 
 def test_thirteenth_skill_joins_without_retraining(setup):

@@ -43,17 +43,23 @@ def test_flop_counts_match_xla_cost_analysis():
   ctx = adapters.AdapterCtx(0.5, weights=jnp.asarray(w_rows))
 
   base = _xla_flops(lambda p, t: model_lib.forward(graphdef, p, t), params, tokens)
-  mixed = _xla_flops(
-    lambda p, t, a: model_lib.forward(graphdef, p, t, adapters=a, adapter_ctx=ctx),
-    params,
-    tokens,
-    skills,
-  )
-  fl = routing.flop_counts(cfg, B, T, routing.NUM_SKILLS * routing.INIT_R, kept)
+
+  def mixed(a):
+    fwd = lambda p, t, a: model_lib.forward(graphdef, p, t, adapters=a, adapter_ctx=ctx)
+    return _xla_flops(fwd, params, tokens, a)
+
   n = B * T
-  assert 1.0 <= base / (fl["base"] * n) < 1.05, (base, fl["base"] * n)
-  # the unmerged path multiplies every padded rank: the computed count, not the kept one
-  extra = mixed - base
-  assert 1.0 <= extra / (fl["extra_computed"] * n) < 1.03, (extra, fl["extra_computed"] * n)
-  assert fl["extra_kept"] < 0.75 * fl["extra_computed"]
-  assert np.isclose(fl["share_computed"], fl["extra_computed"] / fl["base"])
+  S, r = routing.NUM_SKILLS, routing.INIT_R
+  served = adapters.serving_stack(skills)
+  served_r = {t: int(leaf["route"].shape[1]) for t, leaf in served.items()}
+  assert all(rr < S * r for rr in served_r.values())  # the pruned ranks are not computed
+  for layout, computed in ((skills, {t: S * r for t in kept}), (served, served_r)):
+    fl = routing.flop_counts(cfg, B, T, computed, kept)
+    assert 1.0 <= base / (fl["base"] * n) < 1.05, (base, fl["base"] * n)
+    # the unmerged path multiplies every computed (padded) rank, not only the kept ones
+    extra = mixed(layout) - base
+    assert 1.0 <= extra / (fl["extra_computed"] * n) < 1.03, (extra, fl["extra_computed"] * n)
+    assert fl["extra_kept"] <= fl["extra_computed"]
+    assert np.isclose(fl["share_computed"], fl["extra_computed"] / fl["base"])
+  fl_stacked = routing.flop_counts(cfg, B, T, {t: S * r for t in kept}, kept)
+  assert fl_stacked["extra_kept"] < 0.75 * fl_stacked["extra_computed"]
