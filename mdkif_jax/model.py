@@ -103,11 +103,11 @@ def _normalise(x, eps):
 
 def _rms_norm_fwd(x, w, eps):
   n, _ = _normalise(x, eps)
-  return w.astype(x.dtype) * n.astype(x.dtype), (x, w)
+  return w.astype(x.dtype) * n.astype(x.dtype), (dots.pack(x), w)
 
 
 def _rms_norm_bwd(eps, res, g):
-  x, w = res
+  x, w = dots.unpack(res[0]), res[1]
   n, r = _normalise(x, eps)
   nd = n.astype(x.dtype)
   dn = (g * w.astype(x.dtype)).astype(F32)
@@ -126,11 +126,11 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 
 
 def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
+  return swiglu(gate, up), (dots.pack(gate), dots.pack(up))
 
 
 def _swiglu_bwd(res, g):
-  gate, up = res
+  gate, up = map(dots.unpack, res)
   gf = gate.astype(F32)
   s = jax.nn.sigmoid(gf)
   d_up = g * (gf * s).astype(up.dtype)

@@ -109,17 +109,46 @@ def test_mixed_operand_dtypes_are_refused():
 
 
 @pytest.mark.parametrize("spec", ["bti,io->bto", "bti,ri->btr", "btr,or->bto"])
-def test_weight_gradient_puts_the_smaller_operand_first(spec):
-  """The weight gradient (a sum over the token dims, leading in both operands) is one dot whose
-  left operand is the smaller one (the one XLA's CPU dot transposes) and whose output starts
-  with that operand's free dims; the requested layout is a transpose of the small result."""
-  a, b = _operands(spec, F32)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_weight_gradient_transposes_only_the_smaller_operand_in_f32(spec, dtype):
+  """The f32 weight gradient (a sum over the token dims, leading in both operands) is one
+  plain [m, k] x [k, n] dot whose left operand is the smaller one, transposed explicitly (XLA's
+  CPU dot would otherwise transpose the larger one, fused into whatever produced it); bf16
+  keeps autodiff's order (measured faster). Both compile and run at a real size (a transpose
+  folded into a bf16 x bf16 -> f32 dot crashed XLA's CPU dot thunk)."""
+  a, b = _operands(spec, dtype)
   a = jnp.concatenate([a] * 8, axis=1)  # many tokens: the activations outweigh the weights
-  loss = lambda a, b: jnp.sum(dots.einsum(spec, a, b) ** 2)
+  loss = lambda a, b: jnp.sum(dots.einsum(spec, a, b, out_dtype=F32) ** 2)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=1))(a, b)
-  products = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
-  contracting = lambda e: tuple(map(tuple, e.params["dimension_numbers"][0]))
-  weight_grad = [e for e in products if contracting(e) == ((0, 1), (0, 1))]
-  assert len(weight_grad) == 1, products
-  left, right = (v.aval for v in weight_grad[0].invars)
-  assert left.size < right.size, (left, right)
+  eqns = list(_eqns(jaxpr.jaxpr))
+  barrier_out = {v for e in eqns if e.primitive.name == "optimization_barrier" for v in e.outvars}
+  weight_grad = [e for e in eqns if e.primitive.name == "dot_general" and
+                 e.invars[0] in barrier_out]  # fmt: skip
+  assert len(weight_grad) == (1 if dtype == F32 else 0), eqns
+  if dtype == F32:
+    left, right = (v.aval for v in weight_grad[0].invars)
+    assert left.size < right.size, (left, right)
+    assert tuple(map(tuple, weight_grad[0].params["dimension_numbers"][0])) == ((1,), (0,))
+  got = jax.jit(jax.grad(loss, argnums=1))(a, b)
+  want = jax.grad(lambda a, b: jnp.sum(_reference(spec, a, b) ** 2), argnums=1)(
+    a.astype(F32), b.astype(F32)
+  )
+  tol = 1e-5 if dtype == F32 else 0.03
+  assert float(jnp.max(jnp.abs(got.astype(F32) - want))) <= tol * float(jnp.max(jnp.abs(want)))
+  # the real shape that crashed: an adapter B gradient over 2048 tokens
+  h, w = jnp.ones((8, 256, 12), dtype), jnp.ones((1536, 12), dtype)
+  big = jax.jit(jax.grad(lambda h, w: jnp.sum(dots.einsum("btr,or->bto", h, w, F32)), 1))(h, w)
+  np.testing.assert_allclose(np.asarray(big, np.float32), 2048.0)
+
+
+def test_bf16_residuals_travel_as_uint16_bits():
+  """Residuals of the custom VJPs (stacked over the layer scan) are uint16 in bf16: XLA's CPU
+  backend turns a bf16 update-slice into a full f32 copy of the stack every layer."""
+  x = jax.random.normal(jax.random.key(3), (4, 5), F32).astype(BF16)
+  assert dots.pack(x).dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(dots.unpack(dots.pack(x)), np.float32),
+                                np.asarray(x, np.float32))  # fmt: skip
+  assert dots.pack(x.astype(F32)).dtype == F32
+  w = jax.random.normal(jax.random.key(4), (5, 3), F32).astype(BF16)
+  _, res = dots._fwd(dots._parse("bi,io->bo"), F32, x, w)
+  assert [r.dtype for r in res] == [jnp.uint16, jnp.uint16]
