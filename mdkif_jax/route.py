@@ -14,7 +14,8 @@
    the gate unmerged) by answer NLL, token accuracy, teacher-forced exact match and the task's
    standard metric (`TaskScorer`, metrics.py: accuracy + macro-F1 over candidate
    log-likelihoods for label tasks, ROUGE of greedy generations for summaries and dialogue),
-   saves the router with Orbax, writes metrics.jsonl and router_weights.png.
+   saves the router with Orbax, writes metrics.jsonl, router_weights.png and predictions.jsonl
+   (every method's chosen candidate or generated text per scored row, beside the answer).
 """
 
 from __future__ import annotations
@@ -458,10 +459,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   state: dict = {}
 
   clock = [time.perf_counter()]
+  predictions: list[dict] = []
 
   def done(name, res):  # each method's seconds (its fit, if any, and its scoring)
     now = time.perf_counter()
     results[name] = {**res, "seconds": now - clock[0]}
+    predictions.extend(prediction_records(name, scorer, score_rows))
     clock[0] = now
     log.info("stage 2: %s done in %.1f s", name, results[name]["seconds"])
 
@@ -523,6 +526,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
           "scale": scale}  # fmt: skip
   save_router(workdir, state, meta, {"fit_rows": len(fit_rows), "score_rows": len(score_rows)})
   write_report(workdir, config, skills, method, results, weights, history)
+  if jax.process_index() == 0:
+    write_jsonl(workdir / "predictions.jsonl", predictions)
   return {"method": method, "skills": skills, "results": results, "weights": weights,
           "history": history, "fit_rows": len(fit_rows), "score_rows": len(score_rows),
           "source": source}  # fmt: skip
@@ -548,6 +553,27 @@ def load_router(workdir: str | pathlib.Path) -> tuple[dict, dict]:
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                    meta=ocp.args.JsonRestore()))  # fmt: skip
   return out["state"], out["meta"]
+
+
+def prediction_records(method: str, scorer: TaskScorer, rows) -> list[dict]:
+  """Per scored row of the last scoring: the chosen candidate (highest log-likelihood, ties to
+  the first, as the metric counts it) or the generated text, beside the reference answer."""
+  last, out = scorer.last, []
+  for i, logp in sorted(last["choice"].items()):
+    pick = scorer.plan.choices[i][int(np.argmax(logp))]
+    out.append({"method": method, "id": rows[i].id, "source": rows[i].source, "kind": "choice",
+                "prediction": pick, "answer": rows[i].answer})  # fmt: skip
+  for i, text in sorted(last["texts"].items()):
+    out.append({"method": method, "id": rows[i].id, "source": rows[i].source,
+                "kind": "generated", "prediction": text, "answer": rows[i].answer})  # fmt: skip
+  return out
+
+
+def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
+  """All records at once, through a temporary file: a killed run leaves no half-written file."""
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+  tmp.replace(path)
 
 
 def write_report(workdir, config, skills, method, results, weights, history) -> None:

@@ -74,6 +74,16 @@ def test_route_end_to_end(tmp_path, base, capsys):
   assert final["eval/cmaes_k4_s0/rougeL"] == pytest.approx(res["cmaes_k4_s0"]["rougeL"])
   assert {"weights/cmaes/qa", "weights/gd/ner", "weights/gate/qa"} <= set(final)
   assert (tmp_path / "run" / "router_weights.png").stat().st_size > 1000
+  preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+  assert {p["method"] for p in preds} == set(res)  # every scored method, its rows
+  by_method = {m: [p for p in preds if p["method"] == m] for m in res}
+  assert len({len(v) for v in by_method.values()}) == 1 and by_method["base"]
+  for p in preds:
+    assert p["source"] == "demo" and p["answer"] and isinstance(p["prediction"], str)
+  assert {p["kind"] for p in preds} == {"choice", "generated"}
+  # choice rows: the prediction is one of the row's candidates, and accuracy counts them
+  exact = [p["prediction"] == p["answer"] for p in by_method["gate"] if p["kind"] == "choice"]
+  assert exact and res["gate"]["accuracy"] == pytest.approx(np.mean(exact))
   table = capsys.readouterr().out
   assert "accuracy" in table and "rougeL" in table and "cmaes_k4_s0" in table
   state, meta = route.load_router(tmp_path / "run")
