@@ -281,10 +281,8 @@ def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8, dtype
   out = {}
   for t, leaf in stacked.items():
     S, L, r, _ = leaf["A"].shape
-    if compact and "E" in leaf:
-      kept = np.asarray(jax.device_get(leaf["E"])) != 0  # (S, L, r)
-    else:
-      kept = np.ones((S, L, r), bool)
+    compacted = compact and "E" in leaf
+    kept = _host_value(leaf["E"]) != 0 if compacted else np.ones((S, L, r), bool)  # (S, L, r)
     per_layer = [np.argwhere(kept[:, layer]) for layer in range(L)]  # (n_l, 2): (skill, rank)
     R = max(1, max(len(p) for p in per_layer))
     R = min(-(-R // bucket) * bucket, S * r) if compact else R
@@ -295,6 +293,15 @@ def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8, dtype
       skill[layer, : len(p)], rank[layer, : len(p)], valid[layer, : len(p)] = p[:, 0], p[:, 1], True
     out[t] = _serve_one(leaf, skill, rank, valid, S, dtype)
   return out
+
+
+def _host_value(x) -> np.ndarray:
+  """x on this host: a replicated global array spanning processes is read from a local copy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.sharding.is_fully_replicated:
+      raise ValueError("serving_stack(compact=True) needs E replicated on every process")
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(jax.device_get(x))
 
 
 def _serve_one(leaf, skill, rank, valid, S, dtype):

@@ -9,8 +9,9 @@ source holds several skills, by skill):
   the first candidate in `candidates` order); reported as `accuracy` and `macro_f1` (over the
   labels that occur as gold or prediction, as sklearn's default). Candidates: the option
   letters listed in an MCQA query, else the source's fixed label set (`CHOICES`), else the
-  distinct answers among the task's rows of that skill. ChemProt's accuracy equals micro-F1
-  over all 13 labels (its literature's micro-F1 over the positive labels only is not computed).
+  distinct answers among the task's rows of that skill. ChemProt's rows here carry its 13
+  relation types and no negative ("false") class, so its accuracy is also its micro-F1 over
+  positive labels (the literature's 5-group CPR evaluation is not reproduced).
 - "rouge" (summarisation, dialogue, free QA): greedy generation, then the mean ROUGE-1, ROUGE-2
   and ROUGE-L F-measure of Google's `rouge-score` (Porter stemming on), as `rouge1/2/L`.
 - "sets" (HoC labels, NER mentions): greedy generation parsed as a one-per-line list
