@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdkif_jax import dots
+from mdkif_jax import dots, lora_tree
 
 
 @jax.tree_util.register_dataclass
@@ -266,32 +266,35 @@ def num_skills(adapters: dict) -> int:
   return int(leaf["route"].shape[-1]) if "route" in leaf else int(leaf["A"].shape[0])
 
 
-def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8, dtype=None) -> dict:
+def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8) -> dict:
   """Stage 2's inference layout of skill-stacked adapters ([S, L, ...]), built once.
 
   Per target: {"A": (L, R, in) = A⊙E of every skill side by side on the rank axis,
   "B": (L, out, R), "route": (L, R, S) one-hot, which skill each rank belongs to}. With the
   same scale and weights it gives exactly the stacked adapters' mixture, Σ_s w_s ΔW_s
   (`delta`), in two matmuls per projection. R = S·r, or with `compact` only the ranks
-  whose E is nonzero (AdaLoRA's pruned ranks contribute exactly 0): the largest count over
-  layers rounded up to a multiple of `bucket` (at most S·r), shorter layers padded with zero
-  ranks that route to no skill. Compaction reads E on the host (once, at load). `dtype`:
-  store A and B in this dtype (e.g. the compute dtype, so no per-call cast); default: unchanged.
+  whose E is nonzero (AdaLoRA's pruned ranks contribute exactly 0), chosen per layer by
+  `lora_tree.rank_indices` over the S·r ranks of all skills: the largest count over layers
+  rounded up to a multiple of `bucket` (at most S·r; one bucket when nothing is kept),
+  shorter layers padded with zero ranks that route to no skill. Compaction reads E on the
+  host (once, at load).
   """
   out = {}
   for t, leaf in stacked.items():
     S, L, r, _ = leaf["A"].shape
     compacted = compact and "E" in leaf
     kept = _host_value(leaf["E"]) != 0 if compacted else np.ones((S, L, r), bool)  # (S, L, r)
-    per_layer = [np.argwhere(kept[:, layer]) for layer in range(L)]  # (n_l, 2): (skill, rank)
-    R = max(1, max(len(p) for p in per_layer))
-    R = min(-(-R // bucket) * bucket, S * r) if compact else R
-    skill = np.zeros((L, R), np.int32)
-    rank = np.zeros((L, R), np.int32)
-    valid = np.zeros((L, R), bool)
-    for layer, p in enumerate(per_layer):
-      skill[layer, : len(p)], rank[layer, : len(p)], valid[layer, : len(p)] = p[:, 0], p[:, 1], True
-    out[t] = _serve_one(leaf, skill, rank, valid, S, dtype)
+    idx, valid = lora_tree.rank_indices(np.moveaxis(kept, 0, 1).reshape(L, S * r), bucket)
+    if not idx.shape[-1]:  # nothing kept: one bucket of zero ranks (no zero-width matmuls)
+      idx = np.zeros((L, min(bucket, S * r)), np.int32)
+      valid = np.zeros(idx.shape, bool)
+    flat = {  # every skill's ranks side by side: rank s·r + i is rank i of skill s
+      "A": jnp.moveaxis(effective_a(leaf), 0, 1).reshape(L, S * r, -1),
+      "B": jnp.moveaxis(leaf["B"], 0, 2).reshape(L, -1, S * r),
+    }
+    served = lora_tree.take_ranks(flat, idx, valid)
+    route = jax.nn.one_hot(idx // r, S, dtype=jnp.float32) * valid[..., None]
+    out[t] = {"A": served["A"], "B": served["B"], "route": route}
   return out
 
 
@@ -302,17 +305,6 @@ def _host_value(x) -> np.ndarray:
       raise ValueError("serving_stack(compact=True) needs E replicated on every process")
     return np.asarray(x.addressable_data(0))
   return np.asarray(jax.device_get(x))
-
-
-def _serve_one(leaf, skill, rank, valid, S, dtype):
-  layer = np.arange(skill.shape[0])[:, None]
-  a = effective_a(leaf)[skill, layer, rank]  # (L, R, in)
-  b = jnp.moveaxis(leaf["B"], -1, 2)[skill, layer, rank]  # (S, L, r, out) -> (L, R, out)
-  v = jnp.asarray(valid)[..., None]
-  a, b = jnp.where(v, a, 0), jnp.where(v, b, 0)
-  dt = a.dtype if dtype is None else jnp.dtype(dtype)
-  route = jax.nn.one_hot(skill, S, dtype=jnp.float32) * v
-  return {"A": a.astype(dt), "B": jnp.swapaxes(b, 1, 2).astype(dt), "route": route}
 
 
 def adapter_logical_axes(adapters: dict) -> dict:

@@ -8,6 +8,18 @@ import pathlib
 import numpy as np
 
 
+def write_lines(path: pathlib.Path, lines: list[str]) -> None:
+  """All lines at once, through a temporary file: a killed run leaves no half-written file."""
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  tmp.replace(path)
+
+
+def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
+  """One JSON object per line, written atomically (`write_lines`)."""
+  write_lines(path, [json.dumps(r, ensure_ascii=False) for r in records])
+
+
 class MetricWriter:
   """Scalars to metrics.jsonl (one JSON object per write) and TensorBoard (tensorboardX)."""
 
@@ -29,9 +41,7 @@ class MetricWriter:
         line for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= resume_step
       ]  # fmt: skip
-      tmp = path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-      tmp.replace(path)
+      write_lines(path, kept)
     self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
 

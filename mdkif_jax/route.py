@@ -527,7 +527,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   save_router(workdir, state, meta, {"fit_rows": len(fit_rows), "score_rows": len(score_rows)})
   write_report(workdir, config, skills, method, results, weights, history)
   if jax.process_index() == 0:
-    write_jsonl(workdir / "predictions.jsonl", predictions)
+    reporting.write_jsonl(workdir / "predictions.jsonl", predictions)
   return {"method": method, "skills": skills, "results": results, "weights": weights,
           "history": history, "fit_rows": len(fit_rows), "score_rows": len(score_rows),
           "source": source}  # fmt: skip
@@ -567,13 +567,6 @@ def prediction_records(method: str, scorer: TaskScorer, rows) -> list[dict]:
     out.append({"method": method, "id": rows[i].id, "source": rows[i].source,
                 "kind": "generated", "prediction": text, "answer": rows[i].answer})  # fmt: skip
   return out
-
-
-def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
-  """All records at once, through a temporary file: a killed run leaves no half-written file."""
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-  tmp.replace(path)
 
 
 def write_report(workdir, config, skills, method, results, weights, history) -> None:
