@@ -4,7 +4,7 @@ Run (from the repo root; one command runs everything, each framework in its own 
 
   PYTHONPATH=. .venv/bin/python benchmarks/train_step.py [--steps 10] [--warmup 2]
       [--batch 8] [--seq 256] [--dtype float32,bfloat16] [--only ours|peft] [--rounds 1]
-      [--max-load 1.5] [--remat] [--data random|real] [--accum K]
+      [--max-load 1.5] [--remat] [--data random|real] [--pack] [--accum K]
 
 What is timed (identical for both frameworks):
   * Model: the packaged SmolLM2-135M-Instruct GGUF dequantized to f32 (ours: mdkif_jax.loading;
@@ -41,6 +41,16 @@ AdaLoRA adapter on the same rows with labels = -100 outside the answers (HF's us
 masking), attention_mask on padding. `--accum K` accumulates K micro-batches per optimizer
 update on both sides (ours: optax.MultiSteps inside the jitted step; PEFT: K backward passes
 per opt.step()). The parent builds the batches once and hands both children the same arrays.
+
+`--data real --pack` turns on the trainer's sequence packing (`data.pack=True`): each skill's
+row holds consecutive examples of that skill, as many as fit in `--seq` tokens, each attending
+only to itself. PEFT trains on the same examples per step, one per row (HF's usual layout), in
+micro-batches of at most our row count (12; all ~24 rows at once exceed this machine's 24 GB
+with PEFT) whose gradients accumulate into one update. The step's examples are sorted by
+length before they are cut into micro-batches (as HF's `group_by_length`) and each
+micro-batch is right-padded to its longest example (dynamic padding): the least padding PEFT
+gets without packing. Both sides then do the same work per step (examples, answer
+tokens, one optimizer update), and "tok/s" counts real (non-padding) tokens for both.
 
 Targets (issue 3): ours >= 1.3x PEFT tokens/s in f32, >= 2x with bf16 compute, peak RSS <= 0.5x.
 Target (issue 5, `--data real`): >= 2x PEFT tokens/s with bf16 compute, peak RSS <= 0.5x.
@@ -119,18 +129,21 @@ def bench_config(dtype: str, remat: bool = False, accum: int = 1, seq: int = 256
   return cfg
 
 
-def real_batches(n: int, seq: int, path: str) -> dict:
+def real_batches(n: int, seq: int, path: str, pack: bool = False) -> dict:
   """`n` stage-1 batches of all 12 skills (one row each) from ../shared/data, saved to `path`."""
   from mdkif_jax import data, skill_batches, tokenizer
 
   cfg = bench_config("float32", seq=seq)
+  cfg.data.pack = pack
   it = skill_batches.make_batches(cfg, data.SKILLS, tokenizer.load_tokenizer("smollm2_135m"))
   out = [next(it) for _ in range(n)]
   np.savez(path, **{f"{i}/{k}": v for i, b in enumerate(out) for k, v in b.items()})
   answer = sum(float((b["loss_mask"] > 0).sum()) for b in out)
-  real = sum(float(b["attention_mask"].sum()) for b in out)
+  real = sum(float((b["attention_mask"] > 0).sum()) for b in out)
+  examples = sum(int(b["attention_mask"].max(axis=1).sum()) for b in out)
   return {"rows": out[0]["tokens"].shape[0], "answer_share": answer / real,
-          "padding_share": 1 - real / sum(b["tokens"].size for b in out)}  # fmt: skip
+          "padding_share": 1 - real / sum(b["tokens"].size for b in out),
+          "real_per_step": real / n, "examples_per_step": examples / n}  # fmt: skip
 
 
 def load_batches(path: str) -> list[dict[str, np.ndarray]]:
@@ -224,17 +237,20 @@ def child_peft(args) -> dict:
                           weight_decay=WEIGHT_DECAY)  # fmt: skip
   load_s = time.perf_counter() - t0
   times, losses, others = [], [], []
-  if args.batches:
-    inputs = [peft_inputs(b) for b in load_batches(args.batches)]
+  if args.batches:  # per step: micro-batches and their shares of the step's answer tokens
+    inputs = [peft_inputs(b, args.pack) for b in load_batches(args.batches)]
   else:
-    inputs = [{"input_ids": torch.from_numpy(t), "labels": torch.from_numpy(t)}
+    inputs = [[({"input_ids": torch.from_numpy(t), "labels": torch.from_numpy(t)}, 1.0)]
               for t in batches(args.warmup + args.steps, args.batch, args.seq)]  # fmt: skip
   update = 0
-  for i, kw in enumerate(inputs):
+  for i, micro in enumerate(inputs):
     c0 = _common.cpu_snapshot()
     t = time.perf_counter()
-    out = model(**kw)
-    (out.loss / args.accum).backward()
+    loss = 0.0
+    for kw, share in micro:  # the step's mean answer-token loss, one micro-batch at a time
+      out = model(**kw)
+      (out.loss * share / args.accum).backward()
+      loss += float(out.loss.detach()) * share
     if (i + 1) % args.accum == 0:  # as optax.MultiSteps: one update per `accum` micro-batches
       opt.step()
       model.base_model.update_and_allocate(update)
@@ -242,7 +258,7 @@ def child_peft(args) -> dict:
       update += 1
     times.append(time.perf_counter() - t)
     others.append(_common.others_share(c0, _common.cpu_snapshot()))
-    losses.append(float(out.loss.detach()))
+    losses.append(loss)
   return {"framework": "peft", "dtype": "float32", "load_s": load_s,
           "first_step_s": times[0], "step_s": times[args.warmup:],
           "others": others[args.warmup:],
@@ -251,20 +267,56 @@ def child_peft(args) -> dict:
           "torch_threads": torch.get_num_threads()}  # fmt: skip
 
 
-def peft_inputs(b: dict[str, np.ndarray]) -> dict:
-  """HF causal-LM inputs of one stage-1 batch: labels -100 outside the answer tokens.
+def peft_inputs(b: dict[str, np.ndarray], unpack: bool = False) -> list[tuple[dict, float]]:
+  """HF causal-LM inputs of one stage-1 batch, labels -100 outside the answer tokens, as
+  [(micro-batch kwargs, its share of the batch's answer tokens)].
 
   Ours: loss_mask[t] > 0 means targets[t] (= tokens[t+1]) is an answer token. transformers
   shifts inside its loss (position t predicts labels[t+1]), so labels[t+1] = tokens[t+1] there.
+  unpack: a packed batch becomes one row per example, sorted by length, in micro-batches of at
+  most our row count (more rows do not fit this machine's memory with PEFT), each right-padded
+  to its longest example; their losses, weighted by answer tokens, give the batch's mean.
   """
   import torch
 
-  tokens = b["tokens"].astype(np.int64)
-  labels = np.full_like(tokens, -100)
-  keep = b["loss_mask"][:, :-1] > 0
-  labels[:, 1:][keep] = tokens[:, 1:][keep]
-  return {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-          "attention_mask": torch.from_numpy(b["attention_mask"].astype(np.int64))}  # fmt: skip
+  parts = [b]
+  if unpack:  # longest first, as HF's group_by_length: the least padding short of packing
+    rows, n = unpack_rows(b), b["tokens"].shape[0]
+    order = np.argsort(-(rows["attention_mask"] > 0).sum(1), kind="stable")
+    rows = {k: v[order] for k, v in rows.items()}
+    starts = range(0, len(rows["tokens"]), n)
+    parts = [_trim({k: v[i : i + n] for k, v in rows.items()}) for i in starts]
+  total = sum(float((p["loss_mask"][:, :-1] > 0).sum()) for p in parts)
+  out = []
+  for p in parts:
+    tokens = p["tokens"].astype(np.int64)
+    labels = np.full_like(tokens, -100)
+    keep = p["loss_mask"][:, :-1] > 0
+    labels[:, 1:][keep] = tokens[:, 1:][keep]
+    kw = {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+          "attention_mask": torch.from_numpy(p["attention_mask"].astype(np.int64))}  # fmt: skip
+    out.append((kw, float(keep.sum()) / total))
+  return out
+
+
+def _trim(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Right-padded rows cut to their longest row."""
+  T = int((rows["attention_mask"] > 0).sum(1).max())
+  return {k: v[:, :T] for k, v in rows.items()}
+
+
+def unpack_rows(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A packed batch as one example per row (segment ids -> rows), padded to the longest."""
+  segs = [(r, np.flatnonzero(m == s)) for r, m in enumerate(b["attention_mask"])
+          for s in range(1, m.max() + 1)]  # fmt: skip
+  T = max(len(at) for _, at in segs)
+  out = {k: np.zeros((len(segs), T), b[k].dtype) for k in ("tokens", "loss_mask")}
+  out["attention_mask"] = np.zeros((len(segs), T), np.int32)
+  for i, (r, at) in enumerate(segs):
+    out["tokens"][i, : len(at)] = b["tokens"][r, at]
+    out["loss_mask"][i, : len(at)] = b["loss_mask"][r, at]
+    out["attention_mask"][i, : len(at)] = 1
+  return out
 
 
 # ---- parent -----------------------------------------------------------------------------------
@@ -346,6 +398,8 @@ def main() -> None:
     help="random tokens (issue 3) or stage-1 batches of ../shared/data (issue 5)",
   )
   p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer update")
+  p.add_argument("--pack", action="store_true", help="--data real: ours packs examples per "
+                 "row (data.pack); PEFT gets the same examples one per row")  # fmt: skip
   p.add_argument("--batches", default=None, help=argparse.SUPPRESS)
   p.add_argument("--child", choices=("ours", "peft"), default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -358,15 +412,24 @@ def main() -> None:
   common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
             "--seq", str(args.seq), "--accum", str(args.accum)]  # fmt: skip
   common += (["--trace", args.trace] if args.trace else []) + (["--remat"] if args.remat else [])
+  common += ["--pack"] if args.pack else []
   tokens_per_step = args.batch * args.seq
   if args.data == "real":
     path = os.path.join(tempfile.mkdtemp(prefix="mdkif_bench_"), "batches.npz")
-    info = real_batches(args.warmup + args.steps, args.seq, path)
+    info = real_batches(args.warmup + args.steps, args.seq, path, args.pack)
     common += ["--batches", path]
-    tokens_per_step = info["rows"] * args.seq
-    print(f"real batches: {info['rows']} rows x {args.seq} (one per skill), answer tokens "
-          f"{info['answer_share']:.1%} of the real tokens, padding {info['padding_share']:.1%}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    tokens_per_step = info["real_per_step"]  # real (non-padding) tokens: same for both sides
+    print(f"real batches: {info['rows']} rows x {args.seq} (one per skill"
+          f"{', packed' if args.pack else ''}), {info['examples_per_step']:.1f} examples and "
+          f"{info['real_per_step']:.0f} real tokens per step, answer tokens "
+          f"{info['answer_share']:.1%} of the real tokens, padding {info['padding_share']:.1%} of "
+          "our rows", file=sys.stderr, flush=True)  # fmt: skip
+    if args.pack:
+      steps = [[kw["input_ids"].shape for kw, _ in peft_inputs(b, True)]
+               for b in load_batches(path)]  # fmt: skip
+      print("PEFT micro-batches per step (rows x padded length): "
+            + "  ".join("+".join(f"{n}x{t}" for n, t in st) for st in steps),
+            file=sys.stderr, flush=True)  # fmt: skip
   plan = []
   dtypes = [d for d in args.dtype.split(",") if d]
   if args.only != "peft":

@@ -79,6 +79,10 @@ def data_config() -> ml_collections.ConfigDict:
   c.buckets = (128, 256, 512)
   # Rows per batch on each host (global batch = batch_size * jax.process_count()).
   c.batch_size = 8
+  # Pack consecutive examples of one skill into each row, up to max_len tokens, each
+  # attending only to itself (positions restart per example): less padding, more examples per
+  # step, the same loss per example. False: one example per row.
+  c.pack = False
   # Seed of the example order; the train/eval split does not depend on it.
   c.seed = 0
   return c

@@ -206,7 +206,9 @@ class Llama(nnx.Module):
   ) -> tuple[jax.Array, dict | None]:
     """Final-norm hidden states [B, T, D] (and the updated KV cache when one is given).
 
-    mask_BT: 1 for real tokens, 0 for padding (keys that are 0 are never attended to).
+    mask_BT: 0 for padding (never attended to), else the token's segment id: 1 everywhere
+      for one example per row; packed rows (`tokenize.pack_row`) number their examples
+      1, 2, ... and a token attends only to keys of its own segment.
     cache: {"k": [L, B, S, K, Dh], "v": ..., "mask": [B, S]} with S >= the context length; the
       new keys/values are written at [cache_index, cache_index + T).
     """
@@ -237,7 +239,10 @@ class Llama(nnx.Module):
       q_idx = cache_index + jnp.arange(T)
       k_idx = jnp.arange(S)
     # Causality by slot index (padding is masked separately); sliding window by position.
-    allowed = (k_idx[None, :] <= q_idx[:, None])[None] & (k_mask[:, None, :] > 0)
+    # Segments: real keys of the query's own segment (padding queries, unused, see all keys).
+    q_seg, k_seg = mask_BT[:, :, None], k_mask[:, None, :]
+    allowed = (k_idx[None, :] <= q_idx[:, None])[None] & (k_seg > 0)
+    allowed &= (q_seg == k_seg) | (q_seg == 0)
     if cfg.sliding_window is not None:
       allowed &= (positions_BT[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
     bias_BTS = jnp.where(allowed, 0.0, jnp.finfo(F32).min).astype(F32)

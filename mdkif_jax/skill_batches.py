@@ -135,6 +135,7 @@ def make_eval_batch(config, skills: tuple[str, ...], tok) -> dict[str, np.ndarra
   cfg_data = config.data.copy_and_resolve_references()
   with cfg_data.unlocked():
     cfg_data.batch_size = n
+    cfg_data.pack = False  # one row per reserved example: each is scored on its own
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   per = {}
   for s, ex in by_skill.items():

@@ -217,15 +217,24 @@ def run_meta(model_cfg, skills, targets, acfg) -> dict:
   }
 
 
-def train_skills(
-  config, workdir: str | pathlib.Path, skills: tuple[str, ...], base=None, stop_after=None
-) -> dict:
-  """Train `skills` jointly; returns final adapters, masks, metric history (for tests too).
+@dataclasses.dataclass
+class Setup:
+  """Everything a stage-1 run builds before its first batch (`setup_training`)."""
 
-  base: an already loaded frozen model (else loaded from config.model); stop_after: leave
-  the loop after this many steps of the schedule (the schedule itself is unchanged).
-  """
-  workdir = pathlib.Path(workdir)
+  mesh: Any
+  graphdef: Any
+  frozen: Any  # the frozen base's parameter state
+  model_cfg: Any
+  tok: Any
+  acfg: adalora.AdaLoraConfig
+  targets: tuple[str, ...]
+  fns: StepFns
+  state: dict  # adapters, optimizer/allocator state, step; placed by fns.state_sharding
+
+
+def setup_training(config, skills: tuple[str, ...], base=None) -> Setup:
+  """Load (or take) the frozen base and tokenizer, build the optimizer (validating the AdaLoRA
+  schedule before any compute), the per-skill adapters and the jitted steps."""
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   rules = tuple(tuple(r) for r in config.mesh.rules)
   if base is None:
@@ -238,11 +247,9 @@ def train_skills(
     raise ValueError(
       f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.vocab_size}"
     )
-  steps = int(config.train.steps)
-  tx, acfg = build_optimizer(config, steps)  # validates the AdaLoRA schedule before compute
+  tx, acfg = build_optimizer(config, int(config.train.steps))
   targets = adapters.select_targets([p.strip() for p in config.adalora.targets.split(",")])
   dims = {t: cfg.projection_dims()[t] for t in targets}
-  S = len(skills)
   key = jax.random.key(config.train.seed)
   # skill s's init depends only on (seed, its registry id): joint == separate runs
   per_skill = [
@@ -260,10 +267,27 @@ def train_skills(
   registry_to_local = np.full(len(data.SKILLS), 0, np.int32)
   for i, s in enumerate(skills):
     registry_to_local[data.skill_id(s)] = i
-  n_matrices = len(targets) * cfg.num_hidden_layers
   scale = adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention)
-  fns = make_step(graphdef, tx, acfg, scale, S, registry_to_local, mesh, state)
+  fns = make_step(graphdef, tx, acfg, scale, len(skills), registry_to_local, mesh, state)
   state = jax.device_put(state, fns.state_sharding)
+  return Setup(mesh, graphdef, frozen, cfg, tok, acfg, targets, fns, state)
+
+
+def train_skills(
+  config, workdir: str | pathlib.Path, skills: tuple[str, ...], base=None, stop_after=None
+) -> dict:
+  """Train `skills` jointly; returns final adapters, masks, metric history (for tests too).
+
+  base: an already loaded frozen model (else loaded from config.model); stop_after: leave
+  the loop after this many steps of the schedule (the schedule itself is unchanged).
+  """
+  workdir = pathlib.Path(workdir)
+  run = setup_training(config, skills, base)
+  mesh, frozen, cfg, tok, acfg, targets, fns, state = (
+    run.mesh, run.frozen, run.model_cfg, run.tok, run.acfg, run.targets, run.fns, run.state
+  )  # fmt: skip
+  steps = int(config.train.steps)
+  n_matrices = len(targets) * cfg.num_hidden_layers
 
   batches = make_batches(config, skills, tok)
   meta = run_meta(cfg, skills, targets, acfg)
@@ -291,7 +315,7 @@ def train_skills(
   )
   history: list[dict] = []
   bad_in_row, bad_total = 0, 0
-  bar = tqdm(total=steps, initial=start, desc=f"stage 1: {S} skill(s)", unit="step",
+  bar = tqdm(total=steps, initial=start, desc=f"stage 1: {len(skills)} skill(s)", unit="step",
              disable=not config.train.progress or jax.process_index() != 0)  # fmt: skip
   t_last, tokens_since = time.perf_counter(), 0
   finished = start >= steps
@@ -304,7 +328,7 @@ def train_skills(
     for step in range(start, steps if stop_after is None else min(steps, stop_after)):
       for _ in range(accum):
         batch = next(batches)
-        tokens_since += int(batch["attention_mask"].sum()) * jax.process_count()
+        tokens_since += int((batch["attention_mask"] > 0).sum()) * jax.process_count()
         state, m = fns.train_step(state, frozen, to_global(batch, mesh))
         finite = bool(m["finite"])
         bad_in_row = 0 if finite else bad_in_row + 1

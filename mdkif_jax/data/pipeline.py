@@ -10,6 +10,12 @@ Shapes: every example is encoded once up front (over-long ones are skipped and c
 each host knows every row's length. A global batch is padded to the smallest bucket that
 holds its longest row over all hosts, so jit sees at most len(buckets) shapes and all hosts
 agree on the shape of each step.
+
+Packing (`pack=True`): a row holds consecutive examples of the stream, as many as fit in
+`max_len` tokens and all of one skill, each attending only to itself (`tokenize.pack_row`).
+A global batch is its G rows filled in stream order, so it takes a variable number of stream
+positions and the state records the position too. Order, determinism, resumption and the
+host split are as above; padding shrinks to the tail of each row.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ import numpy as np
 from mdkif_jax.data.example import Example
 from mdkif_jax.data.skills import skill_id
 from mdkif_jax.data.template import Template
-from mdkif_jax.data.tokenize import Encoded, encode_many, pad_row
+from mdkif_jax.data.tokenize import Encoded, encode_many, pack_row
 
 log = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 added "position" and "pack"
 
 
 def resolve_buckets(buckets: Sequence[int], max_len: int) -> tuple[int, ...]:
@@ -58,6 +64,7 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     self.batch_size = int(cfg.batch_size)
     self.seed = int(cfg.seed)
     self.max_len = int(cfg.max_len)
+    self.pack = bool(cfg.get("pack", False))
     self.buckets = resolve_buckets(cfg.buckets, self.max_len)
     self.process_index, self.process_count = process_index, process_count
     self.pad_id = tokenizer.pad_token_id
@@ -86,6 +93,7 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     self.lengths = np.asarray([len(e.tokens) for e in self.rows], np.int64)
     self.truncated = sum(e.truncated for e in self.rows)
     self.step = 0
+    self.position = 0  # stream position of the next global batch's first example
     self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
 
   @property
@@ -103,19 +111,39 @@ class Batches(Iterator[dict[str, np.ndarray]]):
       self._perm_epoch = epoch
     return int(self._perm[i])
 
-  def _global_indices(self, step: int) -> list[int]:
-    start = step * self.global_batch
-    return [self._index(p) for p in range(start, start + self.global_batch)]
+  def _global_rows(self) -> list[list[int]]:
+    """The next global batch's rows as example indices; advances the stream position."""
+    p = self.position
+    if not self.pack:
+      self.position += self.global_batch
+      return [[self._index(q)] for q in range(p, p + self.global_batch)]
+    rows: list[list[int]] = [[]]
+    used = 0
+    while True:
+      i = self._index(p)
+      # a row holds one skill (its adapter is picked per row): a full row or another skill's
+      # example starts the next row
+      full = used + self.lengths[i] > self.max_len
+      if rows[-1] and (full or self.skill_ids[i] != self.skill_ids[rows[-1][0]]):
+        if len(rows) == self.global_batch:
+          break
+        rows.append([])
+        used = 0
+      rows[-1].append(i)
+      used += int(self.lengths[i])
+      p += 1
+    self.position = p
+    return rows
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows = self._global_indices(self.step)
+    rows = self._global_rows()
     self.step += 1
-    longest = int(self.lengths[rows].max())
+    longest = max(int(self.lengths[r].sum()) for r in rows)
     length = self.buckets[bisect.bisect_left(self.buckets, longest)]
     mine = rows[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
-    padded = [pad_row(self.rows[i], length, self.pad_id) for i in mine]
-    batch = {k: np.stack([r[k] for r in padded]) for k in padded[0]}
-    batch["skill_ids"] = self.skill_ids[mine]
+    packed = [pack_row([self.rows[i] for i in r], length, self.pad_id) for r in mine]
+    batch = {k: np.stack([r[k] for r in packed]) for k in packed[0]}
+    batch["skill_ids"] = self.skill_ids[[r[0] for r in mine]]
     return batch
 
   def get_state(self) -> dict[str, int]:
@@ -123,6 +151,8 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     return {
       "version": _STATE_VERSION,
       "step": self.step,
+      "position": self.position,
+      "pack": self.pack,
       "seed": self.seed,
       "num_examples": self.num_examples,
       "global_batch": self.global_batch,
@@ -130,13 +160,15 @@ class Batches(Iterator[dict[str, np.ndarray]]):
 
   def set_state(self, state: dict) -> None:
     """Resume at a saved position; refuses a state from a different data stream."""
-    for key in ("seed", "num_examples", "global_batch"):
-      if int(state[key]) != getattr(self, key):
+    state = {"pack": False, **state}  # version 1 states: never packed
+    for key in ("seed", "num_examples", "global_batch", "pack"):
+      if int(state[key]) != int(getattr(self, key)):
         raise ValueError(
           f"iterator state has {key}={state[key]} but this iterator has {getattr(self, key)}: "
-          "the data, seed, batch size or host count changed since it was saved"
+          "the data, seed, batch size, packing or host count changed since it was saved"
         )
     self.step = int(state["step"])
+    self.position = int(state.get("position", self.step * self.global_batch))
 
 
 def make_iterator(

@@ -84,20 +84,36 @@ def pad_row(enc: Encoded, length: int, pad_id: int) -> dict[str, np.ndarray]:
 
   targets[t] = tokens[t + 1]; loss_mask[t] = 1 exactly when targets[t] is an answer token
   (the EOS included), so the loss is next-token prediction over the answer only.
+  attention_mask is 1 on the row's tokens and 0 on padding.
   """
-  n = len(enc.tokens)
-  if n > length:
-    raise ValueError(f"row of {n} tokens does not fit length {length}")
+  return pack_row([enc], length, pad_id)
+
+
+def pack_row(encs: Sequence[Encoded], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Several examples side by side in one row, right-padded to `length` (`pad_row` for one).
+
+  Each example is its own segment: attention_mask holds its segment id (1, 2, ...; 0 on
+  padding), which the model reads as "attend only within your segment", and positions restart
+  at 0 in every segment. Targets and loss_mask are each example's own (`pad_row`), so a packed
+  row trains exactly what its examples would train in rows of their own.
+  """
+  n_all = sum(len(e.tokens) for e in encs)
+  if n_all > length:
+    raise ValueError(f"row of {n_all} tokens does not fit length {length}")
   tokens = np.full(length, pad_id, np.int32)
-  tokens[:n] = enc.tokens
   targets = np.full(length, pad_id, np.int32)
-  targets[: n - 1] = enc.tokens[1:]
   loss_mask = np.zeros(length, np.float32)
-  loss_mask[enc.answer_start - 1 : n - 1] = 1.0
   positions = np.zeros(length, np.int32)
-  positions[:n] = np.arange(n, dtype=np.int32)
   attention_mask = np.zeros(length, np.int32)
-  attention_mask[:n] = 1
+  at = 0
+  for seg, enc in enumerate(encs, start=1):
+    n = len(enc.tokens)
+    tokens[at : at + n] = enc.tokens
+    targets[at : at + n - 1] = enc.tokens[1:]
+    loss_mask[at + enc.answer_start - 1 : at + n - 1] = 1.0
+    positions[at : at + n] = np.arange(n, dtype=np.int32)
+    attention_mask[at : at + n] = seg
+    at += n
   return {
     "tokens": tokens,
     "targets": targets,
