@@ -81,7 +81,8 @@ def data_config() -> ml_collections.ConfigDict:
   c.batch_size = 8
   # Pack consecutive examples of one skill into each row, up to max_len tokens, each
   # attending only to itself (positions restart per example): less padding, more examples per
-  # step, the same loss per example. False: one example per row.
+  # step, the same loss per example. False: one example per row. Stage-1 training batches only
+  # (evaluation rows and stage 2 always hold one example per row).
   c.pack = False
   # Seed of the example order; the train/eval split does not depend on it.
   c.seed = 0
