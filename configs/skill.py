@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Reserved (eval) rows per skill scored before and after training (0 = no evaluation).
   c.train.eval_rows_per_skill = 2
   c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row
+  # Answer positions per chunk of the fused vocabulary projection + cross-entropy
+  # (mdkif_jax/losses.py): only [chunk, vocab] logits exist at a time.
+  c.train.loss_chunk = 256
   c.train.plot = True  # write rank_allocation.png at the end
   c.train.progress = True  # show a progress bar
 

@@ -274,14 +274,17 @@ class Llama(nnx.Module):
       new_cache = {"k": kv[0], "v": kv[1], "mask": k_mask, "pos": k_pos}
     return x, new_cache
 
+  def vocab_projection(self) -> tuple[jax.Array, bool]:
+    """(weight, tied): the tied embedding [V, D] (tied=True) or the untied lm_head [D, V]."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...], True
+    return self.lm_head[...], False
+
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Vocabulary logits in f32."""
-    if self.cfg.tie_word_embeddings:
-      w = self.embed[...]
-      out = dots.einsum("btd,vd->btv", h_BTD, w.astype(h_BTD.dtype), out_dtype=F32)
-    else:
-      w = self.lm_head[...]
-      out = dots.einsum("btd,dv->btv", h_BTD, w.astype(h_BTD.dtype), out_dtype=F32)
+    w, tied = self.vocab_projection()
+    spec = "btd,vd->btv" if tied else "btd,dv->btv"
+    out = dots.einsum(spec, h_BTD, w.astype(h_BTD.dtype), out_dtype=F32)
     return self._constrain(out, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens_BT: jax.Array, **kw) -> jax.Array:

@@ -23,7 +23,17 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mdkif_jax import adalora, adapters, checkpoint, data, loading, reporting, sharding, tokenizer
+from mdkif_jax import (
+  adalora,
+  adapters,
+  checkpoint,
+  data,
+  loading,
+  losses,
+  reporting,
+  sharding,
+  tokenizer,
+)
 from mdkif_jax import model as model_lib
 from mdkif_jax.skill_batches import (  # noqa: F401  (re-exported: tests and benchmarks)
   SkillBatches,
@@ -105,16 +115,13 @@ def build_optimizer(
 
 
 # ---- loss and step ----------------------------------------------------------------------------
-def skill_losses(logits_GNV, targets_GN, weight_GN, skill_GN, num_skills: int):
+def skill_losses(nll_GN, weight_GN, skill_GN, num_skills: int):
   """(mean answer-token NLL per skill [S], answer tokens per skill [S]).
 
-  Inputs are the packed answer positions (skill_batches.answer_index); skill_GN is the skill
-  of each position's row.
+  Inputs are per packed answer position (skill_batches.answer_index): its NLL
+  (losses.token_nll), its weight (0 = padding) and the skill of its row.
   """
-  logits = logits_GNV.astype(jnp.float32)
-  # logsumexp - target logit: no [G, N, V] log-probabilities are materialised
-  target = jnp.take_along_axis(logits, targets_GN[..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target
+  nll = nll_GN.astype(jnp.float32)
   w = weight_GN.astype(jnp.float32)
   onehot = jax.nn.one_hot(skill_GN, num_skills, dtype=jnp.float32)  # [G, N, S]
   tok_S = jnp.einsum("gns,gn->s", onehot, w)
@@ -138,6 +145,7 @@ def make_step(
   registry_to_local: np.ndarray,
   mesh,
   state_example,
+  loss_chunk: int = 256,
 ):
   """The jitted `(state, frozen, batch) -> (state, metrics)`; the frozen base is an input."""
   lookup = jnp.asarray(registry_to_local, jnp.int32)
@@ -152,10 +160,11 @@ def make_step(
     idx = batch["answer_idx"]  # [G, N], row_in_group * T + t
     G, (B, T) = idx.shape[0], batch["tokens"].shape
     h = jnp.take_along_axis(h.reshape(G, B // G * T, -1), idx[..., None], axis=1)
-    logits = model.logits(h)
     targets = jnp.take_along_axis(batch["targets"].reshape(G, -1), idx, axis=1)
+    w, tied = model.vocab_projection()
+    nll = losses.token_nll(h, w, targets, tied=tied, chunk=loss_chunk)  # no [N, V] logits kept
     skill = jnp.take_along_axis(local.reshape(G, B // G), idx // T, axis=1)
-    loss_S, tok_S = skill_losses(logits, targets, batch["answer_valid"], skill, num_skills)
+    loss_S, tok_S = skill_losses(nll, batch["answer_valid"], skill, num_skills)
     orth_S = adalora.orth_reg(ad, acfg.orth_reg_form)
     total = jnp.sum(loss_S + acfg.orth_reg_weight * orth_S)
     return total, (loss_S, orth_S, tok_S)
@@ -268,7 +277,8 @@ def setup_training(config, skills: tuple[str, ...], base=None) -> Setup:
   for i, s in enumerate(skills):
     registry_to_local[data.skill_id(s)] = i
   scale = adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention)
-  fns = make_step(graphdef, tx, acfg, scale, len(skills), registry_to_local, mesh, state)
+  fns = make_step(graphdef, tx, acfg, scale, len(skills), registry_to_local, mesh, state,
+                  loss_chunk=int(config.train.loss_chunk))  # fmt: skip
   state = jax.device_put(state, fns.state_sharding)
   return Setup(mesh, graphdef, frozen, cfg, tok, acfg, targets, fns, state)
 

@@ -1,0 +1,83 @@
+"""Next-token cross-entropy fused with the vocabulary projection, a chunk of positions at a time.
+
+Left to autodiff, `logits = h @ Wᵀ` followed by a log-softmax keeps the f32 logits [N, V] for
+the backward pass and builds their gradient [N, V] there: with SmolLM2's 49152-token
+vocabulary that is 0.4 GB each at N = 2048 positions, the largest temporaries of a training
+step. Here the N positions are processed `chunk` at a time (a scan): each chunk's logits give
+its NLL and, when differentiating, its gradient with respect to h right away,
+dh = (softmax - onehot) W, which is all the backward pass needs (the NLL is linear in its
+incoming cotangent, and the frozen W gets no gradient). Only [chunk, V] logits ever exist.
+The products run as `dots.einsum` does: compute-dtype operands, f32 accumulation, the
+softmax gradient cast to the compute dtype before its matmul; the same matmuls as autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def token_nll(h_GND: jax.Array, w: jax.Array, targets_GN: jax.Array, *, tied: bool,
+              chunk: int = 256) -> jax.Array:  # fmt: skip
+  """-log softmax(h Wᵀ)[target] per position, f32 [G, N].
+
+  w: the tied embedding [V, D] (tied=True) or the untied head [D, V], cast to h's dtype.
+  chunk: positions per scan step (N is cut into equal chunks; the whole N if it does not
+  divide evenly).
+  """
+  G, N, _ = h_GND.shape
+  c = chunk if 0 < chunk < N and N % chunk == 0 else N
+  return _nll(tied, c, jnp.dtype(h_GND.dtype), h_GND, w.astype(h_GND.dtype), targets_GN)
+
+
+def _chunked(x, c):
+  """[G, N, ...] -> [N // c, G, c, ...]: the scan runs over the leading axis."""
+  return jnp.swapaxes(x.reshape(x.shape[0], -1, c, *x.shape[2:]), 0, 1)
+
+
+def _unchunked(x):
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _scan(tied: bool, c: int, h, w, targets, with_grad: bool):
+  logits_spec = "gcd,vd->gcv" if tied else "gcd,dv->gcv"
+  grad_spec = "gcv,vd->gcd" if tied else "gcv,dv->gcd"
+
+  def body(_, xs):
+    hc, tc = xs
+    logits = jnp.einsum(logits_spec, hc, w, preferred_element_type=F32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    if not with_grad:
+      return None, lse - target
+    hit = jnp.arange(logits.shape[-1]) == tc[..., None]
+    d_logits = (jnp.exp(logits - lse[..., None]) - hit).astype(h.dtype)
+    dh = jnp.einsum(grad_spec, d_logits, w, preferred_element_type=F32)
+    return None, (lse - target, dh)
+
+  _, out = jax.lax.scan(body, None, (_chunked(h, c), _chunked(targets, c)))
+  return jax.tree.map(_unchunked, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _nll(tied, c, dtype, h, w, targets):
+  del dtype  # h's dtype, for the backward pass
+  return _scan(tied, c, h, w, targets, with_grad=False)
+
+
+def _fwd(tied, c, dtype, h, w, targets):
+  del dtype
+  nll, dh = _scan(tied, c, h, w, targets, with_grad=True)
+  return nll, dh  # dh [G, N, D] in f32: small (D wide, not V)
+
+
+def _bwd(tied, c, dtype, dh, g):
+  return (dh * g[..., None]).astype(dtype), None, None
+
+
+_nll.defvjp(_fwd, _bwd)
