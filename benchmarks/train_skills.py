@@ -101,7 +101,7 @@ def run_steps(step, state, frozen, batches, mesh, n: int, mcfg, targets, rank) -
     others.append(other)
     shapes.append((rows, T, K))
     flops.append(_common.step_flops(mcfg, rows, T, K, rank, targets)["total"])
-    tokens.append(int(b["attention_mask"].sum()))
+    tokens.append(int((b["attention_mask"] > 0).sum()))
   return {"state": state, "times": times, "shapes": shapes, "flops": flops, "tokens": tokens,
           "others": others, "last_batch": g}  # fmt: skip
 

@@ -130,7 +130,8 @@ def bench_config(dtype: str, remat: bool = False, accum: int = 1, seq: int = 256
 
 
 def real_batches(n: int, seq: int, path: str, pack: bool = False) -> dict:
-  """`n` stage-1 batches of all 12 skills (one row each) from ../shared/data, saved to `path`."""
+  """`n` stage-1 batches of all 12 skills (one row each, packed or one example per row) from
+  ../shared/data, saved to `path`."""
   from mdkif_jax import data, skill_batches, tokenizer
 
   cfg = bench_config("float32", seq=seq)

@@ -82,7 +82,8 @@ def data_config() -> ml_collections.ConfigDict:
   # Pack consecutive examples of one skill into each row, up to max_len tokens, each
   # attending only to itself (positions restart per example): less padding, more examples per
   # step, the same loss per example. False: one example per row. Stage-1 training batches only
-  # (evaluation rows and stage 2 always hold one example per row).
+  # (evaluation rows and stage 2 always hold one example per row). Packed rows fill up to
+  # max_len, so they nearly always take the max_len bucket.
   c.pack = False
   # Seed of the example order; the train/eval split does not depend on it.
   c.seed = 0

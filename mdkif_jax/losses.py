@@ -9,6 +9,12 @@ dh = (softmax - onehot) W, which is all the backward pass needs (the NLL is line
 incoming cotangent, and the frozen W gets no gradient). Only [chunk, V] logits ever exist.
 The products run as `dots.einsum` does: compute-dtype operands, f32 accumulation, the
 softmax gradient cast to the compute dtype before its matmul; the same matmuls as autodiff.
+With bf16 compute the result can differ from autodiff's by one bf16 rounding: here the
+cotangent scales dh after the product, autodiff scales the softmax gradient before it.
+
+W is treated as a constant (the frozen base): it gets no gradient, and there is no forward-
+mode rule. No sharding constraint is placed inside the scan; on a mesh where the vocabulary
+axis is sharded, GSPMD chooses the layout of each chunk's logits.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ def token_nll(h_GND: jax.Array, w: jax.Array, targets_GN: jax.Array, *, tied: bo
   """-log softmax(h Wᵀ)[target] per position, f32 [G, N].
 
   w: the tied embedding [V, D] (tied=True) or the untied head [D, V], cast to h's dtype.
-  chunk: positions per scan step (N is cut into equal chunks; the whole N if it does not
-  divide evenly).
+  chunk: positions per scan step (N is padded up to a multiple of it; <= 0 = one chunk).
   """
   G, N, _ = h_GND.shape
-  c = chunk if 0 < chunk < N and N % chunk == 0 else N
-  return _nll(tied, c, jnp.dtype(h_GND.dtype), h_GND, w.astype(h_GND.dtype), targets_GN)
+  c = chunk if 0 < chunk < N else N
+  pad = -N % c
+  if pad:  # padded positions are sliced off below, so they get no gradient either
+    h_GND = jnp.pad(h_GND, ((0, 0), (0, pad), (0, 0)))
+    targets_GN = jnp.pad(targets_GN, ((0, 0), (0, pad)))
+  nll = _nll(tied, c, jnp.dtype(h_GND.dtype), h_GND, w.astype(h_GND.dtype), targets_GN)
+  return nll[:, :N]
 
 
 def _chunked(x, c):

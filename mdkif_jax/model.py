@@ -239,7 +239,8 @@ class Llama(nnx.Module):
       q_idx = cache_index + jnp.arange(T)
       k_idx = jnp.arange(S)
     # Causality by slot index (padding is masked separately); sliding window by position.
-    # Segments: real keys of the query's own segment (padding queries, unused, see all keys).
+    # Segments: real keys of the query's own segment (padding queries, whose outputs are
+    # unused, see every real key up to their slot). Generation passes 0/1 masks (segment 1).
     q_seg, k_seg = mask_BT[:, :, None], k_mask[:, None, :]
     allowed = (k_idx[None, :] <= q_idx[:, None])[None] & (k_seg > 0)
     allowed &= (q_seg == k_seg) | (q_seg == 0)

@@ -150,3 +150,21 @@ def test_packed_training_resumes_like_uninterrupted(tmp_path):
   assert [h["step"] for h in resumed["history"]] == [3, 4]
   _close(full["adapters"], resumed["adapters"], atol=0)
   assert resumed["data_state"] == full["data_state"]
+
+
+def test_version_1_states_resume_unpacked_and_newer_states_are_refused(demo_train):  # noqa: F811
+  tok = char_tokenizer()
+  c = ccfg(batch_size=4)
+  it = make_iterator(demo_train, tok, c)
+  [next(it) for _ in range(3)]
+  v1 = {k: v for k, v in it.get_state().items() if k not in ("position", "pack")}
+  v1["version"] = 1  # what checkpoints written before packing hold
+  fresh = make_iterator(demo_train, tok, c)
+  fresh.set_state(v1)
+  a, b = next(it), next(fresh)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(ValueError, match="pack"):
+    make_iterator(demo_train, tok, ccfg(batch_size=4, pack=True)).set_state(v1)
+  with pytest.raises(ValueError, match="newer"):
+    fresh.set_state({**it.get_state(), "version": 99})

@@ -1,10 +1,10 @@
 """The batch iterator: static length buckets, deterministic order, resumable, host-sharded.
 
 Order: an endless stream of epochs, each a permutation of the examples drawn from
-`np.random.default_rng([seed, epoch])`. Global batch k is stream positions
+`np.random.default_rng([seed, epoch])`. Unpacked, global batch k is stream positions
 [k*G, (k+1)*G) with G = batch_size * process_count, and host p takes its rows
-[p*B, (p+1)*B). So the state is one number (the global step), every host agrees on it,
-and a resumed run sees exactly the batches an uninterrupted one would have.
+[p*B, (p+1)*B). So the state is the global step (and the stream position it implies), every
+host agrees on it, and a resumed run sees exactly the batches an uninterrupted one would have.
 
 Shapes: every example is encoded once up front (over-long ones are skipped and counted), so
 each host knows every row's length. A global batch is padded to the smallest bucket that
@@ -160,6 +160,11 @@ class Batches(Iterator[dict[str, np.ndarray]]):
 
   def set_state(self, state: dict) -> None:
     """Resume at a saved position; refuses a state from a different data stream."""
+    if int(state.get("version", 1)) > _STATE_VERSION:
+      raise ValueError(
+        f"iterator state version {state['version']} is newer than this code's "
+        f"({_STATE_VERSION}): update mdkif_jax"
+      )
     state = {"pack": False, **state}  # version 1 states: never packed
     for key in ("seed", "num_examples", "global_batch", "pack"):
       if int(state[key]) != int(getattr(self, key)):

@@ -110,7 +110,8 @@ def pack_row(encs: Sequence[Encoded], length: int, pad_id: int) -> dict[str, np.
     n = len(enc.tokens)
     tokens[at : at + n] = enc.tokens
     targets[at : at + n - 1] = enc.tokens[1:]
-    loss_mask[at + enc.answer_start - 1 : at + n - 1] = 1.0
+    # (an answer at index 0 has no previous position: its first token carries no loss)
+    loss_mask[at + max(enc.answer_start, 1) - 1 : at + n - 1] = 1.0
     positions[at : at + n] = np.arange(n, dtype=np.int32)
     attention_mask[at : at + n] = seg
     at += n
