@@ -7,7 +7,7 @@ Run (from the repo root; each mode in its own child process, alternating, load-g
       [--dtype float32] [--only joint|separate] [--rounds 1] [--max-load 1.5]
 
 What is timed:
-  * The real stage-1 step (`train.make_step`) with the default config (configs/skill.py: all 12
+  * The real stage-1 step (`train.setup_training`) with the default config (configs/skill.py: all 12
     skills, AdaLoRA init_r 12 on q,k,v,o,gate,up,down, AdamW + clipping + cosine schedule,
     answer-token loss + orthogonal regulariser, the allocator inside jit), fed by the real data
     pipeline (`train.make_batches`) on the embedded demo corpus: rows_per_skill = 1, one
@@ -43,7 +43,6 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -55,35 +54,8 @@ def stage1_config(dtype: str):
   cfg = skill.get_config()
   cfg.model.compute_dtype = dtype
   cfg.train.progress = False
+  cfg.mesh.shape = (1, 1, 1)
   return cfg
-
-
-def build(cfg, base, skills: tuple[str, ...], mesh):
-  """(jitted step, state) for `skills` exactly as train.train_skills builds them."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from mdkif_jax import adapters, data, train
-
-  graphdef, _ = nnx.split(base)
-  tx, acfg = train.build_optimizer(cfg, int(cfg.train.steps))
-  targets = adapters.select_targets([p.strip() for p in cfg.adalora.targets.split(",")])
-  dims = {t: base.cfg.projection_dims()[t] for t in targets}
-  key = jax.random.key(cfg.train.seed)
-  per_skill = [
-    adapters.init_adalora(jax.random.fold_in(key, data.skill_id(s)), dims,
-                          base.cfg.num_hidden_layers, acfg.init_r, std=cfg.adalora.init_std)
-    for s in skills
-  ]  # fmt: skip
-  ad = jax.tree.map(lambda *xs: jnp.stack(xs), *per_skill)
-  state = {"adapters": ad, "opt_state": tx.init(ad), "step": jnp.zeros([], jnp.int32)}
-  registry_to_local = np.zeros(len(data.SKILLS), np.int32)
-  for i, s in enumerate(skills):
-    registry_to_local[data.skill_id(s)] = i
-  scale = adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention)
-  fns = train.make_step(graphdef, tx, acfg, scale, len(skills), registry_to_local, mesh, state)
-  return fns.train_step, jax.device_put(state, fns.state_sharding), targets, acfg.init_r
 
 
 def run_steps(step, state, frozen, batches, mesh, n: int, mcfg, targets, rank) -> dict:
@@ -126,7 +98,8 @@ def child(args) -> dict:
   per_group = []
   for group in groups:
     tb = time.perf_counter()
-    step, state, targets, rank = build(cfg, base, group, mesh)
+    run = train.setup_training(cfg, group, base, tok)  # exactly as train.train_skills builds
+    step, state, targets, rank = run.fns.train_step, run.state, run.targets, run.acfg.init_r
     batches = train.make_batches(cfg, group, tok)
     build_s = time.perf_counter() - tb
     warm = run_steps(step, state, frozen, batches, mesh, args.warmup, base.cfg, targets, rank)

@@ -12,7 +12,7 @@ What is timed (identical for both frameworks):
   * Adapters: AdaLoRA on q,k,v,o,gate,up,down of all 30 layers, init_r 12, target_r 8,
     tinit 10, tfinal 10, deltaT 5, total_step 100, lora_alpha 8, orth_reg_weight 0.5,
     beta1 = beta2 = 0.85. PEFT gets task_type CAUSAL_LM (without it, its loss silently lacks
-    the orthogonal regulariser). Ours: one skill (S = 1) through `train.make_step`, the real
+    the orthogonal regulariser). Ours: one skill (S = 1) through `train.setup_training`, the real
     jitted step (loss + orthogonal regulariser, adapter gradients, AdamW, the allocator inside jit).
   * Data: `--batch` x `--seq` random token ids, a new batch every step from a fixed seed (the
     same batches for every run). labels = inputs: transformers shifts the labels inside its
@@ -113,6 +113,9 @@ def bench_config(dtype: str, remat: bool = False, accum: int = 1, seq: int = 256
   cfg = skill.get_config("shared")  # the data config of the real run (../shared/data)
   cfg.data.buckets, cfg.data.max_len = (seq,), seq
   cfg.train.rows_per_skill = 1
+  cfg.train.steps = ADALORA["total_step"]  # AdaLoRA's total_step
+  cfg.train.progress = False
+  cfg.mesh.shape = (1, 1, 1)
   cfg.optimizer.grad_accum_steps = accum
   cfg.model.compute_dtype = dtype
   cfg.model.remat = remat
@@ -157,30 +160,12 @@ def load_batches(path: str) -> list[dict[str, np.ndarray]]:
 
 
 def setup_ours(dtype: str, num_skills: int = 1, remat: bool = False, accum: int = 1):
-  """(step_fn, state, frozen, mesh, model cfg): the real `train.make_step` for S skills."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
+  """(step_fn, state, frozen, mesh, model cfg): the real stage-1 setup (`train.setup_training`)
+  for the first `num_skills` registry skills."""
+  from mdkif_jax import data, train
 
-  from mdkif_jax import adapters, data, loading, sharding, train
-
-  cfg = bench_config(dtype, remat, accum)
-  mesh = sharding.make_mesh((1, 1, 1))
-  base = loading.load_model("smollm2_135m", numerics=train._numerics(cfg), mesh=mesh,
-                            progress=False)  # fmt: skip
-  graphdef, frozen = nnx.split(base)
-  tx, acfg = train.build_optimizer(cfg, ADALORA["total_step"])
-  targets = adapters.select_targets(cfg.adalora.targets.split(","))
-  dims = {t: base.cfg.projection_dims()[t] for t in targets}
-  ad = adapters.init_adalora(jax.random.key(0), dims, base.cfg.num_hidden_layers, acfg.init_r,
-                             num_skills=num_skills, std=cfg.adalora.init_std)  # fmt: skip
-  state = {"adapters": ad, "opt_state": tx.init(ad), "step": jnp.zeros([], jnp.int32)}
-  registry_to_local = np.zeros(len(data.SKILLS), np.int32)
-  registry_to_local[:num_skills] = np.arange(num_skills)
-  scale = adapters.adapter_scale(acfg.lora_alpha, acfg.init_r, acfg.scale_convention)
-  fns = train.make_step(graphdef, tx, acfg, scale, num_skills, registry_to_local, mesh, state)
-  state = jax.device_put(state, fns.state_sharding)
-  return fns.train_step, state, frozen, mesh, base.cfg
+  run = train.setup_training(bench_config(dtype, remat, accum), data.SKILLS[:num_skills])
+  return run.fns.train_step, run.state, run.frozen, run.mesh, run.model_cfg
 
 
 def child_ours(args) -> dict:

@@ -231,7 +231,6 @@ class Setup:
   """Everything a stage-1 run builds before its first batch (`setup_training`)."""
 
   mesh: Any
-  graphdef: Any
   frozen: Any  # the frozen base's parameter state
   model_cfg: Any
   tok: Any
@@ -241,17 +240,19 @@ class Setup:
   state: dict  # adapters, optimizer/allocator state, step; placed by fns.state_sharding
 
 
-def setup_training(config, skills: tuple[str, ...], base=None) -> Setup:
+def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setup:
   """Load (or take) the frozen base and tokenizer, build the optimizer (validating the AdaLoRA
   schedule before any compute), the per-skill adapters and the jitted steps."""
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   rules = tuple(tuple(r) for r in config.mesh.rules)
   if base is None:
     base = loading.load_model(config.model.source, numerics=_numerics(config), mesh=mesh,
-                              rules=rules, seed=config.model.seed)  # fmt: skip
+                              rules=rules, seed=config.model.seed,
+                              progress=bool(config.train.progress))  # fmt: skip
   graphdef, frozen = nnx.split(base)
   cfg = base.cfg
-  tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
+  if tok is None:
+    tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
   if len(tok) > cfg.vocab_size:
     raise ValueError(
       f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.vocab_size}"
@@ -280,7 +281,7 @@ def setup_training(config, skills: tuple[str, ...], base=None) -> Setup:
   fns = make_step(graphdef, tx, acfg, scale, len(skills), registry_to_local, mesh, state,
                   loss_chunk=int(config.train.loss_chunk))  # fmt: skip
   state = jax.device_put(state, fns.state_sharding)
-  return Setup(mesh, graphdef, frozen, cfg, tok, acfg, targets, fns, state)
+  return Setup(mesh, frozen, cfg, tok, acfg, targets, fns, state)
 
 
 def train_skills(
