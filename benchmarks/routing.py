@@ -34,6 +34,8 @@ Four paths, each one jitted logits forward (`model.forward`, logits at every pos
   (d) unmerged (stacked): the same mixtures on the skill-stacked [S, L, ...] adapters as stage 1
       stores them (all S x r ranks, A⊙E and the layer-major transpose inside every call): the
       layout A/B.
+The script restarts itself once with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge-page
+malloc for every path alike; `--default-malloc` skips it; see benchmarks/_common.py).
 After one warm-up call each (compilation), `--repeats` rounds call the paths in turn
 (the order rotates each round), timed with time.perf_counter around the call and
 `jax.block_until_ready`. Reported per path: the median, the overhead vs base from the medians
@@ -393,13 +395,19 @@ def main(argv=None):
   ap.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load")
   ap.add_argument("--wait", type=float, default=600.0, help="wait at most this long in all (s)")
   ap.add_argument("--json", default=None, help="write the results to this file")
+  ap.add_argument(
+    "--default-malloc", action="store_true", help="keep glibc's malloc (no _common.HUGEPAGES)"
+  )
   args = ap.parse_args(argv)
   if args.repeats < 1:
     ap.error("--repeats must be >= 1")
+  if not args.default_malloc:
+    _common.reexec_with_hugepages()
   import jax
 
   print(f"jax {jax.__version__} {jax.default_backend()} x{jax.device_count()}, "
-        f"{os.cpu_count()} CPUs, load {_common.load1():.2f}", flush=True)  # fmt: skip
+        f"{os.cpu_count()} CPUs, load {_common.load1():.2f}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)  # fmt: skip
   deadline = time.monotonic() + args.wait  # one waiting budget for the whole run
   results = [bench_model(name, args, deadline) for name in args.models]
   print_table(results)
