@@ -401,7 +401,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.repeats < 1:
     ap.error("--repeats must be >= 1")
-  if not args.default_malloc:
+  if not args.default_malloc and argv is None:  # run as a script, not called from Python
     _common.reexec_with_hugepages()
   import jax
 
