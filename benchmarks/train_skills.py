@@ -43,7 +43,6 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
@@ -86,7 +85,7 @@ def child(args) -> dict:
 
   cfg = stage1_config(args.dtype)
   skills = data.skills.select_skills(cfg.skills.replace("+", ","))
-  mesh = sharding.make_mesh((1, 1, 1))
+  mesh = sharding.make_mesh(tuple(cfg.mesh.shape))  # the mesh setup_training builds
   t0 = time.perf_counter()
   base = loading.load_model(cfg.model.source, numerics=train._numerics(cfg), mesh=mesh,
                             progress=False)  # fmt: skip
