@@ -23,9 +23,10 @@ def model_config(source: str = "smollm2_135m") -> ml_collections.ConfigDict:
   # dtype of activations and matmul inputs: float32 | bfloat16 (always f32 accumulation).
   c.compute_dtype = "float32"
   c.remat = False  # rematerialise each transformer block in the backward pass
-  # Recompute attention scores/probabilities in the backward pass instead of keeping them for
-  # every layer (saves ~1.7 GB at 12 x 256 tokens on SmolLM2 for one extra QKᵀ and softmax).
-  c.remat_attention = True
+  # Query positions per block of the causal attention (mdkif_jax/attention.py): each block
+  # multiplies only the keys it can see, and its backward recomputes the block's scores instead
+  # of keeping [T, T] per layer. <= 0 = one block (no key skipping).
+  c.attention_block = 64
   c.seed = 0  # seed of random-init presets
   return c
 

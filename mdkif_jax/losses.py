@@ -61,14 +61,19 @@ def _scan(tied: bool, c: int, h, w, targets, with_grad: bool):
   def body(_, xs):
     hc, tc = xs
     logits = jnp.einsum(logits_spec, hc, w, preferred_element_type=F32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    # exp once: its row sums give the log-sum-exp and, divided by them, the softmax gradient
+    # (a fused exp + sum reduction ran ~6x slower than the same exp written out by XLA:CPU)
+    e = jnp.exp(logits - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    nll = (m + jnp.log(total))[..., 0] - target
     if not with_grad:
-      return None, lse - target
+      return None, nll
     hit = jnp.arange(logits.shape[-1]) == tc[..., None]
-    d_logits = (jnp.exp(logits - lse[..., None]) - hit).astype(h.dtype)
+    d_logits = (e * (1.0 / total) - hit).astype(h.dtype)
     dh = jnp.einsum(grad_spec, d_logits, w, preferred_element_type=F32)
-    return None, (lse - target, dh)
+    return None, (nll, dh)
 
   _, out = jax.lax.scan(body, None, (_chunked(h, c), _chunked(targets, c)))
   return jax.tree.map(_unchunked, out)

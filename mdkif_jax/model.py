@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdkif_jax import adapters as adapters_lib
-from mdkif_jax import dots, sharding
+from mdkif_jax import attention, dots, sharding
 from mdkif_jax.model_config import ModelConfig
 
 F32 = jnp.float32
@@ -48,9 +48,9 @@ class Numerics:
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
   remat: bool = False  # rematerialise each block in the backward pass (saves activations)
-  # Recompute the attention scores and probabilities [B, heads, T, S] in the backward pass
-  # instead of storing them for every layer (cheap: one T x S product and a softmax).
-  remat_attention: bool = True
+  # Query positions per block of the causal attention (`attention.causal`, used without a KV
+  # cache): keys after a block are skipped; <= 0 = one block of all positions.
+  attention_block: int = 64
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -319,16 +319,15 @@ class Llama(nnx.Module):
       v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
       new_kv = (ck, cv)
 
-    def attend(q, k, v, bias_BTS):
-      qg = q.reshape(B, T, K, H // K, Dh)
+    qg = q.reshape(B, T, K, H // K, Dh)
+    if kv is None:  # self-attention over the T new slots: causal query blocks, own backward
+      att = attention.causal(qg, k, v, bias_BTS, block=self.numerics.attention_block)
+    else:  # against the cache (generation, scoring): no gradient flows here
       scores = dots.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), out_dtype=F32)
       scores = scores / math.sqrt(Dh) + bias_BTS[:, None, None]
       probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-      return dots.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-
-    if self.numerics.remat_attention:  # keep q, k, v; recompute the [B,K,G,T,S] scores
-      attend = jax.checkpoint(attend)
-    att = attend(q, k, v, bias_BTS).astype(x.dtype).reshape(B, T, H * Dh)
+      att = dots.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    att = att.astype(x.dtype).reshape(B, T, H * Dh)
     x = x + proj("o", att)
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     mlp = swiglu(proj("gate", h), proj("up", h))

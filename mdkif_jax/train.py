@@ -212,7 +212,7 @@ def _numerics(config) -> model_lib.Numerics:
     param_dtype=jnp.dtype(config.model.param_dtype),
     compute_dtype=jnp.dtype(config.model.compute_dtype),
     remat=config.model.remat,
-    remat_attention=config.model.remat_attention,
+    attention_block=config.model.attention_block,
   )
 
 
