@@ -152,26 +152,31 @@ def median(xs) -> float:
 
 
 # ---- analytic FLOPs -------------------------------------------------------------------------
-def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, targets) -> dict:
+def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, targets,
+               attention_block: int = 64) -> dict:  # fmt: skip
   """Matmul FLOPs of one AdaLoRA training step (multiply-add = 2 FLOPs).
 
   N = rows * length tokens; P = frozen projection weights per token (all layers);
   A = Σ over adapted projections of r * (in + out) per layer; K = positions with logits.
-    forward  = 2 N P + 2 rows K V D (vocab projection) + 4 L rows T² H Dh (QKᵀ and PV, full
-               square as computed) + 2 N L A (adapters: x Aᵀ then h Bᵀ)
+    forward  = 2 N P + 2 rows K V D (vocab projection) + 4 L rows C H Dh (QKᵀ and PV over the
+               C (query, key) pairs the causal query blocks of `attention_block` positions
+               compute: `attention.computed_pairs`, T² for one block) + 2 N L A (adapters)
     backward = activation gradients only for the frozen base: 2 N P + 2 rows K V D,
                attention 2x its forward (dQ, dK, dP, dV), adapters 2x their forward
                (activation gradient + weight gradient)
     total    = 2 (2 N P + 2 rows K V D) + 3 attention + 3 adapters
-  Elementwise work (norms, RoPE, softmax, AdamW, the allocator) is not counted.
+  Elementwise work (norms, RoPE, softmax, AdamW, the allocator) and the backward pass's
+  recomputed scores are not counted.
   """
+  from mdkif_jax import attention
+
   dims = cfg.projection_dims()
   L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
   H, Dh = cfg.num_attention_heads, cfg.head_dim
   n = rows * length
   p = L * sum(i * o for i, o in dims.values())
   dense = 2 * n * p + 2 * rows * logit_positions * V * D
-  attn = 4 * L * rows * length * length * H * Dh
+  attn = 4 * L * rows * attention.computed_pairs(length, attention_block) * H * Dh
   adapter = 2 * n * L * rank * sum(dims[t][0] + dims[t][1] for t in targets)
   return {
     "forward": dense + attn + adapter,

@@ -46,9 +46,10 @@ share of the CPUs other processes used during each path's calls (/proc/stat, see
 benchmarks/_common.others_share; 50 % on 2 cores = another process held a whole core).
 
 FLOPs (matmul FLOPs, multiply-add = 2; `flop_counts`): per token
-  base  = 2 (P + V D) + 4 L T H Dh
+  base  = 2 (P + V D) + 4 L (C / T) H Dh
           P = projection weights over all layers, V D = the vocabulary projection,
-          4 L T H Dh = QKᵀ and PV over the full T x T square (as computed)
+          4 L (C / T) H Dh = QKᵀ and PV over the C (query, key) pairs the causal query blocks
+          compute (`attention.computed_pairs`: 62.5% of T x T at T = 256, blocks of 64)
   extra = Σ_targets L R_t (2 (in + out) + 1)   (x Aᵀ, h Bᵀ, and one multiply per rank for
           the per-row weighting), R_t = the ranks computed per matrix: served R, or S x r
 "kept" is 2 Σ over (skill, layer, target) of kept rank x (in + out).

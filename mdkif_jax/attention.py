@@ -47,9 +47,18 @@ def causal(
     raise ValueError(
       f"attention.causal: self-attention only (q {q.shape}, k {k.shape}, bias {bias.shape})"
     )
+  return _attend(blocks(T, block), q, k.astype(q.dtype), v.astype(q.dtype), bias.astype(F32))
+
+
+def blocks(T: int, block: int) -> tuple[tuple[int, int], ...]:
+  """The query blocks [(start, end), ...] of `causal`; block i multiplies keys [0, end)."""
   c = block if 0 < block < T else T
-  blocks = tuple((s, min(s + c, T)) for s in range(0, T, c))
-  return _attend(blocks, q, k.astype(q.dtype), v.astype(q.dtype), bias.astype(F32))
+  return tuple((s, min(s + c, T)) for s in range(0, T, c))
+
+
+def computed_pairs(T: int, block: int) -> int:
+  """(query, key) pairs `causal` multiplies for T positions: T² for one block, ~T²/2 for many."""
+  return sum((e - s) * e for s, e in blocks(T, block))
 
 
 def _heads_first(q, k, v):

@@ -41,7 +41,7 @@ def _inputs(T, dtype, segments=False):
 
 def _grads(f, q, k, v, bias, probe):
   loss = lambda q, k, v: jnp.sum(f(q, k, v, bias).astype(F32) * probe)  # noqa: E731
-  return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)  # one compile, not op by op
 
 
 def _rel(ours, ref):
@@ -53,7 +53,7 @@ def _rel(ours, ref):
 @pytest.mark.parametrize("segments", [False, True])
 def test_f32_values_and_gradients_equal_plain_attention(T, block, segments):
   q, k, v, bias, probe = _inputs(T, F32, segments)
-  ours = lambda *a: attention.causal(*a, block=block)  # noqa: E731
+  ours = jax.jit(lambda *a: attention.causal(*a, block=block))
   assert _rel(ours(q, k, v, bias), plain(q, k, v, bias)) < 1e-5
   for name, g_ours, g_ref in zip("qkv", _grads(ours, q, k, v, bias, probe),
                                  _grads(plain, q, k, v, bias, probe), strict=True):  # fmt: skip
@@ -64,7 +64,7 @@ def test_f32_values_and_gradients_equal_plain_attention(T, block, segments):
 def test_bf16_stays_close_to_f32_and_keeps_its_dtype():
   q, k, v, bias, probe = _inputs(16, F32)
   low = [x.astype(BF16) for x in (q, k, v)]
-  f = lambda *a: attention.causal(*a, block=4)  # noqa: E731
+  f = jax.jit(lambda *a: attention.causal(*a, block=4))
   out = f(*low, bias)
   assert out.dtype == BF16
   assert _rel(out, plain(q, k, v, bias)) < 2e-2
@@ -81,7 +81,7 @@ def test_keys_after_a_block_are_never_read():
   q, k, v, bias, probe = _inputs(T, F32)
   k = k.at[:, block:].set(jnp.nan)
   v = v.at[:, block:].set(jnp.nan)
-  f = lambda *a: attention.causal(*a, block=block)  # noqa: E731
+  f = jax.jit(lambda *a: attention.causal(*a, block=block))
   assert bool(jnp.all(jnp.isfinite(f(q, k, v, bias)[:, :block])))
   assert not bool(jnp.any(jnp.isfinite(f(q, k, v, bias)[:, block:])))  # the NaNs are live
   dq = _grads(f, q, k, v, bias, probe.at[:, block:].set(0.0))[0]
@@ -104,9 +104,16 @@ def test_model_logits_and_weight_gradients_do_not_depend_on_the_block_size():
     m = model.Llama(cfg, numerics=model.Numerics(attention_block=block), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(m)
     loss = lambda p, g=graphdef: jnp.sum(model.forward(g, p, tokens) * probe)  # noqa: E731
-    outs.append((model.forward(graphdef, params, tokens), jax.grad(loss)(params)))
+    logits = jax.jit(model.forward, static_argnums=0)(graphdef, params, tokens)
+    outs.append((logits, jax.jit(jax.grad(loss))(params)))
   np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
   grads = [jax.tree.leaves(g) for _, g in outs]
   assert len(grads[0]) == len(grads[1]) > 0
   for a, b in zip(*grads, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_computed_pairs_count_the_blocks_keys():
+  assert attention.computed_pairs(256, 64) == 64 * (64 + 128 + 192 + 256)  # 62.5% of 256²
+  assert attention.computed_pairs(13, 0) == attention.computed_pairs(13, 13) == 13 * 13
+  assert attention.blocks(12, 5) == ((0, 5), (5, 10), (10, 12))
