@@ -153,14 +153,15 @@ def median(xs) -> float:
 
 # ---- analytic FLOPs -------------------------------------------------------------------------
 def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, targets,
-               attention_block: int = 64) -> dict:  # fmt: skip
+               attention_block: int | None = None) -> dict:  # fmt: skip
   """Matmul FLOPs of one AdaLoRA training step (multiply-add = 2 FLOPs).
 
   N = rows * length tokens; P = frozen projection weights per token (all layers);
   A = Σ over adapted projections of r * (in + out) per layer; K = positions with logits.
     forward  = 2 N P + 2 rows K V D (vocab projection) + 4 L rows C H Dh (QKᵀ and PV over the
                C (query, key) pairs the causal query blocks of `attention_block` positions
-               compute: `attention.computed_pairs`, T² for one block) + 2 N L A (adapters)
+               compute: `attention.computed_pairs`, T² for one block; None = the model's
+               default, `model.Numerics.attention_block`) + 2 N L A (adapters)
     backward = activation gradients only for the frozen base: 2 N P + 2 rows K V D,
                attention 2x its forward (dQ, dK, dP, dV), adapters 2x their forward
                (activation gradient + weight gradient)
@@ -168,8 +169,10 @@ def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, tar
   Elementwise work (norms, RoPE, softmax, AdamW, the allocator) and the backward pass's
   recomputed scores are not counted.
   """
-  from mdkif_jax import attention
+  from mdkif_jax import attention, model
 
+  if attention_block is None:
+    attention_block = model.Numerics().attention_block
   dims = cfg.projection_dims()
   L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
   H, Dh = cfg.num_attention_heads, cfg.head_dim

@@ -76,10 +76,10 @@ def _scores(qb, kt, bias, t0, t1):
   return s * (1.0 / math.sqrt(qb.shape[-1])) + bias[:, None, None, t0:t1, :t1]
 
 
-def _forward(blocks, q, k, v, bias):
+def _forward(spans, q, k, v, bias):
   qt, kt, vt = _heads_first(q, k, v)
   outs, lses = [], []
-  for t0, t1 in blocks:
+  for t0, t1 in spans:
     s = _scores(qt[:, :, :, t0:t1], kt, bias, t0, t1)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
@@ -92,12 +92,13 @@ def _forward(blocks, q, k, v, bias):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(blocks, q, k, v, bias):
-  return _forward(blocks, q, k, v, bias)[0]
+def _attend(spans, q, k, v, bias):
+  """spans: the query blocks, `blocks(T, block)`."""
+  return _forward(spans, q, k, v, bias)[0]
 
 
-def _fwd(blocks, q, k, v, bias):
-  o, lse = _forward(blocks, q, k, v, bias)
+def _fwd(spans, q, k, v, bias):
+  o, lse = _forward(spans, q, k, v, bias)
   return o, (dots.pack(q), dots.pack(k), dots.pack(v), bias, lse)  # bf16 as bits: see dots.pack
 
 
@@ -106,7 +107,7 @@ def _t(x):
   return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
-def _bwd(blocks, res, g):
+def _bwd(spans, res, g):
   q, k, v = map(dots.unpack, res[:3])
   bias, lse = res[3:]
   B, T, K, G, D = q.shape
@@ -115,7 +116,7 @@ def _bwd(blocks, res, g):
   gt = jnp.transpose(g.astype(cd), (0, 2, 3, 1, 4))  # [B, K, G, T, D]
   scale = 1.0 / math.sqrt(D)
   dqs, dkt, dvt = [], jnp.zeros((B, K, D, T), F32), jnp.zeros((B, K, D, T), F32)
-  for t0, t1 in blocks:
+  for t0, t1 in spans:
     c = t1 - t0
     qb, gb = qt[:, :, :, t0:t1], gt[:, :, :, t0:t1]
     p = jnp.exp(_scores(qb, kt, bias, t0, t1) - lse[:, :, :, t0:t1, None])  # [B, K, G, c, e]
