@@ -4,8 +4,8 @@ the base model alone (issue 6). CPU, one process, same token batch, interleaved 
 Run (from the repo root):
 
   PYTHONPATH=. .venv/bin/python benchmarks/routing.py [--models smollm2 llama2_7b_2l]
-      [--batch N] [--seq N] [--repeats 10] [--dtype f32|bf16] [--max-load 1.5]
-      [--wait 600] [--json OUT]
+      [--batch N] [--seq N] [--repeats 10] [--paths base merged unmerged stacked]
+      [--dtype f32|bf16] [--max-load 1.5] [--wait 600] [--json OUT]
 
 Models:
   * smollm2: SmolLM2-135M-Instruct (the packaged GGUF, dequantized; 30 layers, tied
@@ -38,8 +38,13 @@ The script restarts itself once with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (hu
 malloc for every path alike; `--default-malloc` skips it; see benchmarks/_common.py).
 After one warm-up call each (compilation), `--repeats` rounds call the paths in turn
 (the order rotates each round), timed with time.perf_counter around the call and
-`jax.block_until_ready`. Reported per path: the median, the overhead vs base from the medians
-and "paired" (the median over rounds of that round's path time / base time). Before the
+`jax.block_until_ready`. `--paths` times only some of them (base always): with
+`--paths base unmerged` every round is a base call next to a served call, twice as many rounds
+fit in the same time, and each pair is seconds apart. Reported per path: the median, the
+overhead vs base from the medians, "paired" (the median over rounds of that round's path
+time / base time) and a 90% bootstrap interval of the paired overhead (rounds resampled with
+replacement, 2000 times): a single call of the 2-layer 7B shape varies by +-5% here, so one
+run's overhead on a share of ~3% is a noisy number and the interval says how noisy. Before the
 rounds the script waits (up to `--wait` s over the whole run, polling every 60 s) until the
 1-minute load average is below `--max-load`, and prints the load before and after and the
 share of the CPUs other processes used during each path's calls (/proc/stat, see
@@ -79,6 +84,7 @@ DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 NUM_SKILLS, INIT_R, TARGET_R, LORA_ALPHA = 12, 12, 8, 8.0
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 PATHS = ("base", "merged", "unmerged", "stacked")
+BOOTSTRAP, CI = 2000, 0.90
 MERGED_TARGET, UNMERGED_FACTOR = 0.03, 1.25
 
 
@@ -190,6 +196,14 @@ def mixtures(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- measurement ---------------------------------------------------------------------------
+def paired_interval(ratios, n: int = BOOTSTRAP, level: float = CI, seed: int = 0):
+  """(low, high) of the median of per-round ratios over `n` resamples of the rounds."""
+  r = np.asarray(ratios, np.float64)
+  idx = np.random.default_rng(seed).integers(0, len(r), (n, len(r)))
+  meds = np.median(r[idx], axis=1)
+  return float(np.quantile(meds, (1 - level) / 2)), float(np.quantile(meds, (1 + level) / 2))
+
+
 def timed(fn, *args):
   import jax
 
@@ -245,6 +259,7 @@ def bench_model(name: str, args, deadline: float) -> dict:
     "unmerged": (mixed, frozen, tokens, served, weights),
     "stacked": (mixed, frozen, tokens, skills, weights),
   }
+  paths = [p for p in PATHS if p in args.paths or p == "base"]
   first, outs = {}, {}
   for p, (fn, *a) in calls.items():  # warm-up: compiles (merged reuses base's executable)
     out, first[p], _ = timed(fn, *a)
@@ -262,7 +277,8 @@ def bench_model(name: str, args, deadline: float) -> dict:
   log(f"\n== {name}: {cfg.num_hidden_layers} layers, batch {batch} x {seq}, {args.dtype}; "
       f"set-up {setup_s:.1f} s, serving layout {serve_s:.2f} s, merge {merge_s:.1f} s, "
       "first calls (compile) "
-      + ", ".join(f"{p} {first[p]:.1f} s" for p in PATHS))  # fmt: skip
+      + ", ".join(f"{p} {first[p]:.1f} s" for p in PATHS)
+      + f"; timed: {', '.join(paths)}")  # fmt: skip
   log(
     f"   max |logit diff| / max |logit|: merged vs base {check['merged_vs_base']:.2e} "
     f"(the deltas are real), unmerged vs merged on row 0 {check['unmerged_vs_merged_row0']:.2e}"
@@ -276,18 +292,19 @@ def bench_model(name: str, args, deadline: float) -> dict:
   )
   wait_s = max(0.0, deadline - time.monotonic())
   load_before = _common.wait_for_quiet(args.max_load, wait_s, poll_s=60.0)
-  times = {p: [] for p in PATHS}
-  others = {p: [] for p in PATHS}
+  times = {p: [] for p in paths}
+  others = {p: [] for p in paths}
   for i in range(args.repeats):
-    for p in PATHS[i % len(PATHS) :] + PATHS[: i % len(PATHS)]:
+    for p in paths[i % len(paths) :] + paths[: i % len(paths)]:
       fn, *a = calls[p]
       _, s, o = timed(fn, *a)
       times[p].append(s)
       others[p].append(o)
   load_after = _common.load1()
-  med = {p: _common.median(times[p]) for p in PATHS}
-  paired = {p: _common.median([t / b for t, b in zip(times[p], times["base"], strict=True)])
-            for p in PATHS}  # fmt: skip
+  med = {p: _common.median(times[p]) for p in paths}
+  ratios = {p: np.asarray(times[p]) / np.asarray(times["base"]) for p in paths}
+  paired = {p: float(np.median(ratios[p])) for p in paths}
+  paired_ci = {p: paired_interval(ratios[p]) for p in paths}
   return {
     "model": name,
     "layers": cfg.num_hidden_layers,
@@ -303,7 +320,9 @@ def bench_model(name: str, args, deadline: float) -> dict:
     "served_ranks": served_r,
     "serve_s": serve_s,
     "median_s": med,
+    "paths": paths,
     "paired_ratio": paired,
+    "paired_ci": paired_ci,
     "times_s": times,
     "others": others,
     "first_call_s": first,
@@ -325,15 +344,19 @@ def verdicts(r: dict) -> dict:
   """
   base = r["median_s"]["base"]
   share = r["flops_per_token"]["share_computed"]
-  over = {p: r["median_s"][p] / base - 1 for p in PATHS}
-  return {
-    "overhead": over,
-    "merged_met": abs(over["merged"]) <= MERGED_TARGET,
-    "unmerged_ratio": over["unmerged"] / share,
-    "unmerged_ratio_kept": over["unmerged"] / r["flops_per_token"]["share_kept"],
-    "unmerged_met": over["unmerged"] <= UNMERGED_FACTOR * share,
-    "stacked_ratio": over["stacked"] / r["flops_per_token_stacked"]["share_computed"],
-  }
+  over = {p: r["median_s"][p] / base - 1 for p in r["paths"]}
+  out = {"overhead": over}
+  if "merged" in over:
+    out["merged_met"] = abs(over["merged"]) <= MERGED_TARGET
+  if "unmerged" in over:
+    out["unmerged_ratio"] = over["unmerged"] / share
+    out["unmerged_ratio_kept"] = over["unmerged"] / r["flops_per_token"]["share_kept"]
+    out["unmerged_met"] = over["unmerged"] <= UNMERGED_FACTOR * share
+    lo, hi = (x - 1 for x in r["paired_ci"]["unmerged"])
+    out["unmerged_paired_ratio_ci"] = (lo / share, hi / share)
+  if "stacked" in over:
+    out["stacked_ratio"] = over["stacked"] / r["flops_per_token_stacked"]["share_computed"]
+  return out
 
 
 def table_rows(r: dict) -> list[list[str]]:
@@ -342,9 +365,11 @@ def table_rows(r: dict) -> list[list[str]]:
   sk = r["flops_per_token"]["share_kept"]
   label = f"{r['model']} {r['batch']}x{r['seq']} {r['dtype']}"
   rows = []
-  for p in PATHS:
+  for p in r["paths"]:
     ms = f"{1e3 * r['median_s'][p]:.1f}"
-    over, paired = f"{v['overhead'][p]:+.2%}", f"{r['paired_ratio'][p] - 1:+.2%}"
+    lo, hi = (x - 1 for x in r["paired_ci"][p])
+    over = f"{v['overhead'][p]:+.2%}"
+    paired = f"{r['paired_ratio'][p] - 1:+.2%} [{lo:+.2%}, {hi:+.2%}]"
     if p == "base":
       rows.append([label, p, ms, "–", "–", "–", "–", "–", "–"])
     elif p == "merged":
@@ -353,7 +378,9 @@ def table_rows(r: dict) -> list[list[str]]:
     elif p == "unmerged":
       sc = r["flops_per_token"]["share_computed"]
       share = f"{sc:.2%} ({sk:.2%})"
-      ratio = f"{v['unmerged_ratio']:.2f} ({v['unmerged_ratio_kept']:.2f})"
+      lo_r, hi_r = v["unmerged_paired_ratio_ci"]
+      ratio = (f"{v['unmerged_ratio']:.2f} ({v['unmerged_ratio_kept']:.2f}); paired interval "
+               f"{lo_r:.2f}-{hi_r:.2f}")  # fmt: skip
       target = f"<= {UNMERGED_FACTOR * sc:.2%}"
       rows.append([label, "unmerged (served)", ms, over, paired, share, ratio, target,
                    v["unmerged_met"]])  # fmt: skip
@@ -366,7 +393,8 @@ def table_rows(r: dict) -> list[list[str]]:
 
 
 def print_table(results: list[dict]) -> None:
-  head = ["model", "path", "median ms", "overhead vs base", "paired", "extra-FLOP share "
+  head = ["model", "path", "median ms", "overhead vs base", f"paired [{CI:.0%} interval]",
+          "extra-FLOP share "
           "computed (kept)", "overhead / share computed (kept)", "target", "met"]  # fmt: skip
   print("\n" + " | ".join(head))
   print("|".join("---" for _ in head))
@@ -375,7 +403,7 @@ def print_table(results: list[dict]) -> None:
       print(" | ".join(row))
   for r in results:
     fl = r["flops_per_token"]
-    others = ", ".join(f"{p} {_common.median(r['others'][p]):.0%}" for p in PATHS)
+    others = ", ".join(f"{p} {_common.median(r['others'][p]):.0%}" for p in r["paths"])
     print(
       f"  {r['model']}: base {fl['base'] / 1e6:.1f} MFLOP/token (dense {fl['dense'] / 1e6:.1f}"
       f" + attention {fl['attention'] / 1e6:.1f}), skills {fl['extra_computed'] / 1e6:.1f}"
@@ -392,6 +420,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=None, help="rows (default: per model)")
   ap.add_argument("--seq", type=int, default=None, help="tokens per row (default: per model)")
   ap.add_argument("--repeats", type=int, default=10, help="timed rounds after the warm-up")
+  ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                  help="paths timed in the rounds (base always)")  # fmt: skip
   ap.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
   ap.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load")
   ap.add_argument("--wait", type=float, default=600.0, help="wait at most this long in all (s)")

@@ -63,3 +63,16 @@ def test_flop_counts_match_xla_cost_analysis():
     assert np.isclose(fl["share_computed"], fl["extra_computed"] / fl["base"])
   fl_stacked = routing.flop_counts(cfg, B, T, {t: S * r for t in kept}, kept)
   assert fl_stacked["extra_kept"] < 0.75 * fl_stacked["extra_computed"]
+
+
+def test_paired_interval_brackets_the_median_and_narrows_with_less_noise():
+  routing = _routing()
+  rng = np.random.default_rng(0)
+  noisy = 1.03 + 0.05 * rng.standard_normal(30)
+  quiet = 1.03 + 0.005 * rng.standard_normal(30)
+  lo, hi = routing.paired_interval(noisy)
+  assert lo <= np.median(noisy) <= hi
+  qlo, qhi = routing.paired_interval(quiet)
+  assert qlo <= np.median(quiet) <= qhi
+  assert (qhi - qlo) < (hi - lo) / 4
+  assert routing.paired_interval(np.full(12, 1.02)) == (1.02, 1.02)
