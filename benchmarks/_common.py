@@ -151,6 +151,22 @@ def median(xs) -> float:
   return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+def median_ratio_interval(num, den, n: int = 2000, level: float = 0.90, seed: int = 0):
+  """(low, high) of median(num) / median(den) over `n` bootstrap resamples of each sample.
+
+  For unpaired timings (two processes, e.g. PEFT's steps and ours): each side's steps are
+  resampled with replacement on their own; `level` of the resampled ratios lie in the interval.
+  """
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  a, b = np.asarray(num, np.float64), np.asarray(den, np.float64)
+  ma = np.median(a[rng.integers(0, len(a), (n, len(a)))], axis=1)
+  mb = np.median(b[rng.integers(0, len(b), (n, len(b)))], axis=1)
+  q = np.quantile(ma / mb, ((1 - level) / 2, (1 + level) / 2))
+  return float(q[0]), float(q[1])
+
+
 # ---- analytic FLOPs -------------------------------------------------------------------------
 def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, targets,
                attention_block: int | None = None) -> dict:  # fmt: skip

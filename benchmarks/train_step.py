@@ -23,6 +23,9 @@ What is timed (identical for both frameworks):
     + base_model.update_and_allocate(step) + zero_grad.
   * `--warmup` steps (ours: includes compilation), then the median wall time of `--steps`
     steps; ours waits for the step's outputs (`jax.block_until_ready`). tokens/s = B*T / median.
+    Beside each speed ratio: a 90% bootstrap interval (each side's measured steps, all rounds
+    pooled, resampled on their own; `_common.median_ratio_interval`), since single steps on
+    these machines vary by 5-20%.
   * Peak memory: each framework runs in a fresh child process; its ru_maxrss at the end
     (model load included) is its peak RSS.
   * Runs alternate: ours (each --dtype), PEFT, per round. The parent waits before each child
@@ -342,9 +345,12 @@ def summarize(runs: list[dict], tokens_per_step: int) -> None:
     ):
       if k in stats:
         tps, mem = stats[k]
-        print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x (target >= {target}x: "
-              f"{'met' if tps / tps_p >= target else 'MISSED'}), peak memory {mem / mem_p:.2f}x "
-              f"(target <= 0.5x: {'met' if mem / mem_p <= 0.5 else 'MISSED'})")  # fmt: skip
+        steps_p = [t for r in rows["PEFT f32"] for t in r["step_s"]]
+        lo, hi = _common.median_ratio_interval(steps_p, [t for r in rows[k] for t in r["step_s"]])
+        print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x [90% interval {lo:.2f}-{hi:.2f}] "
+              f"(target >= {target}x: {'met' if tps / tps_p >= target else 'MISSED'}), peak "
+              f"memory {mem / mem_p:.2f}x (target <= 0.5x: "
+              f"{'met' if mem / mem_p <= 0.5 else 'MISSED'})")  # fmt: skip
   sfx = "+remat" if any(r["dtype"].endswith("+remat") for r in runs) else ""
   f32 = rows.get("ours float32" + sfx, [None])[0]
   bf16 = rows.get("ours bfloat16" + sfx, [None])[0]

@@ -52,3 +52,17 @@ def test_reexec_restarts_once_with_the_tunable(tmp_path):
     "start glibc.malloc.hugetlb=1 ['--flag', 'a b']",
     "ran glibc.malloc.hugetlb=1",
   ]
+
+
+def test_median_ratio_interval_brackets_the_ratio_and_narrows_with_less_noise():
+  import numpy as np
+
+  c = _common()
+  rng = np.random.default_rng(0)
+  peft = 10.0 * (1 + 0.10 * rng.standard_normal(10))
+  ours = 8.0 * (1 + 0.10 * rng.standard_normal(10))
+  lo, hi = c.median_ratio_interval(peft, ours)
+  assert lo <= np.median(peft) / np.median(ours) <= hi
+  qlo, qhi = c.median_ratio_interval(10.0 + 0.01 * rng.standard_normal(10), ours * 0 + 8.0)
+  assert qhi - qlo < (hi - lo) / 10
+  assert c.median_ratio_interval([10.0] * 5, [8.0] * 5) == (1.25, 1.25)
