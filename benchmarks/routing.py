@@ -43,8 +43,9 @@ After one warm-up call each (compilation), `--repeats` rounds call the paths in 
 fit in the same time, and each pair is seconds apart. Reported per path: the median, the
 overhead vs base from the medians, "paired" (the median over rounds of that round's path
 time / base time) and a 90% bootstrap interval of the paired overhead (rounds resampled with
-replacement, 2000 times): a single call of the 2-layer 7B shape varies by +-5% here, so one
-run's overhead on a share of ~3% is a noisy number and the interval says how noisy. Before the
+replacement, 2000 times): single calls of the 2-layer 7B shape ranged over 5.55-7.58 s in one
+run here, so one run's overhead on a share of ~3% is a noisy number; the interval says how
+noisy (pairs in one run, not the drift between runs). Before the
 rounds the script waits (up to `--wait` s over the whole run, polling every 60 s) until the
 1-minute load average is below `--max-load`, and prints the load before and after and the
 share of the CPUs other processes used during each path's calls (/proc/stat, see
