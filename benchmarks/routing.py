@@ -85,7 +85,6 @@ DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 NUM_SKILLS, INIT_R, TARGET_R, LORA_ALPHA = 12, 12, 8, 8.0
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 PATHS = ("base", "merged", "unmerged", "stacked")
-BOOTSTRAP, CI = 2000, 0.90
 MERGED_TARGET, UNMERGED_FACTOR = 0.03, 1.25
 
 
@@ -197,14 +196,6 @@ def mixtures(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- measurement ---------------------------------------------------------------------------
-def paired_interval(ratios, n: int = BOOTSTRAP, level: float = CI, seed: int = 0):
-  """(low, high) of the median of per-round ratios over `n` resamples of the rounds."""
-  r = np.asarray(ratios, np.float64)
-  idx = np.random.default_rng(seed).integers(0, len(r), (n, len(r)))
-  meds = np.median(r[idx], axis=1)
-  return float(np.quantile(meds, (1 - level) / 2)), float(np.quantile(meds, (1 + level) / 2))
-
-
 def timed(fn, *args):
   import jax
 
@@ -305,7 +296,7 @@ def bench_model(name: str, args, deadline: float) -> dict:
   med = {p: _common.median(times[p]) for p in paths}
   ratios = {p: np.asarray(times[p]) / np.asarray(times["base"]) for p in paths}
   paired = {p: float(np.median(ratios[p])) for p in paths}
-  paired_ci = {p: paired_interval(ratios[p]) for p in paths}
+  paired_ci = {p: _common.median_interval(ratios[p]) for p in paths}
   return {
     "model": name,
     "layers": cfg.num_hidden_layers,
@@ -394,9 +385,10 @@ def table_rows(r: dict) -> list[list[str]]:
 
 
 def print_table(results: list[dict]) -> None:
-  head = ["model", "path", "median ms", "overhead vs base", f"paired [{CI:.0%} interval]",
-          "extra-FLOP share "
-          "computed (kept)", "overhead / share computed (kept)", "target", "met"]  # fmt: skip
+  level = f"{_common.INTERVAL_LEVEL:.0%}"
+  head = ["model", "path", "median ms", "overhead vs base", f"paired [{level} interval]",
+          "extra-FLOP share computed (kept)", "overhead / share computed (kept)", "target",
+          "met"]  # fmt: skip
   print("\n" + " | ".join(head))
   print("|".join("---" for _ in head))
   for r in results:

@@ -347,7 +347,8 @@ def summarize(runs: list[dict], tokens_per_step: int) -> None:
         tps, mem = stats[k]
         steps_p = [t for r in rows["PEFT f32"] for t in r["step_s"]]
         lo, hi = _common.median_ratio_interval(steps_p, [t for r in rows[k] for t in r["step_s"]])
-        print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x [90% interval {lo:.2f}-{hi:.2f}] "
+        print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x [{_common.INTERVAL_LEVEL:.0%} "
+              f"interval {lo:.2f}-{hi:.2f}] "
               f"(target >= {target}x: {'met' if tps / tps_p >= target else 'MISSED'}), peak "
               f"memory {mem / mem_p:.2f}x (target <= 0.5x: "
               f"{'met' if mem / mem_p <= 0.5 else 'MISSED'})")  # fmt: skip

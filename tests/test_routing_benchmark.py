@@ -70,9 +70,9 @@ def test_paired_interval_brackets_the_median_and_narrows_with_less_noise():
   rng = np.random.default_rng(0)
   noisy = 1.03 + 0.05 * rng.standard_normal(30)
   quiet = 1.03 + 0.005 * rng.standard_normal(30)
-  lo, hi = routing.paired_interval(noisy)
+  lo, hi = routing._common.median_interval(noisy)
   assert lo <= np.median(noisy) <= hi
-  qlo, qhi = routing.paired_interval(quiet)
+  qlo, qhi = routing._common.median_interval(quiet)
   assert qlo <= np.median(quiet) <= qhi
   assert (qhi - qlo) < (hi - lo) / 4
-  assert routing.paired_interval(np.full(12, 1.02)) == (1.02, 1.02)
+  assert routing._common.median_interval(np.full(12, 1.02)) == (1.02, 1.02)
