@@ -24,14 +24,18 @@ Stage 2 loads the skills at init_r (`route.load_one`) and lays them out once for
 (`adapters.serving_stack`): per matrix, the kept ranks of all 12 skills side by side, layer-major,
 padded to the busiest layer's count (a multiple of 8): the "served" rank R.
 
-Four paths, each one jitted logits forward (`model.forward`, logits at every position):
+Five paths, each one jitted logits forward (`model.forward`, logits at every position):
   (a) base: the frozen model, no adapters.
   (b) merged: W0 + Σ_s w_s ΔW_s in a copy of the kernels (`router.merged_params` on the served
       skills; run once before timing) fed to the same jitted base forward.
-  (c) unmerged (served): `AdapterCtx(weights=[B, S])` on the served layout, a different
-      softmax mixture per row (row 0 uses the merged path's task mixture, so merged and
-      unmerged logits are compared on it). This is stage 2's unmerged path (the gate).
-  (d) unmerged (stacked): the same mixtures on the skill-stacked [S, L, ...] adapters as stage 1
+  (c) unmerged (served): `AdapterCtx(weights=[B, S])` on the served layout, packed
+      (`router.packed_params`, built once before timing: B stacked under W as extra kernel
+      rows where R <= in / 8, so x·W + h·Bᵀ is one GEMM of [x, h]), a different softmax
+      mixture per row (row 0 uses the merged path's task mixture, so merged and unmerged logits
+      are compared on it). This is stage 2's unmerged path (the gate, and the fitting).
+  (d) unmerged (unpacked): the same served layout and mixtures with every kernel unpacked:
+      x·W plus a separate up-product and add per projection (the layout A/B).
+  (e) unmerged (stacked): the same mixtures on the skill-stacked [S, L, ...] adapters as stage 1
       stores them (all S x r ranks, A⊙E and the layer-major transpose inside every call): the
       layout A/B.
 The script restarts itself once with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge-page
@@ -84,7 +88,7 @@ MODELS = {  # name: (preset, layers or None for all, default batch, default seq)
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 NUM_SKILLS, INIT_R, TARGET_R, LORA_ALPHA = 12, 12, 8, 8.0
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-PATHS = ("base", "merged", "unmerged", "stacked")
+PATHS = ("base", "merged", "unmerged", "unpacked", "stacked")
 MERGED_TARGET, UNMERGED_FACTOR = 0.03, 1.25
 
 
@@ -228,6 +232,7 @@ def bench_model(name: str, args, deadline: float) -> dict:
   setup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   served = jax.block_until_ready(adapters.serving_stack(skills))
+  packed_params, packed = jax.block_until_ready(router.packed_params(frozen, served))
   serve_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   merged = jax.block_until_ready(router.merged_params(frozen, served, w_task, scale))
@@ -248,7 +253,8 @@ def bench_model(name: str, args, deadline: float) -> dict:
   calls = {
     "base": (plain, frozen, tokens),
     "merged": (plain, merged, tokens),
-    "unmerged": (mixed, frozen, tokens, served, weights),
+    "unmerged": (mixed, packed_params, tokens, packed, weights),
+    "unpacked": (mixed, frozen, tokens, served, weights),
     "stacked": (mixed, frozen, tokens, skills, weights),
   }
   paths = [p for p in PATHS if p in args.paths or p == "base"]
@@ -261,6 +267,7 @@ def bench_model(name: str, args, deadline: float) -> dict:
     "merged_vs_base": float(np.abs(outs["merged"] - outs["base"]).max() / ref),
     "unmerged_vs_merged_row0": float(np.abs(outs["unmerged"] - outs["merged"]).max() / ref),
     "unmerged_vs_stacked": float(np.abs(outs["unmerged"] - outs["stacked"]).max() / ref),
+    "unmerged_vs_unpacked": float(np.abs(outs["unmerged"] - outs["unpacked"]).max() / ref),
   }
   del outs
   served_r = {t: int(leaf["route"].shape[1]) for t, leaf in served.items()}
@@ -274,13 +281,15 @@ def bench_model(name: str, args, deadline: float) -> dict:
   log(
     f"   max |logit diff| / max |logit|: merged vs base {check['merged_vs_base']:.2e} "
     f"(the deltas are real), unmerged vs merged on row 0 {check['unmerged_vs_merged_row0']:.2e}"
-    f", unmerged (served) vs stacked {check['unmerged_vs_stacked']:.2e}"
+    f", unmerged (served) vs stacked {check['unmerged_vs_stacked']:.2e}, vs unpacked "
+    f"{check['unmerged_vs_unpacked']:.2e}"
   )
   log(
     f"   kept ranks per matrix: mean {np.mean([k.mean() for k in kept.values()]):.2f}, "
     f"min {min(k.min() for k in kept.values())}, max {max(k.max() for k in kept.values())}; "
     f"computed: stacked {INIT_R} per skill ({NUM_SKILLS * INIT_R} per matrix), served "
-    f"(kept ranks of all skills, packed) {served_r}"
+    f"(kept ranks of all skills side by side) {served_r}; packed into the kernels (R <= in / 8): "
+    f"{sorted(t for t, leaf in packed.items() if 'B' not in leaf)}"
   )
   wait_s = max(0.0, deadline - time.monotonic())
   load_before = _common.wait_for_quiet(args.max_load, wait_s, poll_s=60.0)
@@ -346,6 +355,8 @@ def verdicts(r: dict) -> dict:
     out["unmerged_met"] = over["unmerged"] <= UNMERGED_FACTOR * share
     lo, hi = (x - 1 for x in r["paired_ci"]["unmerged"])
     out["unmerged_paired_ratio_ci"] = (lo / share, hi / share)
+  if "unpacked" in over:
+    out["unpacked_ratio"] = over["unpacked"] / share
   if "stacked" in over:
     out["stacked_ratio"] = over["stacked"] / r["flops_per_token_stacked"]["share_computed"]
   return out
@@ -376,6 +387,10 @@ def table_rows(r: dict) -> list[list[str]]:
       target = f"<= {UNMERGED_FACTOR * sc:.2%}"
       rows.append([label, "unmerged (served)", ms, over, paired, share, ratio, target,
                    v["unmerged_met"]])  # fmt: skip
+    elif p == "unpacked":
+      sc = r["flops_per_token"]["share_computed"]
+      rows.append([label, "unmerged (unpacked)", ms, over, paired, f"{sc:.2%} ({sk:.2%})",
+                   f"{v['unpacked_ratio']:.2f}", "(layout A/B)", "–"])  # fmt: skip
     else:
       sc = r["flops_per_token_stacked"]["share_computed"]
       share = f"{sc:.2%} ({sk:.2%})"

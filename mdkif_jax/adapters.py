@@ -4,6 +4,7 @@ An adapter leaf for one projection of one layer is a dict of arrays:
   SVD form (AdaLoRA):  {"A": ([S,] r, in), "E": ([S,] r), "B": ([S,] out, r)}
   plain LoRA:          {"A": ([S,] r, in), "B": ([S,] out, r)}
   served skills:       {"A": (R, in), "B": (out, R), "route": (R, S)}
+  packed served:       {"A": (R, in), "route": (R, S)}, B stacked under W in the kernel
 with an optional leading skill axis S. The model stacks layers, so the leaves it receives
 from the caller carry a layer axis too (after the skill axis; first in the served form);
 `Llama.hidden` moves it to the front and its scan slices it off before calling `delta` once
@@ -14,6 +15,8 @@ the skills are loaded: every skill's A⊙E side by side on one rank axis R (S·r
 ranks AdaLoRA kept), layer-major, with a one-hot `route` saying which skill each rank belongs
 to. A routed forward is then two plain matmuls per projection with a per-row rank weighting
 in between (the multi-LoRA layout), with no per-call transposes or A⊙E products.
+`pack_served` goes one step further for serving: B joins the frozen kernel as extra rows,
+[W ; Bᵀ], so the up-product and the add run inside the base GEMM.
 """
 
 from __future__ import annotations
@@ -56,18 +59,30 @@ def effective_a(leaf: dict) -> jax.Array:
   return a
 
 
+def served_ranks(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
+  """The served ranks' inputs [B, T, R] in x's dtype: (x·Aᵀ) weighted per row by its skills'
+  weights (`route` maps skills to ranks) times the scale. ΔW·x is this times Bᵀ."""
+  if ctx.weights is None:
+    raise ValueError("served skills (a 'route' leaf) need AdapterCtx(weights=[B, S])")
+  f32 = jnp.float32
+  w_BR = jnp.einsum("bs,rs->br", ctx.weights.astype(f32), leaf["route"].astype(f32))
+  h = dots.einsum("bti,ri->btr", x_BTI, leaf["A"].astype(x_BTI.dtype), out_dtype=f32)
+  return (h * (w_BR * ctx.scale)[:, None, :]).astype(x_BTI.dtype)  # scale folded in
+
+
 def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
   """ΔW·x for one projection of one layer, in x's dtype with f32 accumulation."""
+  if "route" in leaf and "B" not in leaf:
+    raise ValueError(
+      "packed served skills (no 'B' leaf, see adapters.pack_served) run only inside the model "
+      "whose kernels pack_served returned"
+    )
   dt = x_BTI.dtype
   a = effective_a(leaf).astype(dt)
   b = leaf["B"].astype(dt)
   f32 = jnp.float32
   if "route" in leaf:  # served skills: every skill's ranks side by side (serving_stack)
-    if ctx.weights is None:
-      raise ValueError("served skills (a 'route' leaf) need AdapterCtx(weights=[B, S])")
-    w_BR = jnp.einsum("bs,rs->br", ctx.weights.astype(f32), leaf["route"].astype(f32))
-    h = dots.einsum("bti,ri->btr", x_BTI, a, out_dtype=f32)
-    h = (h * (w_BR * ctx.scale)[:, None, :]).astype(dt)  # per-row rank weights, scale folded in
+    h = served_ranks(x_BTI, leaf, ctx)
     return dots.einsum("btr,or->bto", h, b, out_dtype=f32).astype(dt)
   if a.ndim == 2:  # no skill axis
     h = dots.einsum("bti,ri->btr", x_BTI, a)
@@ -296,6 +311,43 @@ def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8) -> di
     route = jax.nn.one_hot(idx // r, S, dtype=jnp.float32) * valid[..., None]
     out[t] = {"A": served["A"], "B": served["B"], "route": route}
   return out
+
+
+def pack_served(
+  kernels: Mapping[str, jax.Array], served: dict, max_rank_fraction: float = 0.125
+) -> tuple[dict, dict]:
+  """Stage 2's unmerged serving layout with every up-product folded into the frozen GEMM.
+
+  Returns (packed kernels, packed skills). Per served target, the kernel becomes
+  [W ; Bᵀ] (L, in + R, out): the base rows, then the served ranks' B, in the kernel's dtype;
+  the skill leaf keeps {"A": (L, R, in), "route": (L, R, S)} and drops B. The model (see
+  `Llama._block`) then computes a routed projection as [x, h]·[W ; Bᵀ] with h =
+  `served_ranks(x)`: x·W + h·Bᵀ in one GEMM, the same sum as `delta` up to float rounding.
+  Run unpacked (`x·W + delta`), the [tokens, out] delta is written by a skinny GEMM and read
+  back by a separate add; packed, it never exists (benchmarks/routing.py: on the 2-layer
+  7B shape this is what brings the served overhead down to its FLOP share).
+  A packed kernel with no skills given runs as the base ([x, 0]; R extra zero inputs).
+  Memory: the packed kernels replace the originals (base + B, as unpacked); keeping both
+  (e.g. for merged task-level inference) holds two copies of the adapted kernels.
+
+  Only targets with R <= max_rank_fraction x in are packed; the others keep their served
+  leaf (B included) and their kernel, and run unpacked. Packing pays where the ranks are a
+  sliver of the contraction (7B shape: R ~ 100 of 4096, served overhead 1.27x -> ~0x its
+  FLOP share); where they are not, copying [x, h] costs more than the add it saves (SmolLM2:
+  R ~ 110 of 576, 0.93x unpacked -> 1.10x packed). The default 1/8 lies between the two.
+  """
+  out_k, out_a = dict(kernels), {}
+  for t, leaf in served.items():
+    if "route" not in leaf or "B" not in leaf:
+      raise ValueError(f"pack_served: {t!r} is not a served leaf (adapters.serving_stack)")
+    w = kernels[t]
+    if leaf["B"].shape[-1] > max_rank_fraction * w.shape[-2]:
+      out_a[t] = leaf
+      continue
+    bt = jnp.swapaxes(leaf["B"], -1, -2).astype(w.dtype)  # (L, R, out)
+    out_k[t] = jnp.concatenate([w, bt], axis=-2)
+    out_a[t] = {"A": leaf["A"], "route": leaf["route"]}
+  return out_k, out_a
 
 
 def _host_value(x) -> np.ndarray:

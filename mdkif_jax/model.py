@@ -298,9 +298,17 @@ class Llama(nnx.Module):
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
     def proj(name, inp):
-      out = matmul(inp, w[name])
-      if a is not None and name in a:
-        out = out + adapters_lib.delta(inp, a[name], ctx)
+      extra = w[name].shape[-2] - inp.shape[-1]
+      if extra:  # a packed kernel [W ; Bᵀ] (adapters.pack_served): [x, h]·[W ; Bᵀ], one GEMM
+        if a is not None and name in a:
+          h = adapters_lib.served_ranks(inp, a[name], ctx)
+        else:
+          h = jnp.zeros((*inp.shape[:-1], extra), inp.dtype)
+        out = matmul(jnp.concatenate([inp, h], -1), w[name])
+      else:
+        out = matmul(inp, w[name])
+        if a is not None and name in a:
+          out = out + adapters_lib.delta(inp, a[name], ctx)
       if f"{name}_bias" in w:
         out = out + w[f"{name}_bias"].astype(out.dtype)
       return out

@@ -11,7 +11,7 @@
    gate; with `router.baselines` it also scores the base, each single skill, the uniform
    average, every router kind and CMA-ES on k examples for each k and seed;
 4. scores each (task-level mixtures merged into the kernels: the zero-overhead serving path;
-   the gate unmerged) by answer NLL, token accuracy, teacher-forced exact match and the task's
+   the gate unmerged, in the packed serving layout `router.packed_params`) by answer NLL, token accuracy, teacher-forced exact match and the task's
    standard metric (`TaskScorer`, metrics.py: accuracy + macro-F1 over candidate
    log-likelihoods for label tasks, ROUGE of greedy generations for summaries and dialogue),
    saves the router with Orbax, writes metrics.jsonl, router_weights.png and predictions.jsonl
@@ -432,6 +432,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   stacked = adapters.serving_stack(stacked)
   log.info("stage 2: served ranks per target %s",
            {t: int(leaf["route"].shape[1]) for t, leaf in stacked.items()})  # fmt: skip
+  # The unmerged paths (fitting, the gate) run packed: B stacked under W in a copy of the
+  # adapted kernels (router.packed_params), the up-products inside the base GEMMs; merged
+  # scoring and the base keep the plain kernels.
+  pfrozen, packed = router.packed_params(frozen, stacked)
   tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
   fit_rows, score_rows = task_examples(config)
   method = choose_method(config, len(fit_rows))
@@ -477,22 +481,23 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   def run(kind: str, primary: bool):
     if kind == "gd":
       fit = task_fit(config)
-      theta, curve = router.fit_task_gd(graphdef, frozen, stacked, scale, fit_b, fit)
+      theta, curve = router.fit_task_gd(graphdef, pfrozen, packed, scale, fit_b, fit)
       theta = task_level("gd", theta, curve, fit)
     elif kind == "cmaes":
       fit = task_fit(config, cmaes=True)
       one = batches(fit_rows, size=len(fit_rows))[0]
-      theta, curve = router.fit_task_cmaes(graphdef, frozen, stacked, scale, one, fit)
+      theta, curve = router.fit_task_cmaes(graphdef, pfrozen, packed, scale, one, fit)
       theta = task_level("cmaes", theta, curve, fit)
     else:
       g = config.gate
-      gate, curve = router.fit_gate(graphdef, frozen, stacked, scale, fit_b, hidden=g.hidden,
+      gate, curve = router.fit_gate(graphdef, pfrozen, packed, scale, fit_b, hidden=g.hidden,
                                     top_k=g.top_k, steps=g.steps, learning_rate=g.learning_rate,
                                     seed=config.router.seed)  # fmt: skip
       gate_def, params = nnx.split(gate)
-      stats = functools.partial(_gate_stats, params, frozen, stacked, gate_def=gate_def,
+      stats = functools.partial(_gate_stats, params, pfrozen, packed, gate_def=gate_def,
                                 graphdef=graphdef, scale=scale)  # fmt: skip
-      done("gate", scorer(stats, generator(tok, config, base, stacked, scale)))
+      model = nnx.merge(graphdef, pfrozen)
+      done("gate", scorer(stats, generator(tok, config, model, packed, scale)))
       weights["gate"], history["gate"] = np.mean(list(scorer.last["weights"].values()), 0), curve
       if primary:
         state["gate"] = nnx.to_pure_dict(nnx.split(gate)[1])
@@ -516,7 +521,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
         fit = task_fit(config, seed=seed, cmaes=True)
         rows = k_shot_rows(fit_rows, int(k), seed, config.task)
         one = batches(rows, size=len(rows))[0]
-        theta, curve = router.fit_task_cmaes(graphdef, frozen, stacked, scale, one, fit)
+        theta, curve = router.fit_task_cmaes(graphdef, pfrozen, packed, scale, one, fit)
         task_level(f"cmaes_k{k}_s{seed}", theta, curve, fit)
 
   state["weights"] = np.asarray(weights[method], np.float32)

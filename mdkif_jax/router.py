@@ -229,6 +229,27 @@ def merged_params(frozen: nnx.State, stacked: dict, w_S: jax.Array, scale: float
   return out
 
 
+# ---- unmerged inference for per-row weights ---------------------------------------------------
+def packed_params(
+  frozen: nnx.State, served: dict, max_rank_fraction: float = 0.125
+) -> tuple[nnx.State, dict]:
+  """(params, skills) in the packed serving layout (`adapters.pack_served`): a copy of the
+  frozen params whose packed kernels are [W ; Bᵀ], and the served skills without their B.
+  Give both to the model in place of (frozen, served): the same mixtures, the up-products
+  inside the base GEMMs. Targets whose R exceeds max_rank_fraction x in stay unpacked. The
+  copy keeps the kernels' shardings (R is a multiple of the bucket, so in + R divides as in
+  does for every usual mesh)."""
+  kernels = {t: frozen[t][...] for t in served}
+  shardings = {t: getattr(kernels[t], "sharding", None) for t in served}
+  pack = functools.partial(adapters_lib.pack_served, max_rank_fraction=max_rank_fraction)
+  packed, skills = jax.jit(pack, out_shardings=(shardings, None))(kernels, served)
+  out = nnx.State(dict(frozen))
+  for t, value in packed.items():
+    if value.shape != frozen[t][...].shape:
+      out[t] = frozen[t].replace(value)
+  return out, skills
+
+
 # ---- adding a skill ------------------------------------------------------------------------
 def pad_rank(stacked: dict, rank: int) -> dict:
   """Zero-pad the rank axis of every leaf to `rank` (ΔW unchanged exactly)."""

@@ -100,10 +100,7 @@ def test_served_layout_is_the_stacked_mixture(setup, compact):
   assert any(leaf["route"].shape[1] < S * r for leaf in served.values()) == compact
   run = _forward(graphdef)
   tokens = batch["tokens"]
-  L = nnx.merge(graphdef, frozen).cfg.num_hidden_layers
-  rng = np.random.default_rng(4)
-  for shape in ((fx.B, S), (fx.B, L, S)):  # per row, and per row and layer
-    ctx = adapters.AdapterCtx(fx.SCALE, weights=jnp.asarray(rng.standard_normal(shape), F32))
+  for ctx in _random_mixtures(graphdef, frozen, S, seed=4):
     got, want = run(frozen, tokens, served, ctx), run(frozen, tokens, pruned, ctx)
     assert float(jnp.abs(want - run(frozen, tokens)).max()) > 1.0
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
@@ -115,13 +112,67 @@ def test_served_layout_is_the_stacked_mixture(setup, compact):
                                router.merged_params(frozen, pruned, w, fx.SCALE)[t][...],
                                rtol=1e-5, atol=1e-6)  # fmt: skip
   # the router's loss and its gradient w.r.t. the weights are the same through either layout
+  _assert_same_loss_and_grad(graphdef, batch, (frozen, served), (frozen, pruned))
+
+
+def _random_mixtures(graphdef, frozen, S, seed):
+  """AdapterCtx with N(0, 1) weights per row [B, S], and per row and layer [B, L, S]."""
+  L = nnx.merge(graphdef, frozen).cfg.num_hidden_layers
+  rng = np.random.default_rng(seed)
+  return [adapters.AdapterCtx(fx.SCALE, weights=jnp.asarray(rng.standard_normal(shape), F32))
+          for shape in ((fx.B, S), (fx.B, L, S))]  # fmt: skip
+
+
+def _assert_same_loss_and_grad(graphdef, batch, got_layout, want_layout):
+  """router.task_loss and its gradient w.r.t. task weights agree on two (params, skills)."""
   fit = router.TaskFit(parametrisation="softmax", regulariser="l1", reg_weight=0.1)
   f = jax.jit(jax.value_and_grad(router.task_loss, has_aux=True), static_argnums=(1, 4, 6))
   theta = jnp.asarray([0.3, -0.2])
-  (got, _), got_g = f(theta, graphdef, frozen, served, fx.SCALE, batch, fit)
-  (want, _), want_g = f(theta, graphdef, frozen, pruned, fx.SCALE, batch, fit)
+  (got, _), got_g = f(theta, graphdef, *got_layout, fx.SCALE, batch, fit)
+  (want, _), want_g = f(theta, graphdef, *want_layout, fx.SCALE, batch, fit)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_serving_layout_gives_the_served_mixture_and_its_gradient(setup):
+  _, graphdef, frozen, stacked, batch = setup
+  served = adapters.serving_stack(_pruned(stacked), bucket=4)
+  params, packed = router.packed_params(frozen, served, max_rank_fraction=1.0)
+  S = adapters.num_skills(served)
+  for t, leaf in served.items():
+    R = leaf["route"].shape[1]
+    L, d_in, d_out = frozen[t][...].shape
+    assert params[t][...].shape == (L, d_in + R, d_out) and "B" not in packed[t]
+    np.testing.assert_array_equal(params[t][...][:, :d_in], frozen[t][...])  # base rows intact
+    np.testing.assert_array_equal(params[t][...][:, d_in:], np.swapaxes(leaf["B"], 1, 2))
+  # a rank fraction between the targets' R / in packs some and leaves the others as served
+  fractions = sorted(served[t]["route"].shape[1] / frozen[t][...].shape[1] for t in served)
+  assert fractions[0] < fractions[-1]
+  cut = (fractions[0] + fractions[-1]) / 2
+  some_params, some = router.packed_params(frozen, served, max_rank_fraction=cut)
+  for t, leaf in served.items():
+    is_packed = leaf["route"].shape[1] <= cut * frozen[t][...].shape[1]
+    assert ("B" not in some[t]) == is_packed
+    assert (some_params[t][...].shape == params[t][...].shape) == is_packed
+  assert any("B" in leaf for leaf in some.values()) and any("B" not in x for x in some.values())
+  run = _forward(graphdef)
+  tokens = batch["tokens"]
+  for ctx in _random_mixtures(graphdef, frozen, S, seed=5):
+    want = run(frozen, tokens, served, ctx)
+    assert float(jnp.abs(want - run(frozen, tokens)).max()) > 1.0
+    np.testing.assert_allclose(run(params, tokens, packed, ctx), want, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(run(some_params, tokens, some, ctx), want, atol=1e-4, rtol=1e-5)
+  # zero weights, or no skills at all ([x, 0] into the packed GEMM), give the base
+  base = run(frozen, tokens)
+  ctx0 = adapters.AdapterCtx(fx.SCALE, weights=jnp.zeros((fx.B, S)))
+  np.testing.assert_allclose(run(params, tokens, packed, ctx0), base, atol=1e-5, rtol=1e-6)
+  np.testing.assert_allclose(run(params, tokens), base, atol=1e-5, rtol=1e-6)
+  # the router's loss and gradient w.r.t. the weights match the unpacked layout
+  _assert_same_loss_and_grad(graphdef, batch, (params, packed), (frozen, served))
+  with pytest.raises(ValueError, match="packed served skills"):
+    run(frozen, tokens, packed, ctx0)  # packed skills on the unpacked kernels
+  with pytest.raises(ValueError, match="not a served leaf"):
+    adapters.pack_served({t: frozen[t][...] for t in stacked}, stacked)
 
 
 def test_gradient_descent_recovers_planted_mixture(setup):
@@ -172,6 +223,13 @@ def test_sharded_equals_single_device(setup):
   (got_s, _), got_gs = loss_and_grad(graphdef8, frozen8, served8, batch8)
   np.testing.assert_allclose(got_s, want, rtol=1e-5)
   np.testing.assert_allclose(got_gs, want_g, rtol=1e-4, atol=1e-6)
+  # and packed: [W ; Bᵀ] keeps the sharded kernels' layout over the mesh
+  params8, packed8 = router.packed_params(frozen8, served8, max_rank_fraction=1.0)
+  assert params8["gate"][...].sharding == frozen8["gate"][...].sharding
+  assert params8["gate"][...].shape[1] > frozen8["gate"][...].shape[1]
+  (got_p, _), got_gp = loss_and_grad(graphdef8, params8, packed8, batch8)
+  np.testing.assert_allclose(got_p, want, rtol=1e-5)
+  np.testing.assert_allclose(got_gp, want_g, rtol=1e-4, atol=1e-6)
 
 
 def test_thirteenth_skill_joins_without_retraining(setup):
