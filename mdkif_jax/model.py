@@ -301,6 +301,9 @@ class Llama(nnx.Module):
       extra = w[name].shape[-2] - inp.shape[-1]
       if extra:  # a packed kernel [W ; Bᵀ] (adapters.pack_served): [x, h]·[W ; Bᵀ], one GEMM
         if a is not None and name in a:
+          if "B" in a[name] or "route" not in a[name]:
+            raise ValueError(f"the {name!r} kernel is packed ([W ; Bᵀ]): it takes the packed "
+                             "skills router.packed_params returned with it")  # fmt: skip
           h = adapters_lib.served_ranks(inp, a[name], ctx)
         else:
           h = jnp.zeros((*inp.shape[:-1], extra), inp.dtype)

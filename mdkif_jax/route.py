@@ -11,9 +11,10 @@
    gate; with `router.baselines` it also scores the base, each single skill, the uniform
    average, every router kind and CMA-ES on k examples for each k and seed;
 4. scores each (task-level mixtures merged into the kernels: the zero-overhead serving path;
-   the gate unmerged, in the packed serving layout `router.packed_params`) by answer NLL, token accuracy, teacher-forced exact match and the task's
-   standard metric (`TaskScorer`, metrics.py: accuracy + macro-F1 over candidate
-   log-likelihoods for label tasks, ROUGE of greedy generations for summaries and dialogue),
+   the gate unmerged, in the packed layout of `router.packed_params`, which the fitting uses
+   too) by answer NLL, token accuracy, teacher-forced exact match and the task's standard
+   metric (`TaskScorer`, metrics.py: accuracy + macro-F1 over candidate log-likelihoods for
+   label tasks, ROUGE of greedy generations for summaries and dialogue),
    saves the router with Orbax, writes metrics.jsonl, router_weights.png and predictions.jsonl
    (every method's chosen candidate or generated text per scored row, beside the answer).
 """

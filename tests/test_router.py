@@ -171,6 +171,8 @@ def test_packed_serving_layout_gives_the_served_mixture_and_its_gradient(setup):
   _assert_same_loss_and_grad(graphdef, batch, (params, packed), (frozen, served))
   with pytest.raises(ValueError, match="packed served skills"):
     run(frozen, tokens, packed, ctx0)  # packed skills on the unpacked kernels
+  with pytest.raises(ValueError, match="kernel is packed"):
+    run(params, tokens, served, ctx0)  # unpacked skills on the packed kernels
   with pytest.raises(ValueError, match="not a served leaf"):
     adapters.pack_served({t: frozen[t][...] for t in stacked}, stacked)
 
