@@ -4,7 +4,7 @@ the base model alone (issue 6). CPU, one process, same token batch, interleaved 
 Run (from the repo root):
 
   PYTHONPATH=. .venv/bin/python benchmarks/routing.py [--models smollm2 llama2_7b_2l]
-      [--batch N] [--seq N] [--repeats 10] [--paths base merged unmerged stacked]
+      [--batch N] [--seq N] [--repeats 10] [--paths base merged unmerged unpacked stacked]
       [--dtype f32|bf16] [--max-load 1.5] [--wait 600] [--json OUT]
 
 Models:

@@ -313,12 +313,18 @@ def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8) -> di
   return out
 
 
+def packs(leaf: dict, kernel: jax.Array, max_rank_fraction: float) -> bool:
+  """Whether `pack_served` packs this served leaf into its kernel: R <= fraction x in."""
+  return "B" in leaf and leaf["B"].shape[-1] <= max_rank_fraction * kernel.shape[-2]
+
+
 def pack_served(
   kernels: Mapping[str, jax.Array], served: dict, max_rank_fraction: float = 0.125
 ) -> tuple[dict, dict]:
   """Stage 2's unmerged serving layout with every up-product folded into the frozen GEMM.
 
-  Returns (packed kernels, packed skills). Per served target, the kernel becomes
+  Returns (packed kernels, of the packed targets only; packed skills). Per packed target,
+  the kernel becomes
   [W ; Bᵀ] (L, in + R, out): the base rows, then the served ranks' B, in the kernel's dtype;
   the skill leaf keeps {"A": (L, R, in), "route": (L, R, S)} and drops B. The model (see
   `Llama._block`) then computes a routed projection as [x, h]·[W ; Bᵀ] with h =
@@ -336,12 +342,12 @@ def pack_served(
   FLOP share); where they are not, copying [x, h] costs more than the add it saves (SmolLM2:
   R ~ 110 of 576, 0.93x unpacked -> 1.10x packed). The default 1/8 lies between the two.
   """
-  out_k, out_a = dict(kernels), {}
+  out_k, out_a = {}, {}
   for t, leaf in served.items():
     if "route" not in leaf or "B" not in leaf:
       raise ValueError(f"pack_served: {t!r} is not a served leaf (adapters.serving_stack)")
     w = kernels[t]
-    if leaf["B"].shape[-1] > max_rank_fraction * w.shape[-2]:
+    if not packs(leaf, w, max_rank_fraction):
       out_a[t] = leaf
       continue
     bt = jnp.swapaxes(leaf["B"], -1, -2).astype(w.dtype)  # (L, R, out)

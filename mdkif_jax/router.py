@@ -240,13 +240,13 @@ def packed_params(
   copy keeps the kernels' shardings (R is a multiple of the bucket, so in + R divides as in
   does for every usual mesh)."""
   kernels = {t: frozen[t][...] for t in served}
-  shardings = {t: getattr(kernels[t], "sharding", None) for t in served}
+  shardings = {t: getattr(kernels[t], "sharding", None) for t in served
+               if adapters_lib.packs(served[t], kernels[t], max_rank_fraction)}  # fmt: skip
   pack = functools.partial(adapters_lib.pack_served, max_rank_fraction=max_rank_fraction)
   packed, skills = jax.jit(pack, out_shardings=(shardings, None))(kernels, served)
   out = nnx.State(dict(frozen))
   for t, value in packed.items():
-    if value.shape != frozen[t][...].shape:
-      out[t] = frozen[t].replace(value)
+    out[t] = frozen[t].replace(value)
   return out, skills
 
 
