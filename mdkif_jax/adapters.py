@@ -78,31 +78,32 @@ def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
       "whose kernels pack_served returned"
     )
   dt = x_BTI.dtype
-  a = effective_a(leaf).astype(dt)
   b = leaf["B"].astype(dt)
   f32 = jnp.float32
   if "route" in leaf:  # served skills: every skill's ranks side by side (serving_stack)
     h = served_ranks(x_BTI, leaf, ctx)
-    return dots.einsum("btr,or->bto", h, b, out_dtype=f32).astype(dt)
+    return dots.einsum("btr,or->bto", h, b)
+  # The scale rides on the small factor (A⊙E, [r, in]), never on the [B, T, out] product:
+  # scaling the product makes its backward scale the full cotangent, and XLA fuses that
+  # multiply into (a duplicate of) whatever produced the cotangent, once per target.
+  a = (effective_a(leaf) * ctx.scale).astype(dt)
   if a.ndim == 2:  # no skill axis
     h = dots.einsum("bti,ri->btr", x_BTI, a)
-    out = dots.einsum("btr,or->bto", h, b, out_dtype=f32)
-  elif ctx.skill_ids is not None and a.shape[0] == 1:  # one skill: every row uses it
+    return dots.einsum("btr,or->bto", h, b)
+  if ctx.skill_ids is not None and a.shape[0] == 1:  # one skill: every row uses it
     h = dots.einsum("bti,ri->btr", x_BTI, a[0])
-    out = dots.einsum("btr,or->bto", h, b[0], out_dtype=f32)
-  elif ctx.skill_ids is not None:  # one skill per row: gather that skill's factors
+    return dots.einsum("btr,or->bto", h, b[0])
+  if ctx.skill_ids is not None:  # one skill per row: gather that skill's factors
     a_b, b_b = a[ctx.skill_ids], b[ctx.skill_ids]
     h = dots.einsum("bti,bri->btr", x_BTI, a_b)
-    out = dots.einsum("btr,bor->bto", h, b_b, out_dtype=f32)
-  elif ctx.weights is not None:  # exact weighted sum of deltas: Σ_s w_bs B_s A_s x
+    return dots.einsum("btr,bor->bto", h, b_b)
+  if ctx.weights is not None:  # exact weighted sum of deltas: Σ_s w_bs B_s A_s x
     h = dots.einsum("bti,sri->btsr", x_BTI, a, out_dtype=f32)
     h = (h * ctx.weights.astype(f32)[:, None, :, None]).astype(dt)
-    out = dots.einsum("btsr,sor->bto", h, b, out_dtype=f32)
-  else:
-    raise ValueError(
-      "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"
-    )
-  return (out * ctx.scale).astype(dt)
+    return dots.einsum("btsr,sor->bto", h, b)
+  raise ValueError(
+    "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"
+  )
 
 
 # ----------------------------------------------------------------------------- targets, scale

@@ -11,7 +11,11 @@ plain einsum formulation in `model.py` computes, but
   [.., T, S] matrix is ever transposed. Left to autodiff, the key and value gradients
   (dSᵀ q and Pᵀ dO) contract the score matrices over their row axis, which XLA's CPU backend
   runs by first copying the whole transposed score matrix; here the small operand (q or dO,
-  Dh wide) is transposed instead and the products come out as [.., Dh, S].
+  Dh wide) is transposed instead and the products come out as [.., Dh, S]; those sums are
+  then transposed once each, as standalone transposes (a transpose fused into the consumers
+  ran at ~2 GB/s on this CPU and was repeated in each consumer);
+* the query heads of one key/value head are laid out time-major, row t*G + g, so a query
+  block is one contiguous [c*G, Dh] slab (no gather of G strided pieces per block).
 
 All products take compute-dtype operands and accumulate in f32 (bf16 compute stays bf16 x
 bf16 -> f32, as `dots.einsum` does); the softmax runs in f32. `bias` is the additive f32 mask
@@ -62,33 +66,37 @@ def computed_pairs(T: int, block: int) -> int:
 
 
 def _heads_first(q, k, v):
-  """[B, T, K, G, D] -> [B, K, G, T, D]; [B, S, K, D] -> [B, K, S, D]."""
+  """[B, T, K, G, D] -> [B, K, T*G, D] (row t*G + g); [B, S, K, D] -> [B, K, S, D]."""
+  B, T, K, G, D = q.shape
   return (
-    jnp.transpose(q, (0, 2, 3, 1, 4)),
+    jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(B, K, T * G, D),
     jnp.transpose(k, (0, 2, 1, 3)),
     jnp.transpose(v, (0, 2, 1, 3)),
   )
 
 
-def _scores(qb, kt, bias, t0, t1):
-  """Scaled, masked f32 scores [B, K, G, c, e] of one query block against keys [0, t1)."""
-  s = jnp.einsum("bkgcd,bksd->bkgcs", qb, kt[:, :, :t1], preferred_element_type=F32)
-  return s * (1.0 / math.sqrt(qb.shape[-1])) + bias[:, None, None, t0:t1, :t1]
+def _scores(qb, kt, bias, t0, t1, G):
+  """Scaled, masked f32 scores [B, K, c*G, e] of one query block against keys [0, t1)."""
+  B, K, X, D = qb.shape
+  s = jnp.einsum("bkxd,bksd->bkxs", qb, kt[:, :, :t1], preferred_element_type=F32)
+  s = s.reshape(B, K, t1 - t0, G, t1) * (1.0 / math.sqrt(D)) + bias[:, None, t0:t1, None, :t1]
+  return s.reshape(B, K, X, t1)
 
 
 def _forward(spans, q, k, v, bias):
+  B, T, K, G, D = q.shape
   qt, kt, vt = _heads_first(q, k, v)
   outs, lses = [], []
   for t0, t1 in spans:
-    s = _scores(qt[:, :, :, t0:t1], kt, bias, t0, t1)
+    s = _scores(qt[:, :, t0 * G : t1 * G], kt, bias, t0, t1, G)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     total = jnp.sum(p, axis=-1, keepdims=True)
-    p = (p / total).astype(q.dtype)
-    outs.append(jnp.einsum("bkgcs,bksd->bkgcd", p, vt[:, :, :t1], preferred_element_type=F32))
+    o = jnp.einsum("bkxs,bksd->bkxd", p.astype(q.dtype), vt[:, :, :t1], preferred_element_type=F32)
+    outs.append(o / total)
     lses.append((m + jnp.log(total))[..., 0])
-  o = jnp.concatenate(outs, axis=3).astype(q.dtype)  # [B, K, G, T, D]
-  return jnp.transpose(o, (0, 3, 1, 2, 4)), jnp.concatenate(lses, axis=3)
+  o = jnp.concatenate(outs, axis=2).astype(q.dtype).reshape(B, K, T, G, D)
+  return jnp.transpose(o, (0, 2, 1, 3, 4)), jnp.concatenate(lses, axis=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -113,27 +121,25 @@ def _bwd(spans, res, g):
   B, T, K, G, D = q.shape
   cd = q.dtype
   qt, kt, vt = _heads_first(q, k, v)
-  gt = jnp.transpose(g.astype(cd), (0, 2, 3, 1, 4))  # [B, K, G, T, D]
+  gt = _heads_first(g.astype(cd), k, v)[0]
   scale = 1.0 / math.sqrt(D)
   dqs, dkt, dvt = [], jnp.zeros((B, K, D, T), F32), jnp.zeros((B, K, D, T), F32)
   for t0, t1 in spans:
-    c = t1 - t0
-    qb, gb = qt[:, :, :, t0:t1], gt[:, :, :, t0:t1]
-    p = jnp.exp(_scores(qb, kt, bias, t0, t1) - lse[:, :, :, t0:t1, None])  # [B, K, G, c, e]
-    dp = jnp.einsum("bkgcd,bksd->bkgcs", gb, vt[:, :, :t1], preferred_element_type=F32)
+    r0, r1 = t0 * G, t1 * G
+    qb, gb = qt[:, :, r0:r1], gt[:, :, r0:r1]
+    p = jnp.exp(_scores(qb, kt, bias, t0, t1, G) - lse[:, :, r0:r1, None])  # [B, K, c*G, e]
+    dp = jnp.einsum("bkxd,bksd->bkxs", gb, vt[:, :, :t1], preferred_element_type=F32)
     ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-    ds = (ds * scale).astype(cd).reshape(B, K, G * c, t1)
-    pc = p.astype(cd).reshape(B, K, G * c, t1)
+    ds = (ds * scale).astype(cd)
+    pc = p.astype(cd)
     dqs.append(jnp.einsum("bkxs,bksd->bkxd", ds, kt[:, :, :t1], preferred_element_type=F32))
-    qbt = _t(qb.reshape(B, K, G * c, D))  # [B, K, D, G*c]: the small operand transposed
-    gbt = _t(gb.reshape(B, K, G * c, D))
-    pad = ((0, 0), (0, 0), (0, 0), (0, T - t1))
-    dkt += jnp.pad(jnp.einsum("bkdx,bkxs->bkds", qbt, ds, preferred_element_type=F32), pad)
-    dvt += jnp.pad(jnp.einsum("bkdx,bkxs->bkds", gbt, pc, preferred_element_type=F32), pad)
-  dq = jnp.concatenate([x.reshape(B, K, G, -1, D) for x in dqs], axis=3)
-  dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).astype(q.dtype)
-  dk = jnp.transpose(dkt, (0, 3, 1, 2)).astype(k.dtype)
-  dv = jnp.transpose(dvt, (0, 3, 1, 2)).astype(v.dtype)
+    pad = ((0, 0), (0, 0), (0, 0), (0, T - t1))  # the small operand transposed: [B, K, D, c*G]
+    dkt += jnp.pad(jnp.einsum("bkdx,bkxs->bkds", _t(qb), ds, preferred_element_type=F32), pad)
+    dvt += jnp.pad(jnp.einsum("bkdx,bkxs->bkds", _t(gb), pc, preferred_element_type=F32), pad)
+  dq = jnp.concatenate(dqs, axis=2).reshape(B, K, T, G, D)
+  dq = jnp.transpose(dq, (0, 2, 1, 3, 4)).astype(q.dtype)
+  dk = jnp.transpose(_t(dkt), (0, 2, 1, 3)).astype(k.dtype)
+  dv = jnp.transpose(_t(dvt), (0, 2, 1, 3)).astype(v.dtype)
   return dq, dk, dv, jnp.zeros_like(bias)
 
 

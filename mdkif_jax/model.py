@@ -76,12 +76,25 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return jnp.where(medium, smoothed, inv_low)
 
 
-def apply_rope(x_BTHD: jax.Array, sin_BTD: jax.Array, cos_BTD: jax.Array) -> jax.Array:
-  """Rotate-half RoPE (HF layout: the two halves of head_dim form the pairs)."""
+def rope_tables(positions_BT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(signed sin, cos), each [B, T, head_dim] f32, for `apply_rope`. The sin table carries the
+  rotation's sign: -sin on the first half of head_dim, +sin on the second."""
+  ang = positions_BT.astype(F32)[..., None] * rope_inv_freq(cfg)
+  sin, cos = jnp.sin(ang), jnp.cos(ang)
+  return jnp.concatenate([-sin, sin], axis=-1), jnp.concatenate([cos, cos], axis=-1)
+
+
+def apply_rope(x_BTHD: jax.Array, ssin_BTD: jax.Array, cos_BTD: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (HF layout: the two halves of head_dim form the pairs).
+
+  x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1], written as x·cos + swap(x)·ssin
+  (swap = [x2, x1], a reversal of the halves; ssin = [-sin, sin] from `rope_tables`): the
+  same products, but no slices and concatenations, whose backward (pads and adds) XLA's CPU
+  backend ran as slow per-element selects in every layer."""
   x = x_BTHD.astype(F32)
-  half = x.shape[-1] // 2
-  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_BTD[:, :, None, :] + rot * sin_BTD[:, :, None, :]
+  *lead, d = x.shape
+  swap = jnp.flip(x.reshape(*lead, 2, d // 2), axis=-2).reshape(x.shape)
+  out = x * cos_BTD[:, :, None, :] + swap * ssin_BTD[:, :, None, :]
   return out.astype(x_BTHD.dtype)
 
 
@@ -222,9 +235,7 @@ class Llama(nnx.Module):
     x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(cd)
     x = self._constrain(x, ("batch", "length", "act_embed"))
 
-    ang = positions_BT.astype(F32)[..., None] * rope_inv_freq(cfg)
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    sin, cos = jnp.sin(ang), jnp.cos(ang)
+    sin, cos = rope_tables(positions_BT, cfg)  # sin is signed: see apply_rope
 
     if cache is None:
       k_pos, k_mask = positions_BT, mask_BT
