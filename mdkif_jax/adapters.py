@@ -72,38 +72,55 @@ def served_ranks(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
 
 def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
   """ΔW·x for one projection of one layer, in x's dtype with f32 accumulation."""
-  if "route" in leaf and "B" not in leaf:
-    raise ValueError(
-      "packed served skills (no 'B' leaf, see adapters.pack_served) run only inside the model "
-      "whose kernels pack_served returned"
-    )
+  return deltas(x_BTI, [leaf], ctx)[0]
+
+
+def deltas(x_BTI: jax.Array, leaves: Sequence[dict], ctx: AdapterCtx) -> list[jax.Array]:
+  """ΔW·x for several projections of one layer that share the input x (q, k, v; gate, up).
+
+  Their down-products run as one: the leaves' A⊙E are stacked on the rank axis, so x is read
+  once for all of them, and in the backward pass one product gives dA for all of them and
+  one gives their joint contribution to dx (per projection, each would re-read x, and the
+  dx contributions would be summed one by one)."""
+  if not leaves:
+    return []
+  for leaf in leaves:
+    if "route" in leaf and "B" not in leaf:
+      raise ValueError(
+        "packed served skills (no 'B' leaf, see adapters.pack_served) run only inside the "
+        "model whose kernels pack_served returned"
+      )
   dt = x_BTI.dtype
-  b = leaf["B"].astype(dt)
-  f32 = jnp.float32
-  if "route" in leaf:  # served skills: every skill's ranks side by side (serving_stack)
-    h = served_ranks(x_BTI, leaf, ctx)
-    return dots.einsum("btr,or->bto", h, b)
+  bs = [leaf["B"].astype(dt) for leaf in leaves]
+  if any("route" in leaf for leaf in leaves):  # served skills (serving_stack): one at a time
+    hs = [served_ranks(x_BTI, leaf, ctx) for leaf in leaves]
+    return [dots.einsum("btr,or->bto", h, b) for h, b in zip(hs, bs, strict=True)]
   # The scale rides on the small factor (A⊙E, [r, in]), never on the [B, T, out] product:
   # scaling the product makes its backward scale the full cotangent, and XLA fuses that
-  # multiply into (a duplicate of) whatever produced the cotangent, once per target.
-  a = (effective_a(leaf) * ctx.scale).astype(dt)
+  # multiply into (a duplicate of) whatever produced the cotangent, once per projection.
+  a_parts = [(effective_a(leaf) * ctx.scale).astype(dt) for leaf in leaves]
+  a = a_parts[0] if len(a_parts) == 1 else jnp.concatenate(a_parts, axis=-2)
+  splits = np.cumsum([p.shape[-2] for p in a_parts])[:-1].tolist()
+  f32 = jnp.float32
   if a.ndim == 2:  # no skill axis
     h = dots.einsum("bti,ri->btr", x_BTI, a)
-    return dots.einsum("btr,or->bto", h, b)
-  if ctx.skill_ids is not None and a.shape[0] == 1:  # one skill: every row uses it
+    up = "btr,or->bto"
+  elif ctx.skill_ids is not None and a.shape[0] == 1:  # one skill: every row uses it
     h = dots.einsum("bti,ri->btr", x_BTI, a[0])
-    return dots.einsum("btr,or->bto", h, b[0])
-  if ctx.skill_ids is not None:  # one skill per row: gather that skill's factors
-    a_b, b_b = a[ctx.skill_ids], b[ctx.skill_ids]
-    h = dots.einsum("bti,bri->btr", x_BTI, a_b)
-    return dots.einsum("btr,bor->bto", h, b_b)
-  if ctx.weights is not None:  # exact weighted sum of deltas: Σ_s w_bs B_s A_s x
+    bs, up = [b[0] for b in bs], "btr,or->bto"
+  elif ctx.skill_ids is not None:  # one skill per row: gather that skill's factors
+    h = dots.einsum("bti,bri->btr", x_BTI, a[ctx.skill_ids])
+    bs, up = [b[ctx.skill_ids] for b in bs], "btr,bor->bto"
+  elif ctx.weights is not None:  # exact weighted sum of deltas: Σ_s w_bs B_s A_s x
     h = dots.einsum("bti,sri->btsr", x_BTI, a, out_dtype=f32)
     h = (h * ctx.weights.astype(f32)[:, None, :, None]).astype(dt)
-    return dots.einsum("btsr,sor->bto", h, b)
-  raise ValueError(
-    "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"
-  )
+    up = "btsr,sor->bto"
+  else:
+    raise ValueError(
+      "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"
+    )
+  hs = jnp.split(h, splits, axis=-1) if splits else [h]
+  return [dots.einsum(up, h_i, b) for h_i, b in zip(hs, bs, strict=True)]
 
 
 # ----------------------------------------------------------------------------- targets, scale

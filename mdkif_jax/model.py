@@ -308,7 +308,7 @@ class Llama(nnx.Module):
     B, T, _ = x.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
-    def proj(name, inp):
+    def proj(name, inp, deltas=None):
       extra = w[name].shape[-2] - inp.shape[-1]
       if extra:  # a packed kernel [W ; Bᵀ] (adapters.pack_served): [x, h]·[W ; Bᵀ], one GEMM
         if a is not None and name in a:
@@ -321,16 +321,25 @@ class Llama(nnx.Module):
         out = matmul(jnp.concatenate([inp, h], -1), w[name])
       else:
         out = matmul(inp, w[name])
-        if a is not None and name in a:
+        if deltas and name in deltas:
+          out = out + deltas[name]
+        elif a is not None and name in a:
           out = out + adapters_lib.delta(inp, a[name], ctx)
       if f"{name}_bias" in w:
         out = out + w[f"{name}_bias"].astype(out.dtype)
       return out
 
+    def shared_input_deltas(names, inp):
+      """The deltas of the adapted, unpacked projections among `names` (same input), their
+      down-products run as one (adapters.deltas)."""
+      names = [n for n in names if a is not None and n in a and w[n].shape[-2] == inp.shape[-1]]
+      return dict(zip(names, adapters_lib.deltas(inp, [a[n] for n in names], ctx), strict=True))
+
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q = apply_rope(proj("q", h).reshape(B, T, H, Dh), sin, cos)
-    k = apply_rope(proj("k", h).reshape(B, T, K, Dh), sin, cos)
-    v = proj("v", h).reshape(B, T, K, Dh)
+    d = shared_input_deltas(("q", "k", "v"), h)
+    q = apply_rope(proj("q", h, d).reshape(B, T, H, Dh), sin, cos)
+    k = apply_rope(proj("k", h, d).reshape(B, T, K, Dh), sin, cos)
+    v = proj("v", h, d).reshape(B, T, K, Dh)
     q = self._constrain(q, ("batch", "length", "act_heads", None))
     new_kv = None
     if kv is not None:  # the full caches [L, B, S, K, Dh]: write this layer's slots, read it
@@ -352,9 +361,16 @@ class Llama(nnx.Module):
     att = att.astype(x.dtype).reshape(B, T, H * Dh)
     x = x + proj("o", att)
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    mlp = swiglu(proj("gate", h), proj("up", h))
-    mlp = self._constrain(mlp, ("batch", "length", "act_mlp"))
-    x = x + proj("down", mlp)
+    d = shared_input_deltas(("gate", "up"), h)
+
+    def mlp_down(gate, up):
+      mlp = self._constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
+      return proj("down", mlp)
+
+    # silu(gate)·up is recomputed in the backward pass from gate and up (SwiGLU's backward
+    # keeps those anyway) instead of being saved per layer: one [B, T, ffn] stack less, and
+    # XLA no longer recomputes the product a second time to write that stack.
+    x = x + jax.checkpoint(mlp_down, prevent_cse=False)(proj("gate", h, d), proj("up", h, d))
     return self._constrain(x, ("batch", "length", "act_embed")), new_kv
 
 

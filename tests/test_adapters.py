@@ -76,6 +76,42 @@ def test_delta_equals_delta_weight_in_kernel_layout():
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["plain", "one_skill", "skill_ids", "weights"])
+def test_deltas_of_projections_sharing_an_input_equal_each_delta_and_its_gradient(mode):
+  """q, k, v (and gate, up) run their down-products as one product on the stacked ranks:
+  the same deltas, and the same gradients for x and every adapter factor, as one delta per
+  projection, in every AdapterCtx mode."""
+  skills = {"plain": None, "one_skill": 1, "skill_ids": 3, "weights": 3}[mode]
+  a = with_random_e(ad.init_adalora(jax.random.key(7), DIMS, L, R0, num_skills=skills))
+  layer = {t: jax.tree.map(lambda v: v[:, 1] if skills else v[1], a[t]) for t in ("q", "k", "v")}
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
+  ctx = {"plain": ad.AdapterCtx(scale=0.7),
+         "one_skill": ad.AdapterCtx(scale=0.7, skill_ids=jnp.zeros(3, jnp.int32)),
+         "skill_ids": ad.AdapterCtx(scale=0.7, skill_ids=jnp.array([2, 0, 2])),
+         "weights": ad.AdapterCtx(scale=0.7, weights=jnp.asarray(rng.random((3, 3)), jnp.float32)),
+         }[mode]  # fmt: skip
+  cot = {t: jnp.asarray(rng.standard_normal((3, 5, DIMS[t][1])), jnp.float32) for t in layer}
+
+  def loss(x, leaves, grouped):
+    names = list(leaves)
+    if grouped:
+      outs = ad.deltas(x, [leaves[t] for t in names], ctx)
+    else:
+      outs = [ad.delta(x, leaves[t], ctx) for t in names]
+    return sum(jnp.sum(o * cot[t]) for o, t in zip(outs, names, strict=True)), outs
+
+  (l1, o1), g1 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, layer, True)
+  (l2, o2), g2 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, layer, False)
+  for got, want in zip(o1, o2, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(g1[1]["k"]["E"]).max()) > 0  # the factors do get gradients
+  assert ad.deltas(x, [], ctx) == []
+
+
 def test_merge_unmerge_round_trip():
   a = with_random_e(ad.init_adalora(jax.random.key(4), DIMS, L, R0))
   w = kernels()
