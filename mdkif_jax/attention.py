@@ -11,9 +11,7 @@ plain einsum formulation in `model.py` computes, but
   [.., T, S] matrix is ever transposed. Left to autodiff, the key and value gradients
   (dSᵀ q and Pᵀ dO) contract the score matrices over their row axis, which XLA's CPU backend
   runs by first copying the whole transposed score matrix; here the small operand (q or dO,
-  Dh wide) is transposed instead and the products come out as [.., Dh, S]; those sums are
-  then transposed once each, as standalone transposes (a transpose fused into the consumers
-  ran at ~2 GB/s on this CPU and was repeated in each consumer);
+  Dh wide) is transposed instead and the products come out as [.., Dh, S];
 * the query heads of one key/value head are laid out time-major, row t*G + g, so a query
   block is one contiguous [c*G, Dh] slab (no gather of G strided pieces per block).
 
@@ -138,8 +136,8 @@ def _bwd(spans, res, g):
     dvt += jnp.pad(jnp.einsum("bkdx,bkxs->bkds", _t(gb), pc, preferred_element_type=F32), pad)
   dq = jnp.concatenate(dqs, axis=2).reshape(B, K, T, G, D)
   dq = jnp.transpose(dq, (0, 2, 1, 3, 4)).astype(q.dtype)
-  dk = jnp.transpose(_t(dkt), (0, 2, 1, 3)).astype(k.dtype)
-  dv = jnp.transpose(_t(dvt), (0, 2, 1, 3)).astype(v.dtype)
+  dk = jnp.transpose(dkt, (0, 3, 1, 2)).astype(k.dtype)
+  dv = jnp.transpose(dvt, (0, 3, 1, 2)).astype(v.dtype)
   return dq, dk, dv, jnp.zeros_like(bias)
 
 
