@@ -89,8 +89,8 @@ def apply_rope(x_BTHD: jax.Array, ssin_BTD: jax.Array, cos_BTD: jax.Array) -> ja
 
   x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1], written as x·cos + swap(x)·ssin
   (swap = [x2, x1], a reversal of the halves; ssin = [-sin, sin] from `rope_tables`): the
-  same products, but no slices and concatenations, whose backward (pads and adds) XLA's CPU
-  backend ran as slow per-element selects in every layer."""
+  same products bit for bit, with a reversal instead of slices and a concatenation (whose
+  backward is pads and adds)."""
   x = x_BTHD.astype(F32)
   *lead, d = x.shape
   swap = jnp.flip(x.reshape(*lead, 2, d // 2), axis=-2).reshape(x.shape)
