@@ -7,8 +7,8 @@ An adapter leaf for one projection of one layer is a dict of arrays:
   packed served:       {"A": (R, in), "route": (R, S)}, B stacked under W in the kernel
 with an optional leading skill axis S. The model stacks layers, so the leaves it receives
 from the caller carry a layer axis too (after the skill axis; first in the served form);
-`Llama.hidden` moves it to the front and its scan slices it off before calling `delta` once
-per layer.
+`Llama.hidden` moves it to the front and its scan slices it off before calling `deltas` once
+per layer and input (q, k, v together; o; gate, up together; down).
 
 The served form (`serving_stack`) is stage 2's inference layout of S skills, built once when
 the skills are loaded: every skill's A⊙E side by side on one rank axis R (S·r, or only the

@@ -63,14 +63,15 @@ def computed_pairs(T: int, block: int) -> int:
   return sum((e - s) * e for s, e in blocks(T, block))
 
 
-def _heads_first(q, k, v):
-  """[B, T, K, G, D] -> [B, K, T*G, D] (row t*G + g); [B, S, K, D] -> [B, K, S, D]."""
+def _query_rows(q):
+  """[B, T, K, G, D] -> [B, K, T*G, D]: row t*G + g."""
   B, T, K, G, D = q.shape
-  return (
-    jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(B, K, T * G, D),
-    jnp.transpose(k, (0, 2, 1, 3)),
-    jnp.transpose(v, (0, 2, 1, 3)),
-  )
+  return jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(B, K, T * G, D)
+
+
+def _heads_first(q, k, v):
+  """q as `_query_rows`; [B, S, K, D] -> [B, K, S, D]."""
+  return _query_rows(q), jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
 
 
 def _scores(qb, kt, bias, t0, t1, G):
@@ -119,7 +120,7 @@ def _bwd(spans, res, g):
   B, T, K, G, D = q.shape
   cd = q.dtype
   qt, kt, vt = _heads_first(q, k, v)
-  gt = _heads_first(g.astype(cd), k, v)[0]
+  gt = _query_rows(g.astype(cd))
   scale = 1.0 / math.sqrt(D)
   dqs, dkt, dvt = [], jnp.zeros((B, K, D, T), F32), jnp.zeros((B, K, D, T), F32)
   for t0, t1 in spans:

@@ -6,7 +6,7 @@ axis names in the `logical_axes` metadata; `sharding.py` maps them to the mesh.
 
 The weights stay frozen: callers `nnx.split` the model once and pass the parameter state into
 their jitted step functions as an input (see `forward`). Adapters are a separate pytree passed
-per call (`adapters=`), applied by `adapters.delta` inside each projection.
+per call (`adapters=`), applied by `adapters.deltas` inside the projections.
 """
 
 from __future__ import annotations
@@ -309,6 +309,7 @@ class Llama(nnx.Module):
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
     def proj(name, inp, deltas=None):
+      """inp·W (+ the adapter delta); `deltas` from shared_input_deltas, else computed here."""
       extra = w[name].shape[-2] - inp.shape[-1]
       if extra:  # a packed kernel [W ; Bᵀ] (adapters.pack_served): [x, h]·[W ; Bᵀ], one GEMM
         if a is not None and name in a:
@@ -321,10 +322,10 @@ class Llama(nnx.Module):
         out = matmul(jnp.concatenate([inp, h], -1), w[name])
       else:
         out = matmul(inp, w[name])
-        if deltas and name in deltas:
+        if deltas is None:
+          deltas = shared_input_deltas((name,), inp)
+        if name in deltas:
           out = out + deltas[name]
-        elif a is not None and name in a:
-          out = out + adapters_lib.delta(inp, a[name], ctx)
       if f"{name}_bias" in w:
         out = out + w[f"{name}_bias"].astype(out.dtype)
       return out
