@@ -75,8 +75,11 @@ def delta(x_BTI: jax.Array, leaf: dict, ctx: AdapterCtx) -> jax.Array:
   return deltas(x_BTI, [leaf], ctx)[0]
 
 
-def deltas(x_BTI: jax.Array, leaves: Sequence[dict], ctx: AdapterCtx) -> list[jax.Array]:
-  """ΔW·x for several projections of one layer that share the input x (q, k, v; gate, up).
+def deltas(
+  x_BTI: jax.Array, leaves: Sequence[dict], ctx: AdapterCtx, out_dtype=None
+) -> list[jax.Array]:
+  """ΔW·x for several projections of one layer that share the input x (q, k, v; gate, up),
+  each in `out_dtype` (default x's dtype; the products accumulate in f32 either way).
 
   Their down-products run as one: the leaves' A⊙E are stacked on the rank axis, so x is read
   once for all of them, and in the backward pass one product gives dA for all of them and
@@ -94,7 +97,7 @@ def deltas(x_BTI: jax.Array, leaves: Sequence[dict], ctx: AdapterCtx) -> list[ja
   bs = [leaf["B"].astype(dt) for leaf in leaves]
   if any("route" in leaf for leaf in leaves):  # served skills (serving_stack): one at a time
     hs = [served_ranks(x_BTI, leaf, ctx) for leaf in leaves]
-    return [dots.einsum("btr,or->bto", h, b) for h, b in zip(hs, bs, strict=True)]
+    return [dots.einsum("btr,or->bto", h, b, out_dtype) for h, b in zip(hs, bs, strict=True)]
   # The scale rides on the small factor (A⊙E, [r, in]), never on the [B, T, out] product:
   # scaling the product makes its backward scale the full cotangent, and XLA fuses that
   # multiply into (a duplicate of) whatever produced the cotangent, once per projection.
@@ -120,7 +123,7 @@ def deltas(x_BTI: jax.Array, leaves: Sequence[dict], ctx: AdapterCtx) -> list[ja
       "adapter leaves have a skill axis but the AdapterCtx gives neither skill_ids nor weights"
     )
   hs = jnp.split(h, splits, axis=-1) if splits else [h]
-  return [dots.einsum(up, h_i, b) for h_i, b in zip(hs, bs, strict=True)]
+  return [dots.einsum(up, h_i, b, out_dtype) for h_i, b in zip(hs, bs, strict=True)]
 
 
 # ----------------------------------------------------------------------------- targets, scale

@@ -84,18 +84,21 @@ def rope_tables(positions_BT: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, j
   return jnp.concatenate([-sin, sin], axis=-1), jnp.concatenate([cos, cos], axis=-1)
 
 
-def apply_rope(x_BTHD: jax.Array, ssin_BTD: jax.Array, cos_BTD: jax.Array) -> jax.Array:
+def apply_rope(
+  x_BTHD: jax.Array, ssin_BTD: jax.Array, cos_BTD: jax.Array, out_dtype=None
+) -> jax.Array:
   """Rotate-half RoPE (HF layout: the two halves of head_dim form the pairs).
 
   x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1], written as x·cos + swap(x)·ssin
   (swap = [x2, x1], a reversal of the halves; ssin = [-sin, sin] from `rope_tables`): the
   same products bit for bit, with a reversal instead of slices and a concatenation (whose
-  backward is pads and adds)."""
+  backward is pads and adds). Computed in f32; the result is cast to `out_dtype` (default
+  x's dtype)."""
   x = x_BTHD.astype(F32)
   *lead, d = x.shape
   swap = jnp.flip(x.reshape(*lead, 2, d // 2), axis=-2).reshape(x.shape)
   out = x * cos_BTD[:, :, None, :] + swap * ssin_BTD[:, :, None, :]
-  return out.astype(x_BTHD.dtype)
+  return out.astype(out_dtype or x_BTHD.dtype)
 
 
 # RMSNorm and SwiGLU compute in f32 whatever the compute dtype. Left to autodiff, each keeps
@@ -154,10 +157,11 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w in x's dtype with f32 accumulation, forward and backward (see dots.py)."""
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+  """x @ w with x's dtype as operands and f32 accumulation, forward and backward (see
+  dots.py); the result in `out_dtype` (default x's dtype)."""
   lead = "abcdefgh"[: x.ndim - 1]
-  return dots.einsum(f"{lead}i,io->{lead}o", x, w.astype(x.dtype))
+  return dots.einsum(f"{lead}i,io->{lead}o", x, w.astype(x.dtype), out_dtype)
 
 
 class Llama(nnx.Module):
@@ -307,9 +311,15 @@ class Llama(nnx.Module):
     cfg = self.cfg
     B, T, _ = x.shape
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    cd = x.dtype
 
+    # Every projection returns f32: the product, the adapter delta and the bias are summed in
+    # f32 and rounded to the compute dtype once, by the caller, after whatever elementwise op
+    # follows (RoPE, the residual add). With bf16 compute that is one rounding instead of one
+    # per operand and per op, and XLA's CPU fusions lose their chains of bf16 <-> f32
+    # converts (each recomputed per use inside a fusion). With f32 compute nothing changes.
     def proj(name, inp, deltas=None):
-      """inp·W (+ the adapter delta); `deltas` from shared_input_deltas, else computed here."""
+      """inp·W (+ the adapter delta), f32; `deltas` from shared_input_deltas, else computed here."""
       extra = w[name].shape[-2] - inp.shape[-1]
       if extra:  # a packed kernel [W ; Bᵀ] (adapters.pack_served): [x, h]·[W ; Bᵀ], one GEMM
         if a is not None and name in a:
@@ -319,28 +329,29 @@ class Llama(nnx.Module):
           h = adapters_lib.served_ranks(inp, a[name], ctx)
         else:
           h = jnp.zeros((*inp.shape[:-1], extra), inp.dtype)
-        out = matmul(jnp.concatenate([inp, h], -1), w[name])
+        out = matmul(jnp.concatenate([inp, h], -1), w[name], F32)
       else:
-        out = matmul(inp, w[name])
+        out = matmul(inp, w[name], F32)
         if deltas is None:
           deltas = shared_input_deltas((name,), inp)
         if name in deltas:
           out = out + deltas[name]
       if f"{name}_bias" in w:
-        out = out + w[f"{name}_bias"].astype(out.dtype)
+        out = out + w[f"{name}_bias"].astype(F32)
       return out
 
     def shared_input_deltas(names, inp):
       """The deltas of the adapted, unpacked projections among `names` (same input), their
       down-products run as one (adapters.deltas)."""
       names = [n for n in names if a is not None and n in a and w[n].shape[-2] == inp.shape[-1]]
-      return dict(zip(names, adapters_lib.deltas(inp, [a[n] for n in names], ctx), strict=True))
+      ds = adapters_lib.deltas(inp, [a[n] for n in names], ctx, F32)
+      return dict(zip(names, ds, strict=True))
 
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     d = shared_input_deltas(("q", "k", "v"), h)
-    q = apply_rope(proj("q", h, d).reshape(B, T, H, Dh), sin, cos)
-    k = apply_rope(proj("k", h, d).reshape(B, T, K, Dh), sin, cos)
-    v = proj("v", h, d).reshape(B, T, K, Dh)
+    q = apply_rope(proj("q", h, d).reshape(B, T, H, Dh), sin, cos, cd)
+    k = apply_rope(proj("k", h, d).reshape(B, T, K, Dh), sin, cos, cd)
+    v = proj("v", h, d).astype(cd).reshape(B, T, K, Dh)
     q = self._constrain(q, ("batch", "length", "act_heads", None))
     new_kv = None
     if kv is not None:  # the full caches [L, B, S, K, Dh]: write this layer's slots, read it
@@ -360,13 +371,13 @@ class Llama(nnx.Module):
       probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
       att = dots.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
     att = att.astype(x.dtype).reshape(B, T, H * Dh)
-    x = x + proj("o", att)
+    x = (x + proj("o", att)).astype(cd)
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     d = shared_input_deltas(("gate", "up"), h)
 
     def mlp_down(gate, up):
       mlp = self._constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
-      return proj("down", mlp)
+      return proj("down", mlp)  # f32
 
     # f32: silu(gate)·up is recomputed in the backward pass from gate and up (SwiGLU's
     # backward keeps those anyway) instead of being saved per layer: one [B, T, ffn] stack
@@ -375,7 +386,7 @@ class Llama(nnx.Module):
     # backend updates through f32 copies of the whole stack (see dots.pack): 5.6 -> 7.4 s.
     if x.dtype == jnp.float32:
       mlp_down = jax.checkpoint(mlp_down, prevent_cse=False)
-    x = x + mlp_down(proj("gate", h, d), proj("up", h, d))
+    x = (x + mlp_down(proj("gate", h, d).astype(cd), proj("up", h, d).astype(cd))).astype(cd)
     return self._constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
