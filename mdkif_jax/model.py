@@ -384,7 +384,7 @@ class Llama(nnx.Module):
     # less, and XLA no longer recomputes the product a second time to write that stack.
     # Not in bf16: the checkpoint would save gate and up as bf16 stacks, which XLA's CPU
     # backend updates through f32 copies of the whole stack (see dots.pack): 5.6 -> 7.4 s.
-    if x.dtype == jnp.float32:
+    if cd == F32:
       mlp_down = jax.checkpoint(mlp_down, prevent_cse=False)
     x = (x + mlp_down(proj("gate", h, d).astype(cd), proj("up", h, d).astype(cd))).astype(cd)
     return self._constrain(x, ("batch", "length", "act_embed")), new_kv
