@@ -1,21 +1,15 @@
 """benchmarks/ab_step.py's variant parsing, config overrides and paired-ratio summary."""
 
-import importlib.util
-import pathlib
 import sys
 
 import pytest
 
 from configs import skill
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 def _ab():
-  spec = importlib.util.spec_from_file_location("ab_step", ROOT / "benchmarks" / "ab_step.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_benchmark("ab_step")
 
 
 def test_parse_variant_reads_literals_and_strings():

@@ -6,8 +6,6 @@ analytic matmul count leaves out, so XLA may be a few percent above it, never be
 """
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +15,11 @@ from flax import nnx
 from mdkif_jax import adapters, loading
 from mdkif_jax import model as model_lib
 from mdkif_jax import model_config as mc
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import load_benchmark
 
 
 def _routing():
-  spec = importlib.util.spec_from_file_location("routing", ROOT / "benchmarks" / "routing.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_benchmark("routing")
 
 
 def _xla_flops(fn, *args) -> float:
