@@ -122,8 +122,11 @@ def run_child(
       best = out
     if contention <= max_others:
       break
-    print(f"  contended run (others used {contention:.0%} of the CPUs): retrying",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+      f"  contended run (others used {contention:.0%} of the CPUs): retrying",
+      file=sys.stderr,
+      flush=True,
+    )
   return best
 
 
@@ -176,8 +179,9 @@ def median_interval(xs, n: int = RESAMPLES, level: float = INTERVAL_LEVEL, seed:
   return _interval(_resampled_medians(xs, np.random.default_rng(seed), n), level)
 
 
-def median_ratio_interval(num, den, n: int = RESAMPLES, level: float = INTERVAL_LEVEL,
-                          seed: int = 0):  # fmt: skip
+def median_ratio_interval(
+  num, den, n: int = RESAMPLES, level: float = INTERVAL_LEVEL, seed: int = 0
+):
   """(low, high) of median(num) / median(den) over `n` bootstrap resamples of each sample.
 
   For unpaired timings (two processes, e.g. PEFT's steps and ours): each side's steps are
@@ -190,8 +194,15 @@ def median_ratio_interval(num, den, n: int = RESAMPLES, level: float = INTERVAL_
 
 
 # ---- analytic FLOPs -------------------------------------------------------------------------
-def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, targets,
-               attention_block: int | None = None) -> dict:  # fmt: skip
+def step_flops(
+  cfg,
+  rows: int,
+  length: int,
+  logit_positions: int,
+  rank: int,
+  targets,
+  attention_block: int | None = None,
+) -> dict:
   """Matmul FLOPs of one AdaLoRA training step (multiply-add = 2 FLOPs).
 
   N = rows * length tokens; P = frozen projection weights per token (all layers);
@@ -199,7 +210,7 @@ def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, tar
     forward  = 2 N P + 2 rows K V D (vocab projection) + 4 L rows C H Dh (QKᵀ and PV over the
                C (query, key) pairs the causal query blocks of `attention_block` positions
                compute: `attention.computed_pairs`, T² for one block; None = the model's
-               default, `model.Numerics.attention_block`) + 2 N L A (adapters)
+               default, `Numerics.attention_block`) + 2 N L A (adapters)
     backward = activation gradients only for the frozen base: 2 N P + 2 rows K V D,
                attention 2x its forward (dQ, dK, dP, dV), adapters 2x their forward
                (activation gradient + weight gradient)
@@ -207,10 +218,11 @@ def step_flops(cfg, rows: int, length: int, logit_positions: int, rank: int, tar
   Elementwise work (norms, RoPE, softmax, AdamW, the allocator) and the backward pass's
   recomputed scores are not counted.
   """
-  from mdkif_jax import attention, model
+  from mdkif_jax.model.config import Numerics
+  from mdkif_jax.ops import attention
 
   if attention_block is None:
-    attention_block = model.Numerics().attention_block
+    attention_block = Numerics().attention_block
   dims = cfg.projection_dims()
   L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
   H, Dh = cfg.num_attention_heads, cfg.head_dim

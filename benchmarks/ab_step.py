@@ -77,15 +77,25 @@ def paired_summary(times: dict[str, list[float]]) -> list[dict]:
   out = []
   for name, t in times.items():
     ratio = np.asarray(t) / base
-    out.append({"name": name, "median_s": _common.median(list(t)), "ratio": float(np.median(ratio)),
-                "interval": _common.median_interval(ratio)})  # fmt: skip
+    out.append(
+      {
+        "name": name,
+        "median_s": _common.median(list(t)),
+        "ratio": float(np.median(ratio)),
+        "interval": _common.median_interval(ratio),
+      }
+    )
   return out
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--variant", action="append", required=True,
-                 help="NAME:key=value,...; the first is the baseline")  # fmt: skip
+  p.add_argument(
+    "--variant",
+    action="append",
+    required=True,
+    help="NAME:key=value,...; the first is the baseline",
+  )
   p.add_argument("--dtype", default="bfloat16", help="model.compute_dtype of every variant")
   p.add_argument("--steps", type=int, default=8, help="measured steps per variant")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (incl. compile)")
@@ -102,37 +112,54 @@ def main() -> None:
   import train_step as ts
 
   from mdkif_jax import data, train
+  from mdkif_jax.data import batches
 
   runs = []
   for name, overrides in variants:
     cfg = ts.bench_config(args.dtype, seq=args.seq)
     apply_overrides(cfg, overrides)
     run = train.setup_training(cfg, data.SKILLS[:1])
-    runs.append({"name": name, "step": run.fns.train_step, "state": run.state,
-                 "frozen": run.frozen, "mesh": run.mesh, "times": [], "losses": []})  # fmt: skip
+    runs.append(
+      {
+        "name": name,
+        "step": run.fns.train_step,
+        "state": run.state,
+        "frozen": run.frozen,
+        "mesh": run.mesh,
+        "times": [],
+        "losses": [],
+      }
+    )
   host = [ts.our_batch(t) for t in ts.batches(args.warmup + args.steps, args.batch, args.seq)]
   for i, b in enumerate(host):
     order = runs[i % len(runs) :] + runs[: i % len(runs)]  # rotate: no variant always first
     for r in order:
       t0 = time.perf_counter()
-      r["state"], m = r["step"](r["state"], r["frozen"], train.to_global(b, r["mesh"]))
+      r["state"], m = r["step"](r["state"], r["frozen"], batches.to_global(b, r["mesh"]))
       jax.block_until_ready((r["state"], m))
       seconds = time.perf_counter() - t0
       r["losses"].append(float(jnp.sum(m["loss_S"])))
       if i >= args.warmup:
         r["times"].append(seconds)
-    print(f"  step {i}: " + "  ".join(f"{r['name']} {r['losses'][-1]:.4f}" for r in runs),
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+      f"  step {i}: " + "  ".join(f"{r['name']} {r['losses'][-1]:.4f}" for r in runs),
+      file=sys.stderr,
+      flush=True,
+    )
   summary = paired_summary({r["name"]: r["times"] for r in runs})
   base_losses = runs[0]["losses"]
-  print(f"{args.dtype}, {args.steps} interleaved steps per variant (ratio < 1: faster than "
-        f"{runs[0]['name']!r})")  # fmt: skip
+  print(
+    f"{args.dtype}, {args.steps} interleaved steps per variant (ratio < 1: faster than "
+    f"{runs[0]['name']!r})"
+  )
   for s, r in zip(summary, runs, strict=True):
     lo, hi = s["interval"]
     dl = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], base_losses, strict=True))
-    print(f"  {s['name']:16s} median {s['median_s']:.3f} s/step  paired ratio {s['ratio']:.3f} "
-          f"[90%: {lo:.3f}-{hi:.3f}]  max rel loss diff {dl:.2e}  "
-          f"steps {' '.join(f'{t:.2f}' for t in r['times'])}")  # fmt: skip
+    print(
+      f"  {s['name']:16s} median {s['median_s']:.3f} s/step  paired ratio {s['ratio']:.3f} "
+      f"[90%: {lo:.3f}-{hi:.3f}]  max rel loss diff {dl:.2e}  "
+      f"steps {' '.join(f'{t:.2f}' for t in r['times'])}"
+    )
 
 
 if __name__ == "__main__":

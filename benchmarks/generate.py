@@ -63,13 +63,13 @@ PAUSE_S = 0.5  # between calls, so one framework's spinning threads have gone id
 def ours_runner(dtype: str, threads: int):
   import jax.numpy as jnp
 
-  from mdkif_jax import generate as gen
-  from mdkif_jax import loading
-  from mdkif_jax import model as model_lib
+  from mdkif_jax.model import generate as gen
+  from mdkif_jax.model import loading
+  from mdkif_jax.model.config import Numerics
 
   dt = jnp.dtype(DTYPES[dtype])
   model = loading.load_model(
-    "smollm2_135m", numerics=model_lib.Numerics(param_dtype=dt, compute_dtype=dt), progress=False
+    "smollm2_135m", numerics=Numerics(param_dtype=dt, compute_dtype=dt), progress=False
   )
 
   def run(prompts, n):
@@ -84,7 +84,7 @@ def hf_runner(dtype: str, threads: int):
   from transformers import AutoModelForCausalLM
   from transformers.utils import logging as hf_logging
 
-  from mdkif_jax import loading
+  from mdkif_jax.model import loading
 
   torch.set_num_threads(threads)
   hf_logging.disable_progress_bar()

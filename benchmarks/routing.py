@@ -20,16 +20,16 @@ down) of every layer, init_r 12 (`adapters.init_adalora`), lora_alpha 8 (PEFT sc
 8 / 12). E is drawn N(0, 1) (nonzero, so every ΔW is real) and then pruned the way AdaLoRA's
 final allocation does: per skill one global top-k (`adalora.allocate`) over random triplet
 scores keeps target_r x (matrices) = 8 ranks per matrix on average (from 0 to 12 per matrix).
-Stage 2 loads the skills at init_r (`route.load_one`) and lays them out once for serving
-(`adapters.serving_stack`): per matrix, the kept ranks of all 12 skills side by side, layer-major,
+Stage 2 loads the skills at init_r (`checkpoint.load_one`) and lays them out once for serving
+(`serving.serving_stack`): per matrix, the kept ranks of all 12 skills side by side, layer-major,
 padded to the busiest layer's count (a multiple of 8): the "served" rank R.
 
 Five paths, each one jitted logits forward (`model.forward`, logits at every position):
   (a) base: the frozen model, no adapters.
-  (b) merged: W0 + Σ_s w_s ΔW_s in a copy of the kernels (`router.merged_params` on the served
+  (b) merged: W0 + Σ_s w_s ΔW_s in a copy of the kernels (`serving.merged_params` on the served
       skills; run once before timing) fed to the same jitted base forward.
   (c) unmerged (served): `AdapterCtx(weights=[B, S])` on the served layout, packed
-      (`router.packed_params`, built once before timing: B stacked under W as extra kernel
+      (`serving.packed_params`, built once before timing: B stacked under W as extra kernel
       rows where R <= in / 8, so x·W + h·Bᵀ is one GEMM of [x, h]), a different softmax
       mixture per row (row 0 uses the merged path's task mixture, so merged and unmerged logits
       are compared on it). This is stage 2's unmerged path (the gate, and the fitting).
@@ -97,7 +97,7 @@ def flop_counts(cfg, batch: int, seq: int, computed: dict, kept_ranks: dict) -> 
   """Per-token matmul FLOPs of the base forward and of the unmerged skills (module docstring).
 
   computed: {target: ranks the unmerged path multiplies per matrix}: S x r for the stacked
-    layout, the served rank R for `adapters.serving_stack`.
+    layout, the served rank R for `serving.serving_stack`.
   kept_ranks: {target: [S, L] int} ranks the allocation kept.
   """
   n = batch * seq
@@ -120,7 +120,7 @@ def flop_counts(cfg, batch: int, seq: int, computed: dict, kept_ranks: dict) -> 
 
 # ---- set-up --------------------------------------------------------------------------------
 def model_config(name: str):
-  from mdkif_jax import model_config as mc
+  from mdkif_jax.model import config as mc
 
   preset, layers, _, _ = MODELS[name]
   cfg = mc.PRESETS[preset]
@@ -130,11 +130,11 @@ def model_config(name: str):
 def load_base(name: str, dtype: str):
   import jax.numpy as jnp
 
-  from mdkif_jax import loading
-  from mdkif_jax import model as model_lib
+  from mdkif_jax.model import loading
+  from mdkif_jax.model.config import Numerics
 
   dt = jnp.dtype(DTYPES[dtype])
-  numerics = model_lib.Numerics(param_dtype=dt, compute_dtype=dt)
+  numerics = Numerics(param_dtype=dt, compute_dtype=dt)
   if name == "smollm2":
     return loading.load_model("smollm2_135m", numerics=numerics, progress=False)
   return lean_random_init(model_config(name), numerics)
@@ -150,13 +150,15 @@ def lean_random_init(cfg, numerics):
   import jax.numpy as jnp
   from flax import nnx
 
-  from mdkif_jax import model as model_lib
+  from mdkif_jax.model import llama as model_lib
 
   graphdef, abstract = nnx.eval_shape(
     lambda: nnx.split(model_lib.Llama(cfg, numerics=numerics, rngs=nnx.Rngs(0)))
   )
-  draw = jax.jit(lambda k, shape, dtype: (0.02 * jax.random.normal(k, shape)).astype(dtype),
-                 static_argnums=(1, 2))  # fmt: skip
+  draw = jax.jit(
+    lambda k, shape, dtype: (0.02 * jax.random.normal(k, shape)).astype(dtype),
+    static_argnums=(1, 2),
+  )
   leaves, treedef = jax.tree.flatten(abstract)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(abstract)[0]]
   values = []
@@ -173,7 +175,7 @@ def make_skills(cfg, seed: int = 0) -> tuple[dict, dict]:
   import jax
   import jax.numpy as jnp
 
-  from mdkif_jax import adalora, adapters
+  from mdkif_jax.peft import adalora, adapters
 
   key = jax.random.key(seed)
   L = cfg.num_hidden_layers
@@ -215,8 +217,8 @@ def bench_model(name: str, args, deadline: float) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from mdkif_jax import adapters, router
-  from mdkif_jax import model as model_lib
+  from mdkif_jax.model import llama as model_lib
+  from mdkif_jax.peft import adapters, serving
 
   _, _, batch, seq = MODELS[name]
   batch, seq = args.batch or batch, args.seq or seq
@@ -231,14 +233,15 @@ def bench_model(name: str, args, deadline: float) -> dict:
   jax.block_until_ready((frozen, skills))
   setup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  served = jax.block_until_ready(adapters.serving_stack(skills))
-  packed_params, packed = jax.block_until_ready(router.packed_params(frozen, served))
+  served = jax.block_until_ready(serving.serving_stack(skills))
+  packed_params, packed = jax.block_until_ready(serving.packed_params(frozen, served))
   serve_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  merged = jax.block_until_ready(router.merged_params(frozen, served, w_task, scale))
+  merged = jax.block_until_ready(serving.merged_params(frozen, served, w_task, scale))
   merge_s = time.perf_counter() - t0
-  tokens = jnp.asarray(np.random.default_rng(1).integers(100, cfg.vocab_size, (batch, seq)),
-                       jnp.int32)  # fmt: skip
+  tokens = jnp.asarray(
+    np.random.default_rng(1).integers(100, cfg.vocab_size, (batch, seq)), jnp.int32
+  )
   weights = jnp.asarray(w_rows)
 
   @jax.jit
@@ -273,11 +276,13 @@ def bench_model(name: str, args, deadline: float) -> dict:
   served_r = {t: int(leaf["route"].shape[1]) for t, leaf in served.items()}
   fl = flop_counts(cfg, batch, seq, served_r, kept)
   fl_stacked = flop_counts(cfg, batch, seq, {t: NUM_SKILLS * INIT_R for t in kept}, kept)
-  log(f"\n== {name}: {cfg.num_hidden_layers} layers, batch {batch} x {seq}, {args.dtype}; "
-      f"set-up {setup_s:.1f} s, serving layout {serve_s:.2f} s, merge {merge_s:.1f} s, "
-      "first calls (compile) "
-      + ", ".join(f"{p} {first[p]:.1f} s" for p in PATHS)
-      + f"; timed: {', '.join(paths)}")  # fmt: skip
+  log(
+    f"\n== {name}: {cfg.num_hidden_layers} layers, batch {batch} x {seq}, {args.dtype}; "
+    f"set-up {setup_s:.1f} s, serving layout {serve_s:.2f} s, merge {merge_s:.1f} s, "
+    "first calls (compile) "
+    + ", ".join(f"{p} {first[p]:.1f} s" for p in PATHS)
+    + f"; timed: {', '.join(paths)}"
+  )
   log(
     f"   max |logit diff| / max |logit|: merged vs base {check['merged_vs_base']:.2e} "
     f"(the deltas are real), unmerged vs merged on row 0 {check['unmerged_vs_merged_row0']:.2e}"
@@ -382,28 +387,61 @@ def table_rows(r: dict) -> list[list[str]]:
       sc = r["flops_per_token"]["share_computed"]
       share = f"{sc:.2%} ({sk:.2%})"
       lo_r, hi_r = v["unmerged_paired_ratio_ci"]
-      ratio = (f"{v['unmerged_ratio']:.2f} ({v['unmerged_ratio_kept']:.2f}); paired interval "
-               f"{lo_r:.2f}-{hi_r:.2f}")  # fmt: skip
+      ratio = (
+        f"{v['unmerged_ratio']:.2f} ({v['unmerged_ratio_kept']:.2f}); paired interval "
+        f"{lo_r:.2f}-{hi_r:.2f}"
+      )
       target = f"<= {UNMERGED_FACTOR * sc:.2%}"
-      rows.append([label, "unmerged (served)", ms, over, paired, share, ratio, target,
-                   v["unmerged_met"]])  # fmt: skip
+      rows.append(
+        [label, "unmerged (served)", ms, over, paired, share, ratio, target, v["unmerged_met"]]
+      )
     elif p == "unpacked":
       sc = r["flops_per_token"]["share_computed"]
-      rows.append([label, "unmerged (unpacked)", ms, over, paired, f"{sc:.2%} ({sk:.2%})",
-                   f"{v['unpacked_ratio']:.2f}", "(layout A/B)", "–"])  # fmt: skip
+      rows.append(
+        [
+          label,
+          "unmerged (unpacked)",
+          ms,
+          over,
+          paired,
+          f"{sc:.2%} ({sk:.2%})",
+          f"{v['unpacked_ratio']:.2f}",
+          "(layout A/B)",
+          "–",
+        ]
+      )
     else:
       sc = r["flops_per_token_stacked"]["share_computed"]
       share = f"{sc:.2%} ({sk:.2%})"
-      rows.append([label, "unmerged (stacked)", ms, over, paired, share,
-                   f"{v['stacked_ratio']:.2f}", "(layout A/B)", "–"])  # fmt: skip
+      rows.append(
+        [
+          label,
+          "unmerged (stacked)",
+          ms,
+          over,
+          paired,
+          share,
+          f"{v['stacked_ratio']:.2f}",
+          "(layout A/B)",
+          "–",
+        ]
+      )
   return [[{True: "yes", False: "NO"}.get(c, c) for c in row] for row in rows]
 
 
 def print_table(results: list[dict]) -> None:
   level = f"{_common.INTERVAL_LEVEL:.0%}"
-  head = ["model", "path", "median ms", "overhead vs base", f"paired [{level} interval]",
-          "extra-FLOP share computed (kept)", "overhead / share computed (kept)", "target",
-          "met"]  # fmt: skip
+  head = [
+    "model",
+    "path",
+    "median ms",
+    "overhead vs base",
+    f"paired [{level} interval]",
+    "extra-FLOP share computed (kept)",
+    "overhead / share computed (kept)",
+    "target",
+    "met",
+  ]
   print("\n" + " | ".join(head))
   print("|".join("---" for _ in head))
   for r in results:
@@ -428,8 +466,13 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=None, help="rows (default: per model)")
   ap.add_argument("--seq", type=int, default=None, help="tokens per row (default: per model)")
   ap.add_argument("--repeats", type=int, default=10, help="timed rounds after the warm-up")
-  ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
-                  help="paths timed in the rounds (base always)")  # fmt: skip
+  ap.add_argument(
+    "--paths",
+    nargs="+",
+    choices=PATHS,
+    default=list(PATHS),
+    help="paths timed in the rounds (base always)",
+  )
   ap.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
   ap.add_argument("--max-load", type=float, default=1.5, help="wait for a lower 1-min load")
   ap.add_argument("--wait", type=float, default=600.0, help="wait at most this long in all (s)")
@@ -444,9 +487,12 @@ def main(argv=None):
     _common.reexec_with_hugepages()
   import jax
 
-  print(f"jax {jax.__version__} {jax.default_backend()} x{jax.device_count()}, "
-        f"{os.cpu_count()} CPUs, load {_common.load1():.2f}, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)  # fmt: skip
+  print(
+    f"jax {jax.__version__} {jax.default_backend()} x{jax.device_count()}, "
+    f"{os.cpu_count()} CPUs, load {_common.load1():.2f}, "
+    f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
+    flush=True,
+  )
   deadline = time.monotonic() + args.wait  # one waiting budget for the whole run
   results = [bench_model(name, args, deadline) for name in args.models]
   print_table(results)

@@ -36,7 +36,7 @@ What is timed (identical for both frameworks):
     measured steps is printed.
 
 `--data real` (issue 5: the full step through the real trainer) replaces the random batches by
-stage-1 batches of the real skill data: `skill_batches.make_batches` on ../shared/data (the
+stage-1 batches of the real skill data: `batches.make_batches` on ../shared/data (the
 `configs/skill.py:shared` data config), all 12 skills, one row per skill
 (12 rows x `--seq` tokens, bucketed and padded as in training), loss on answer tokens
 only. Ours trains the 12 skills jointly (one adapter per skill, `train.make_step`); PEFT trains one
@@ -78,8 +78,18 @@ import _common  # noqa: E402
 
 VOCAB = 49152
 TARGETS_PEFT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADALORA = dict(init_r=12, target_r=8, tinit=10, tfinal=10, deltaT=5, total_step=100,
-               lora_alpha=8, orth_reg_weight=0.5, beta1=0.85, beta2=0.85)  # fmt: skip
+ADALORA = dict(
+  init_r=12,
+  target_r=8,
+  tinit=10,
+  tfinal=10,
+  deltaT=5,
+  total_step=100,
+  lora_alpha=8,
+  orth_reg_weight=0.5,
+  beta1=0.85,
+  beta2=0.85,
+)
 LR, WEIGHT_DECAY = 1e-4, 0.01
 
 
@@ -91,7 +101,6 @@ def batches(n: int, batch: int, seq: int, seed: int = 0) -> list[np.ndarray]:
 # ---- ours -------------------------------------------------------------------------------------
 def our_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   """labels = inputs, shifted as transformers does: targets[t] = tokens[t+1], last masked."""
-  from mdkif_jax import train
 
   B, T = tokens.shape
   tok = tokens.astype(np.int32)
@@ -106,7 +115,7 @@ def our_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
     "attention_mask": np.ones((B, T), np.int32),
     "skill_ids": np.zeros((B,), np.int32),
   }
-  b["answer_idx"], b["answer_valid"] = train.answer_index(loss_mask)
+  b["answer_idx"], b["answer_valid"] = batches.answer_index(loss_mask)
   return b
 
 
@@ -138,19 +147,24 @@ def bench_config(dtype: str, remat: bool = False, accum: int = 1, seq: int = 256
 def real_batches(n: int, seq: int, path: str, pack: bool = False) -> dict:
   """`n` stage-1 batches of all 12 skills (one row each, packed or one example per row) from
   ../shared/data, saved to `path`."""
-  from mdkif_jax import data, skill_batches, tokenizer
+  from mdkif_jax import data
+  from mdkif_jax.model import tokenizer
 
   cfg = bench_config("float32", seq=seq)
   cfg.data.pack = pack
-  it = skill_batches.make_batches(cfg, data.SKILLS, tokenizer.load_tokenizer("smollm2_135m"))
+  it = batches.make_batches(cfg, data.SKILLS, tokenizer.load_tokenizer("smollm2_135m"))
   out = [next(it) for _ in range(n)]
   np.savez(path, **{f"{i}/{k}": v for i, b in enumerate(out) for k, v in b.items()})
   answer = sum(float((b["loss_mask"] > 0).sum()) for b in out)
   real = sum(float((b["attention_mask"] > 0).sum()) for b in out)
   examples = sum(int(b["attention_mask"].max(axis=1).sum()) for b in out)
-  return {"rows": out[0]["tokens"].shape[0], "answer_share": answer / real,
-          "padding_share": 1 - real / sum(b["tokens"].size for b in out),
-          "real_per_step": real / n, "examples_per_step": examples / n}  # fmt: skip
+  return {
+    "rows": out[0]["tokens"].shape[0],
+    "answer_share": answer / real,
+    "padding_share": 1 - real / sum(b["tokens"].size for b in out),
+    "real_per_step": real / n,
+    "examples_per_step": examples / n,
+  }
 
 
 def load_batches(path: str) -> list[dict[str, np.ndarray]]:
@@ -175,15 +189,13 @@ def child_ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from mdkif_jax import train
-
   t0 = time.perf_counter()
   real = load_batches(args.batches) if args.batches else None
   num_skills = 12 if real else 1
   step, state, frozen, mesh, mcfg = setup_ours(args.dtype, num_skills, args.remat, args.accum)
   load_s = time.perf_counter() - t0
   host = real or [our_batch(t) for t in batches(args.warmup + args.steps, args.batch, args.seq)]
-  data = [train.to_global(b, mesh) for b in host]
+  data = [batches.to_global(b, mesh) for b in host]
   times, losses, others = [], [], []
   for i, b in enumerate(data):
     if args.trace and i == args.warmup:
@@ -195,11 +207,17 @@ def child_ours(args) -> dict:
   if args.trace:
     jax.profiler.stop_trace()
   dtype = args.dtype + ("+remat" if args.remat else "")
-  return {"framework": "ours", "dtype": dtype, "load_s": load_s,
-          "first_step_s": times[0], "step_s": times[args.warmup:],
-          "others": others[args.warmup:],
-          "losses": losses[args.warmup:], "all_losses": losses,
-          "peak_rss_gb": _common.peak_rss_gb()}  # fmt: skip
+  return {
+    "framework": "ours",
+    "dtype": dtype,
+    "load_s": load_s,
+    "first_step_s": times[0],
+    "step_s": times[args.warmup :],
+    "others": others[args.warmup :],
+    "losses": losses[args.warmup :],
+    "all_losses": losses,
+    "peak_rss_gb": _common.peak_rss_gb(),
+  }
 
 
 # ---- PEFT -------------------------------------------------------------------------------------
@@ -208,29 +226,33 @@ def child_peft(args) -> dict:
   from peft import AdaLoraConfig, get_peft_model
   from transformers import AutoModelForCausalLM
 
-  from mdkif_jax import loading
+  from mdkif_jax.model import loading
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   t0 = time.perf_counter()
   gguf = loading.smollm2_gguf_path()
-  model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                               dtype=torch.float32)  # fmt: skip
+  model = AutoModelForCausalLM.from_pretrained(
+    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+  )
   # task_type CAUSAL_LM gives PeftModelForCausalLM, whose forward goes through
   # AdaLoraModel.forward and adds the orthogonal regulariser; without it PEFT returns a plain
   # PeftModel that calls the base model directly and silently drops the regulariser.
   pcfg = AdaLoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS_PEFT, **ADALORA)
   model = get_peft_model(model, pcfg)
   model.train()
-  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
-                          weight_decay=WEIGHT_DECAY)  # fmt: skip
+  opt = torch.optim.AdamW(
+    [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY
+  )
   load_s = time.perf_counter() - t0
   times, losses, others = [], [], []
   if args.batches:  # per step: micro-batches and their shares of the step's answer tokens
     inputs = [peft_inputs(b, args.pack) for b in load_batches(args.batches)]
   else:
-    inputs = [[({"input_ids": torch.from_numpy(t), "labels": torch.from_numpy(t)}, 1.0)]
-              for t in batches(args.warmup + args.steps, args.batch, args.seq)]  # fmt: skip
+    inputs = [
+      [({"input_ids": torch.from_numpy(t), "labels": torch.from_numpy(t)}, 1.0)]
+      for t in batches(args.warmup + args.steps, args.batch, args.seq)
+    ]
   update = 0
   for i, micro in enumerate(inputs):
     c0 = _common.cpu_snapshot()
@@ -248,12 +270,18 @@ def child_peft(args) -> dict:
     times.append(time.perf_counter() - t)
     others.append(_common.others_share(c0, _common.cpu_snapshot()))
     losses.append(loss)
-  return {"framework": "peft", "dtype": "float32", "load_s": load_s,
-          "first_step_s": times[0], "step_s": times[args.warmup:],
-          "others": others[args.warmup:],
-          "losses": losses[args.warmup:], "all_losses": losses,
-          "peak_rss_gb": _common.peak_rss_gb(),
-          "torch_threads": torch.get_num_threads()}  # fmt: skip
+  return {
+    "framework": "peft",
+    "dtype": "float32",
+    "load_s": load_s,
+    "first_step_s": times[0],
+    "step_s": times[args.warmup :],
+    "others": others[args.warmup :],
+    "losses": losses[args.warmup :],
+    "all_losses": losses,
+    "peak_rss_gb": _common.peak_rss_gb(),
+    "torch_threads": torch.get_num_threads(),
+  }
 
 
 def peft_inputs(b: dict[str, np.ndarray], unpack: bool = False) -> list[tuple[dict, float]]:
@@ -282,8 +310,11 @@ def peft_inputs(b: dict[str, np.ndarray], unpack: bool = False) -> list[tuple[di
     labels = np.full_like(tokens, -100)
     keep = p["loss_mask"][:, :-1] > 0
     labels[:, 1:][keep] = tokens[:, 1:][keep]
-    kw = {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-          "attention_mask": torch.from_numpy(p["attention_mask"].astype(np.int64))}  # fmt: skip
+    kw = {
+      "input_ids": torch.from_numpy(tokens),
+      "labels": torch.from_numpy(labels),
+      "attention_mask": torch.from_numpy(p["attention_mask"].astype(np.int64)),
+    }
     out.append((kw, float(keep.sum()) / total))
   return out
 
@@ -296,8 +327,11 @@ def _trim(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def unpack_rows(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """A packed batch as one example per row (segment ids -> rows), padded to the longest."""
-  segs = [(r, np.flatnonzero(m == s)) for r, m in enumerate(b["attention_mask"])
-          for s in range(1, m.max() + 1)]  # fmt: skip
+  segs = [
+    (r, np.flatnonzero(m == s))
+    for r, m in enumerate(b["attention_mask"])
+    for s in range(1, m.max() + 1)
+  ]
   T = max(len(at) for _, at in segs)
   out = {k: np.zeros((len(segs), T), b[k].dtype) for k in ("tokens", "loss_mask")}
   out["attention_mask"] = np.zeros((len(segs), T), np.int32)
@@ -316,8 +350,10 @@ def summarize(runs: list[dict], tokens_per_step: int) -> None:
   rows: dict[str, list[dict]] = {}
   for r in runs:
     rows.setdefault(key(r), []).append(r)
-  print(f"\n{'run':<16} {'load s':>6} {'s/step':>7} {'min':>6} {'tok/s':>7} {'peak GB':>8} "
-        f"{'1st step':>9} {'load avg':>9} {'others':>7}")  # fmt: skip
+  print(
+    f"\n{'run':<16} {'load s':>6} {'s/step':>7} {'min':>6} {'tok/s':>7} {'peak GB':>8} "
+    f"{'1st step':>9} {'load avg':>9} {'others':>7}"
+  )
   stats = {}
   for k, rs in rows.items():
     med = _common.median([_common.median(r["step_s"]) for r in rs])
@@ -326,8 +362,10 @@ def summarize(runs: list[dict], tokens_per_step: int) -> None:
     loads = "/".join(f"{r['load_at_start']:.1f}" for r in rs)
     fastest = min(min(r["step_s"]) for r in rs)
     others = _common.median([_common.median(r["others"]) for r in rs])
-    print(f"{k:<16} {rs[0]['load_s']:6.1f} {med:7.2f} {fastest:6.2f} {tokens_per_step / med:7.1f} "
-          f"{peak:8.2f} {rs[0]['first_step_s']:9.1f} {loads:>9} {others:7.1%}")  # fmt: skip
+    print(
+      f"{k:<16} {rs[0]['load_s']:6.1f} {med:7.2f} {fastest:6.2f} {tokens_per_step / med:7.1f} "
+      f"{peak:8.2f} {rs[0]['first_step_s']:9.1f} {loads:>9} {others:7.1%}"
+    )
     for r in rs:
       print(f"    step times: {' '.join(f'{t:.2f}' for t in r['step_s'])}")
       print(f"    others' CPU share per step: {' '.join(f'{o:.0%}' for o in r['others'])}")
@@ -347,24 +385,30 @@ def summarize(runs: list[dict], tokens_per_step: int) -> None:
         tps, mem = stats[k]
         steps_p = [t for r in rows["PEFT f32"] for t in r["step_s"]]
         lo, hi = _common.median_ratio_interval(steps_p, [t for r in rows[k] for t in r["step_s"]])
-        print(f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x [{_common.INTERVAL_LEVEL:.0%} "
-              f"interval {lo:.2f}-{hi:.2f}] "
-              f"(target >= {target}x: {'met' if tps / tps_p >= target else 'MISSED'}), peak "
-              f"memory {mem / mem_p:.2f}x (target <= 0.5x: "
-              f"{'met' if mem / mem_p <= 0.5 else 'MISSED'})")  # fmt: skip
+        print(
+          f"{k} / PEFT f32: tokens/s {tps / tps_p:.2f}x [{_common.INTERVAL_LEVEL:.0%} "
+          f"interval {lo:.2f}-{hi:.2f}] "
+          f"(target >= {target}x: {'met' if tps / tps_p >= target else 'MISSED'}), peak "
+          f"memory {mem / mem_p:.2f}x (target <= 0.5x: "
+          f"{'met' if mem / mem_p <= 0.5 else 'MISSED'})"
+        )
   sfx = "+remat" if any(r["dtype"].endswith("+remat") for r in runs) else ""
   f32 = rows.get("ours float32" + sfx, [None])[0]
   bf16 = rows.get("ours bfloat16" + sfx, [None])[0]
   if f32 and bf16:
     a, b = np.asarray(f32["all_losses"]), np.asarray(bf16["all_losses"])
     rel = np.abs(b - a) / np.abs(a)
-    print(f"bf16 vs f32 loss curve (same init and data): max relative difference "
-          f"{rel[len(rel) - len(f32['losses']):].max():.2e} over the measured steps "
-          f"({rel.max():.2e} over all steps)")  # fmt: skip
+    print(
+      f"bf16 vs f32 loss curve (same init and data): max relative difference "
+      f"{rel[len(rel) - len(f32['losses']) :].max():.2e} over the measured steps "
+      f"({rel.max():.2e} over all steps)"
+    )
   peft = rows.get("PEFT f32", [None])[0]
   if f32 and peft:
-    print(f"step-0 loss incl. orth reg (E = 0: adapters are the identity): ours f32 "
-          f"{f32['all_losses'][0]:.4f}, PEFT {peft['all_losses'][0]:.4f}")  # fmt: skip
+    print(
+      f"step-0 loss incl. orth reg (E = 0: adapters are the identity): ours f32 "
+      f"{f32['all_losses'][0]:.4f}, PEFT {peft['all_losses'][0]:.4f}"
+    )
   for k, rs in rows.items():
     print(f"{k} losses: {' '.join(f'{x:.4f}' for x in rs[0]['all_losses'])}")
 
@@ -381,8 +425,12 @@ def main() -> None:
   p.add_argument("--max-load", type=float, default=1.5, help="wait for 1-min load below this")
   p.add_argument("--wait", type=float, default=600.0, help="max seconds to wait for the load")
   p.add_argument("--remat", action="store_true", help="ours: model.remat=True (per block)")
-  p.add_argument("--retries", type=int, default=2, help="rerun a child whose steps were "
-                 "contended (others' median CPU share > 10%%)")  # fmt: skip
+  p.add_argument(
+    "--retries",
+    type=int,
+    default=2,
+    help="rerun a child whose steps were contended (others' median CPU share > 10%%)",
+  )
   p.add_argument("--trace", default=None, help="ours: jax.profiler trace dir (measured steps)")
   p.add_argument(
     "--data",
@@ -391,8 +439,12 @@ def main() -> None:
     help="random tokens (issue 3) or stage-1 batches of ../shared/data (issue 5)",
   )
   p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer update")
-  p.add_argument("--pack", action="store_true", help="--data real: ours packs examples per "
-                 "row (data.pack); PEFT gets the same examples one per row")  # fmt: skip
+  p.add_argument(
+    "--pack",
+    action="store_true",
+    help="--data real: ours packs examples per "
+    "row (data.pack); PEFT gets the same examples one per row",
+  )
   p.add_argument("--batches", default=None, help=argparse.SUPPRESS)
   p.add_argument("--child", choices=("ours", "peft"), default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -402,8 +454,18 @@ def main() -> None:
   if args.child == "peft":
     _common.emit(child_peft(args))
     return
-  common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-            "--seq", str(args.seq), "--accum", str(args.accum)]  # fmt: skip
+  common = [
+    "--steps",
+    str(args.steps),
+    "--warmup",
+    str(args.warmup),
+    "--batch",
+    str(args.batch),
+    "--seq",
+    str(args.seq),
+    "--accum",
+    str(args.accum),
+  ]
   common += (["--trace", args.trace] if args.trace else []) + (["--remat"] if args.remat else [])
   common += ["--pack"] if args.pack else []
   tokens_per_step = args.batch * args.seq
@@ -412,17 +474,25 @@ def main() -> None:
     info = real_batches(args.warmup + args.steps, args.seq, path, args.pack)
     common += ["--batches", path]
     tokens_per_step = info["real_per_step"]  # real (non-padding) tokens: same for both sides
-    print(f"real batches: {info['rows']} rows x {args.seq} (one per skill"
-          f"{', packed' if args.pack else ''}), {info['examples_per_step']:.1f} examples and "
-          f"{info['real_per_step']:.0f} real tokens per step, answer tokens "
-          f"{info['answer_share']:.1%} of the real tokens, padding {info['padding_share']:.1%} of "
-          "our rows", file=sys.stderr, flush=True)  # fmt: skip
+    print(
+      f"real batches: {info['rows']} rows x {args.seq} (one per skill"
+      f"{', packed' if args.pack else ''}), {info['examples_per_step']:.1f} examples and "
+      f"{info['real_per_step']:.0f} real tokens per step, answer tokens "
+      f"{info['answer_share']:.1%} of the real tokens, padding {info['padding_share']:.1%} of "
+      "our rows",
+      file=sys.stderr,
+      flush=True,
+    )
     if args.pack:
-      steps = [[kw["input_ids"].shape for kw, _ in peft_inputs(b, True)]
-               for b in load_batches(path)]  # fmt: skip
-      print("PEFT micro-batches per step (rows x padded length): "
-            + "  ".join("+".join(f"{n}x{t}" for n, t in st) for st in steps),
-            file=sys.stderr, flush=True)  # fmt: skip
+      steps = [
+        [kw["input_ids"].shape for kw, _ in peft_inputs(b, True)] for b in load_batches(path)
+      ]
+      print(
+        "PEFT micro-batches per step (rows x padded length): "
+        + "  ".join("+".join(f"{n}x{t}" for n, t in st) for st in steps),
+        file=sys.stderr,
+        flush=True,
+      )
   plan = []
   dtypes = [d for d in args.dtype.split(",") if d]
   if args.only != "peft":
@@ -434,11 +504,19 @@ def main() -> None:
   runs = []
   for _ in range(args.rounds):
     for fw, dt in plan:
-      r = _common.run_child([os.path.abspath(__file__), "--child", fw, "--dtype", dt, *common],
-                            args.max_load, args.wait, args.retries)  # fmt: skip
-      print(f"  {fw} {dt}: median {_common.median(r['step_s']):.2f} s/step, peak "
-            f"{r['peak_rss_gb']:.2f} GB (load {r['load_at_start']:.2f} -> "
-            f"{r['load_at_end']:.2f})", file=sys.stderr, flush=True)  # fmt: skip
+      r = _common.run_child(
+        [os.path.abspath(__file__), "--child", fw, "--dtype", dt, *common],
+        args.max_load,
+        args.wait,
+        args.retries,
+      )
+      print(
+        f"  {fw} {dt}: median {_common.median(r['step_s']):.2f} s/step, peak "
+        f"{r['peak_rss_gb']:.2f} GB (load {r['load_at_start']:.2f} -> "
+        f"{r['load_at_end']:.2f})",
+        file=sys.stderr,
+        flush=True,
+      )
       runs.append(r)
   summarize(runs, tokens_per_step)
 

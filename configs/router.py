@@ -12,7 +12,7 @@ Presets after a colon, comma-separated, then `key=value` overrides:
   --config=configs/router.py:shared,task=pubmedqa  # a reserved task of ../shared/data
   --config=configs/router.py:fewshot               # CMA-ES on k = 5, 20, 100 examples
   --config=configs/router.py:gate                  # the input-conditioned router
-  --config=configs/router.py:rqe_small             # README's real run (after skill.py:shared_small)
+  --config=configs/router.py:rqe_small             # the real run of docs/results.md
   --config=configs/router.py:meqsum_small          # its second task (ROUGE)
 
 A 13th skill trained later (stage 1 with --config.skills=<it> in its own workdir) joins with
@@ -31,12 +31,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = "router"  # which stage main.py runs: "skill" | "router" (this file)
   c.model = common.model_config("smollm2_135m")  # the frozen base: the one the skills trained on
   c.mesh = common.mesh_config()  # devices and the logical-axis rule table (as in stage 1)
-  # Only lora_alpha and scale_convention are read: the adapter scale, when the skills
-  # checkpoint does not record it. Keep them equal to stage 1's.
-  c.adalora = common.adalora_config()
-  c.data = common.data_config()  # the data and its template: keep them equal to stage 1's
-  c.data.buckets = (128,)  # padded lengths a batch can take (as configs/skill.py)
-  c.data.max_len = 128  # longest row in tokens (longer contexts are cut)
+  # The data section. Its template and max_len are replaced by the stage-1 checkpoint's (the
+  # skills are served with the prompts they were trained on); the adapter scale comes from
+  # the checkpoint too.
+  c.data = common.data_config()
+  c.data.buckets = (128,)  # padded lengths a batch can take (max_len is added)
+  c.data.max_len = 128  # used only when the stage-1 checkpoint does not record its own
 
   # Stage-1 workdir(s) holding the skills (<dir>/checkpoints), comma-separated; their skills
   # are stacked on the skill axis in this order. Required.
@@ -100,10 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _tiny(c):
-  c_skill = skill.get_config("tiny")  # the same base and adapter scale as stage 1's :tiny
+  c_skill = skill.get_config("tiny")  # the same base as stage 1's :tiny
   c.model = c_skill.model
-  c.adalora = c_skill.adalora
-  c.data.buckets, c.data.max_len = c_skill.data.buckets, c_skill.data.max_len
+  c.data.buckets = c_skill.data.buckets
   c.router.steps = 10
   c.cmaes.generations = 5
   c.cmaes.population = 8
@@ -119,7 +118,7 @@ def _shared(c):
 
 
 def _rqe_small(c):
-  """README's "A real run", stage 2: RQE question entailment (accuracy, macro-F1) on the
+  """docs/results.md's real run, stage 2: RQE question entailment (accuracy, macro-F1) on the
   skills of configs/skill.py:shared_small, with every baseline, sized for ~20 min on 2 CPU
   cores: 20 rows fit the router (so "auto" picks CMA-ES, the paper's few-shot rule; GD and the
   gate fit the same rows), 40 score it; CMA-ES 5 candidates x 4 generations (20 evaluations,
@@ -128,7 +127,7 @@ def _rqe_small(c):
   _shared(c)
   c.task = "rqe"
   c.data.sources = "rqe"  # load only the task's source (its reserved rows are the same)
-  c.data.buckets, c.data.max_len = (128, 192), 192  # max_len as stage 1's :shared_small
+  c.data.buckets = (128, 192)  # max_len (192) comes from stage 1's :shared_small checkpoint
   c.max_fit_examples, c.max_eval_examples = 20, 40
   c.router.steps = 15
   c.gate.steps = 15
@@ -138,7 +137,7 @@ def _rqe_small(c):
 
 
 def _meqsum_small(c):
-  """README's second real task: MeQSum question summarisation (ROUGE-1/2/L of greedy
+  """docs/results.md's second real task: MeQSum question summarisation (ROUGE-1/2/L of greedy
   generations of up to 32 tokens; its reference summaries are 12 tokens at the median, 29 at
   most), on the same skills as :rqe_small, smaller still: 12 rows fit, 24 score; CMA-ES
   4 x 3; k-shot draws of 5 rows with seeds 1 and 2."""

@@ -1,6 +1,6 @@
 """Stage 1: train the medical skills, one AdaLoRA adapter each, on one frozen base.
 
-Default (all 12 skills, SmolLM2-135M-Instruct, the embedded demo corpus, ~10 min on 2 cores):
+Default (all 12 skills, SmolLM2-135M-Instruct, the embedded demo corpus, ~5 min on 2 cores):
 
   python -m mdkif_jax.main --config=configs/skill.py --workdir=runs/skill
 
@@ -9,7 +9,7 @@ Presets after a colon, comma-separated, then `key=value` overrides of the preset
   --config=configs/skill.py:tiny                       # random tiny model (tests, smoke runs)
   --config=configs/skill.py:llama2_7b,skills=ner+re    # a 7B-shaped run on two skills
   --config=configs/skill.py:shared                     # the real datasets in ../shared/data
-  --config=configs/skill.py:shared_small               # the same, 60 steps (README's real run)
+  --config=configs/skill.py:shared_small               # 60 steps (docs/results.md)
 
 and any field from the command line: --config.adalora.init_r=12 --config.train.steps=200.
 """
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = common.mesh_config()  # devices and the logical-axis rule table
   c.adalora = common.adalora_config()  # one AdaLoRA adapter per skill
   c.optimizer = common.optimizer_config()  # AdamW + schedule + clipping + accumulation
-  c.data = common.data_config()  # the skill data (configs/common_data.py)
+  c.data = common.data_config()  # the skill data (configs/common.py)
   # The demo rows are 50-123 tokens: one padded length means one compiled step.
   c.data.buckets = (128,)  # padded lengths a batch can take
   c.data.max_len = 128  # longest row in tokens (longer contexts are cut)
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.eval_rows_per_skill = 2
   c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row
   # Answer positions per chunk of the fused vocabulary projection + cross-entropy
-  # (mdkif_jax/losses.py): only [chunk, vocab] logits exist at a time.
+  # (mdkif_jax/ops/losses.py): only [chunk, vocab] logits exist at a time.
   c.train.loss_chunk = 256
   c.train.plot = True  # write rank_allocation.png at the end
   c.train.progress = True  # show a progress bar
@@ -91,7 +91,7 @@ def _shared(c):
 
 
 def _shared_small(c):
-  """README's "A real run": all 12 skills on ../shared/data at 200 examples per source, rows
+  """docs/results.md's real run: all 12 skills on ../shared/data at 200 examples per source, rows
   of at most 192 tokens (ChemProt's question alone, with its 13 labels, needs more than 128),
   60 steps of one row per skill (~15-20 min on 2 CPU cores)."""
   _shared(c)

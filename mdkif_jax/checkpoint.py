@@ -1,23 +1,56 @@
-"""Orbax checkpoints of what trains: adapters, optimizer + allocator state, step, data position.
+"""All Orbax I/O: checkpoints of what trains (adapters, optimizer + allocator state, step, data
+position), the run identity they carry, stage 1's skills as stage 2 reads them, and routers.
 
 Never the frozen base (it is reloaded from its own files). Saves are atomic (Orbax writes to a
 temporary directory and renames), so a process killed at any moment leaves either the previous
 checkpoint or the new one, never a half-written one. A checkpoint records the model and skill
-set it belongs to; restoring into a different one is refused.
+set it belongs to (`run_identity`); restoring into a different one is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from mdkif_jax.peft import serving
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in the workdir belongs to another model, skill set or adapter shape."""
+
+
+class SkillsMismatchError(CheckpointMismatchError):
+  """A skills checkpoint that belongs to another base model (or is missing)."""
+
+
+# ---- run identity ----------------------------------------------------------------------------
+def model_identity(model_cfg) -> dict:
+  """The base model's identity: its ModelConfig as JSON."""
+  return json.loads(json.dumps(dataclasses.asdict(model_cfg), default=list))
+
+
+def run_identity(model_cfg, skills, targets, init_r: int, scale: float) -> dict:
+  """What a stage-1 checkpoint belongs to; a resume or a stage-2 load into another is refused."""
+  return {
+    "model": model_identity(model_cfg),
+    "skills": list(skills),
+    "targets": list(targets),
+    "init_r": int(init_r),
+    "scale": float(scale),
+  }
+
+
+def serving_meta(data_cfg) -> dict:
+  """How the skills were prompted (template and max_len): stage 2 reads it, so its rows are
+  built exactly as stage 1's. Recorded beside the identity, not checked on resume."""
+  return {"template": data_cfg.template.to_dict(), "max_len": int(data_cfg.max_len)}
 
 
 def manager(directory: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -55,14 +88,18 @@ def check_meta(saved: dict, expected: dict, where: str) -> None:
     )
 
 
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, expected_meta: dict):
-  """(step, state, data_state) of the latest checkpoint, or None when there is none."""
+  """(step, state, data_state) of the latest checkpoint, or None when there is none. Only the
+  keys of `expected_meta` are compared with the checkpoint's meta."""
   step = mngr.latest_step()
   if step is None:
     return None
   where = str(pathlib.Path(mngr.directory) / str(step))
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_meta(meta, expected_meta, where)
+  check_meta(read_meta(mngr, step), expected_meta, where)
   restored = mngr.restore(
     step,
     args=ocp.args.Composite(
@@ -75,3 +112,113 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, expected_me
 def abstract_of(tree: Any) -> Any:
   """ShapeDtypeStructs with shardings: the restore target of a live pytree."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ---- stage 1's skills, read by stage 2 -------------------------------------------------------
+def _refuse_other_base(meta: dict, want: dict, where: pathlib.Path) -> None:
+  have = meta.get("model") or {}
+  if have == want:
+    return
+  diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
+  raise SkillsMismatchError(
+    f"{where}: these skills were trained on another base model (differs in "
+    f"{', '.join(diff)}; checkpoint: "
+    + ", ".join(f"{k}={have.get(k)}" for k in diff[:4])
+    + "; this run: "
+    + ", ".join(f"{k}={want.get(k)}" for k in diff[:4])
+    + "). Set --config.model.source to the stage-1 base, or retrain the skills on this one."
+  )
+
+
+def load_one(workdir, base_cfg, mesh, step=None) -> tuple[dict, dict, float]:
+  """(adapters [S, ...], meta, scale) of one stage-1 run, checked against this base."""
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  latest = None
+  if ckpt.is_dir():
+    mngr = manager(ckpt, keep=1, async_save=False)
+    latest = mngr.latest_step() if step is None else step
+  if latest is None:
+    raise SkillsMismatchError(
+      f"skills_from={str(workdir)!r}: no stage-1 checkpoint in {ckpt} (run stage 1 with "
+      f"--workdir={workdir} first)"
+    )
+  meta = read_meta(mngr, latest)
+  _refuse_other_base(meta, model_identity(base_cfg), ckpt / str(latest))
+  S, r, L = len(meta["skills"]), int(meta["init_r"]), base_cfg.num_hidden_layers
+  dims = base_cfg.projection_dims()
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  f32 = jnp.float32
+  abstract = {
+    t: {
+      "A": jax.ShapeDtypeStruct((S, L, r, dims[t][0]), f32, sharding=rep),
+      "E": jax.ShapeDtypeStruct((S, L, r), f32, sharding=rep),
+      "B": jax.ShapeDtypeStruct((S, L, dims[t][1], r), f32, sharding=rep),
+    }
+    for t in meta["targets"]
+  }
+  restore = ocp.args.PyTreeRestore({"adapters": abstract}, partial_restore=True)
+  restored = mngr.restore(latest, args=ocp.args.Composite(state=restore))
+  return restored["state"]["adapters"], meta, float(meta["scale"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Skills:
+  """Stage 1's skills as stage 2 uses them: stacked on the skill axis, in skills_from order."""
+
+  stacked: dict  # {target: {"A": [S, L, r, in], "E": [S, L, r], "B": [S, L, out, r]}}
+  names: tuple[str, ...]
+  scale: float  # the adapter scale of the whole stack
+  serving: dict | None  # template and max_len of stage 1 (None: an older checkpoint)
+
+  def __iter__(self):  # (stacked, names, scale) = load_skills(...)
+    return iter((self.stacked, self.names, self.scale))
+
+
+def load_skills(config, base_cfg, mesh) -> Skills:
+  """The skills of every workdir in `config.skills_from`, stacked; they must agree on the
+  prompt template and max_len (stage 2 builds its rows with them)."""
+  dirs = [d.strip() for d in (config.skills_from or "").split(",") if d.strip()]
+  if not dirs:
+    raise SkillsMismatchError("config.skills_from is not set: give the stage-1 workdir(s)")
+  step = config.skills_step if len(dirs) == 1 else None
+  runs = [load_one(d, base_cfg, mesh, step) for d in dirs]
+  names = [s for _, meta, _ in runs for s in meta["skills"]]
+  if len(set(names)) != len(names):
+    raise SkillsMismatchError(f"skills_from={config.skills_from!r} names a skill twice: {names}")
+  served = {json.dumps(meta.get("serving"), sort_keys=True) for _, meta, _ in runs}
+  if len(served) > 1:
+    raise SkillsMismatchError(
+      f"skills_from={config.skills_from!r}: the runs were trained with different prompt "
+      f"templates or max_len ({sorted(served)}); retrain one of them with the other's"
+    )
+  scale = runs[0][2]
+  stacked = None
+  for skills, _, run_scale in runs:
+    if run_scale != scale:  # fold a different scale into B so one scale serves the whole stack
+      ratio = run_scale / scale
+      skills = {t: {**leaf, "B": leaf["B"] * ratio} for t, leaf in skills.items()}
+    stacked = skills if stacked is None else serving.add_skills(stacked, skills)
+  return Skills(stacked, tuple(names), scale, runs[0][1].get("serving"))
+
+
+# ---- routers -------------------------------------------------------------------------------
+def save_router(workdir: pathlib.Path, state: dict, meta: dict, data_state: dict) -> None:
+  """One Orbax checkpoint (step 0) of the router; a rerun replaces it, a foreign one is kept."""
+  mngr = manager(workdir / "checkpoints", keep=1, async_save=False)
+  for step in mngr.all_steps():
+    check_meta(read_meta(mngr, step), meta, str(workdir / "checkpoints" / str(step)))
+    mngr.delete(step)
+  save(mngr, 0, jax.tree.map(np.asarray, state), data_state, meta)  # every process
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def load_router(workdir: str | pathlib.Path) -> tuple[dict, dict]:
+  """(state, meta) of a saved router: {"weights": w_S, "theta"?: ..., "gate"?: pure dict}."""
+  mngr = manager(pathlib.Path(workdir) / "checkpoints", keep=1, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no router checkpoint in {pathlib.Path(workdir) / 'checkpoints'}")
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+  out = mngr.restore(step, args=args)
+  return out["state"], out["meta"]

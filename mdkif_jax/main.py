@@ -43,9 +43,12 @@ def main(argv):
     jax.distributed.initialize()
   logging.info(
     "process %d/%d, %d local / %d global devices: %s",
-    jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
     jax.devices()[:8],
-  )  # fmt: skip
+  )
   # Orbax logs every file operation at INFO through absl's handler: keep its warnings only.
   logging.get_absl_handler().addFilter(
     lambda r: r.levelno >= logging_std.WARNING or "/orbax/" not in r.pathname
@@ -53,9 +56,9 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", config.stage)
   if config.stage == "router":
-    from mdkif_jax import route
+    from mdkif_jax import fit_router
 
-    route.train_and_evaluate(config, workdir)
+    fit_router.train_and_evaluate(config, workdir)
   elif config.stage == "skill":
     from mdkif_jax import train
 

@@ -22,7 +22,7 @@ source holds several skills, by skill):
   fall-back for sources not in the table (the knowledge-graph sources: ES/EA/ER).
 
 Mixed corpora (`demo`, `instruct`, `hub`) take each skill's answer format (`FORMAT_METRICS`).
-The model-facing half (one forward for choices, generation) lives in route.py; this module
+The model-facing half (one forward for choices, generation) lives in evaluate.py; this module
 turns its per-row numbers into metrics.
 """
 
@@ -138,8 +138,10 @@ def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
 
   scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
   per = [scorer.score(r, p) for p, r in zip(preds, refs, strict=True)]
-  return {k: float(np.mean([s[k].fmeasure for s in per])) if per else 0.0
-          for k in ("rouge1", "rouge2", "rougeL")}  # fmt: skip
+  return {
+    k: float(np.mean([s[k].fmeasure for s in per])) if per else 0.0
+    for k in ("rouge1", "rouge2", "rougeL")
+  }
 
 
 def _items(text: str) -> set[str]:

@@ -6,8 +6,8 @@ always the exact weighted sum of deltas, Σ_s w_s ΔW_s (never P and Q mixed sep
 - task-level weights w ∈ R^S (the paper's router): `task_weights(theta, parametrisation)`,
   fitted by gradient descent (`fit_task_gd`, optax, L1 or entropy regulariser) or by CMA-ES
   (`fit_task_cmaes`, evosax; the whole population is scored by one vmapped, jitted call);
-  served by merging Σ_s w_s ΔW_s into a copy of the frozen kernels once (`merged_params`), so
-  inference costs exactly the base model's forward;
+  served by merging Σ_s w_s ΔW_s into a copy of the frozen kernels once
+  (`serving.merged_params`), so inference costs exactly the base model's forward;
 - an input-conditioned gate (`Gate`): a small MLP on the mean-pooled prompt hidden state of the
   frozen LLM (no adapters) gives per-row softmax weights [B, S] (optionally top-k), applied
   unmerged through `AdapterCtx(weights=...)`, so rows with different mixtures share one pass.
@@ -28,7 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mdkif_jax import adapters as adapters_lib
+from mdkif_jax.peft import serving
+from mdkif_jax.peft.adapters import AdapterCtx
 
 PARAMETRISATIONS = ("free", "softmax", "sigmoid")
 REGULARISERS = ("none", "l1", "entropy")
@@ -74,7 +75,9 @@ def regulariser(w_S: jax.Array, kind: str) -> jax.Array:
 
 # ---- the answer-token loss -----------------------------------------------------------------
 def answer_stats(model, h_BTD: jax.Array, batch: dict) -> dict[str, jax.Array]:
-  """Per-row answer-token NLL sum, token count, argmax-correct count (logits at answers only).
+  """Per-row answer-token NLL sum, token count, argmax-correct count (logits at answers only),
+  and `choice_logp` [B, C] when the batch carries `choice_ids`: log p(candidate token |
+  prompt) at the first answer position, from the same forward.
 
   A row whose every answer token (EOS included) is the argmax under teacher forcing is exactly
   the row greedy decoding reproduces, so `exact` is greedy exact match at no decoding cost.
@@ -88,12 +91,17 @@ def answer_stats(model, h_BTD: jax.Array, batch: dict) -> dict[str, jax.Array]:
   right = (jnp.argmax(logits, axis=-1) == targets).astype(F32) * valid
   tokens = jnp.sum(valid, axis=1)
   correct = jnp.sum(right, axis=1)
-  return {
+  out = {
     "nll": jnp.sum(nll * valid, axis=1),
     "tokens": tokens,
     "correct": correct,
     "exact": ((correct == tokens) & (tokens > 0)).astype(F32),
   }
+  if "choice_ids" in batch:  # label tasks whose candidates are one token each: no extra pass
+    first = jnp.take_along_axis(h_BTD, idx[:, :1, None], axis=1)
+    logp = jax.nn.log_softmax(model.logits(first)[:, 0].astype(F32), axis=-1)
+    out["choice_logp"] = jnp.take_along_axis(logp, batch["choice_ids"], axis=1)
+  return out
 
 
 def mean_nll(stats: dict[str, jax.Array]) -> jax.Array:
@@ -105,9 +113,10 @@ def mixture_hidden(graphdef, frozen, stacked, scale, batch, weights_BS=None):
   model = nnx.merge(graphdef, frozen)
   kw = {}
   if weights_BS is not None:
-    kw = dict(adapters=stacked, adapter_ctx=adapters_lib.AdapterCtx(scale, weights=weights_BS))
-  h, _ = model.hidden(batch["tokens"], positions_BT=batch["positions"],
-                      mask_BT=batch["attention_mask"], **kw)  # fmt: skip
+    kw = dict(adapters=stacked, adapter_ctx=AdapterCtx(scale, weights=weights_BS))
+  h, _ = model.hidden(
+    batch["tokens"], positions_BT=batch["positions"], mask_BT=batch["attention_mask"], **kw
+  )
   return model, h
 
 
@@ -115,6 +124,16 @@ def mixture_stats(graphdef, frozen, stacked, scale, batch, weights_BS=None):
   """Answer stats of the base + Σ_s w_bs ΔW_s per row (unmerged); None weights = the base."""
   model, h = mixture_hidden(graphdef, frozen, stacked, scale, batch, weights_BS)
   return answer_stats(model, h, batch)
+
+
+def descend(step, params, opt_state, batches, steps: int):
+  """`steps` calls of step(params, opt_state, batch) -> (params, opt_state, nll), cycling
+  through `batches`; (params, [nll per step]) with one device read at the end."""
+  history = []
+  for i in range(steps):
+    params, opt_state, nll = step(params, opt_state, batches[i % len(batches)])
+    history.append(nll)
+  return params, [float(x) for x in jax.device_get(history)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,17 +179,16 @@ def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=
   batches: a list of prepared batches, cycled (a downstream task is small; pass one batch for
   full-batch descent).
   """
-  S = adapters_lib.num_skills(stacked)
+  S = serving.num_skills(stacked)
   theta = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
   fit = dataclasses.replace(fit, seed=0)  # the seed plays no part: one compile for all seeds
   opt_state = optax.adam(fit.learning_rate).init(theta)
-  history = []
-  for i in range(fit.steps):
-    theta, opt_state, nll = _gd_step(theta, opt_state, frozen, stacked,
-                                     batches[i % len(batches)], graphdef=graphdef,
-                                     scale=scale, fit=fit)  # fmt: skip
-    history.append(nll)
-  return theta, [float(x) for x in jax.device_get(history)]
+
+  def step(theta, opt_state, batch):
+    kw = dict(graphdef=graphdef, scale=scale, fit=fit)
+    return _gd_step(theta, opt_state, frozen, stacked, batch, **kw)
+
+  return descend(step, theta, opt_state, batches, fit.steps)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "scale", "fit"))
@@ -206,76 +224,20 @@ def fit_task_cmaes(graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0
   jitted `lax.scan`: no Python loop per candidate or per generation. Candidates are clipped to
   `fit.bounds` (LoraHub's box) and the best one seen is returned.
   """
-  S = adapters_lib.num_skills(stacked)
+  S = serving.num_skills(stacked)
   mean0 = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
   key = jax.random.key(fit.seed)
-  theta, best = _cmaes_run(key, mean0, frozen, stacked, batch, graphdef=graphdef, scale=scale,
-                           fit=dataclasses.replace(fit, seed=0))  # fmt: skip
-  return theta, [float(x) for x in np.asarray(best)]
-
-
-# ---- zero-overhead inference for task-level weights ------------------------------------------
-def merged_params(frozen: nnx.State, stacked: dict, w_S: jax.Array, scale: float) -> nnx.State:
-  """A copy of the frozen params with W0 + Σ_s w_s ΔW_s in every adapted kernel, in place of
-  the originals' shardings; run the plain model on it (no adapters): the base's cost."""
-  kernels = {t: frozen[t][...] for t in stacked}
-  shardings = {t: getattr(kernels[t], "sharding", None) for t in stacked}
-  merged = jax.jit(adapters_lib.merge_mixture, static_argnums=(3,), out_shardings=shardings)(
-    kernels, stacked, jnp.asarray(w_S, F32), scale
+  theta, best = _cmaes_run(
+    key,
+    mean0,
+    frozen,
+    stacked,
+    batch,
+    graphdef=graphdef,
+    scale=scale,
+    fit=dataclasses.replace(fit, seed=0),
   )
-  out = nnx.State(dict(frozen))
-  for t, value in merged.items():
-    out[t] = frozen[t].replace(value)
-  return out
-
-
-# ---- unmerged inference for per-row weights ---------------------------------------------------
-def packed_params(
-  frozen: nnx.State, served: dict, max_rank_fraction: float = 0.125
-) -> tuple[nnx.State, dict]:
-  """(params, skills) in the packed serving layout (`adapters.pack_served`): a copy of the
-  frozen params whose packed kernels are [W ; Bᵀ], and the served skills without their B.
-  Give both to the model in place of (frozen, served): the same mixtures, the up-products
-  inside the base GEMMs. Targets whose R exceeds max_rank_fraction x in stay unpacked. The
-  copy keeps the kernels' shardings (R is a multiple of the bucket, so in + R divides as in
-  does for every usual mesh)."""
-  kernels = {t: frozen[t][...] for t in served}
-  shardings = {t: getattr(kernels[t], "sharding", None) for t in served
-               if adapters_lib.packs(served[t], kernels[t], max_rank_fraction)}  # fmt: skip
-  pack = functools.partial(adapters_lib.pack_served, max_rank_fraction=max_rank_fraction)
-  packed, skills = jax.jit(pack, out_shardings=(shardings, None))(kernels, served)
-  out = nnx.State(dict(frozen))
-  for t, value in packed.items():
-    out[t] = frozen[t].replace(value)
-  return out, skills
-
-
-# ---- adding a skill ------------------------------------------------------------------------
-def pad_rank(stacked: dict, rank: int) -> dict:
-  """Zero-pad the rank axis of every leaf to `rank` (ΔW unchanged exactly)."""
-
-  def pad(name, x):
-    axis = {"A": -2, "E": -1, "B": -1}[name]
-    width = [(0, 0)] * x.ndim
-    width[axis] = (0, rank - x.shape[axis])
-    return jnp.pad(x, width)
-
-  return {t: {k: pad(k, v) for k, v in leaf.items()} for t, leaf in stacked.items()}
-
-
-def add_skills(stacked: dict, new: dict) -> dict:
-  """Append skills (leading axis) to the stack, padding ranks to a common size; the existing
-  skills' arrays are untouched, so only the router needs refitting."""
-  if set(stacked) != set(new):
-    raise ValueError(f"new skill adapts {sorted(new)}, the stack adapts {sorted(stacked)}")
-  for t in stacked:
-    have, want = new[t]["A"].shape, stacked[t]["A"].shape
-    if (have[1], have[3]) != (want[1], want[3]) or new[t]["B"].shape[2] != stacked[t]["B"].shape[2]:
-      raise ValueError(f"new skill's {t!r} adapter {have} does not fit the stack's {want}")
-  rank = max(stacked[t]["A"].shape[2] for t in stacked)
-  rank = max([rank] + [new[t]["A"].shape[2] for t in new])
-  a, b = pad_rank(stacked, rank), pad_rank(new, rank)
-  return jax.tree.map(lambda x, y: jnp.concatenate([x, y.astype(x.dtype)]), a, b)
+  return theta, [float(x) for x in np.asarray(best)]
 
 
 # ---- the input-conditioned gate --------------------------------------------------------------
@@ -321,29 +283,40 @@ def gate_loss(gate_params, gate_def, graphdef, frozen, stacked, scale, batch):
 
 
 @functools.partial(jax.jit, static_argnames=("gate_def", "graphdef", "scale", "learning_rate"))
-def _gate_step(params, opt_state, frozen, stacked, batch, *, gate_def, graphdef, scale,
-               learning_rate):  # fmt: skip
+def _gate_step(
+  params, opt_state, frozen, stacked, batch, *, gate_def, graphdef, scale, learning_rate
+):
   frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
   nll, g = jax.value_and_grad(gate_loss)(params, gate_def, graphdef, frozen, stacked, scale, batch)
   updates, opt_state = optax.adam(learning_rate).update(g, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, nll
 
 
-def fit_gate(graphdef, frozen, stacked, scale, batches, *, hidden=64, top_k=0, steps=100,
-             learning_rate=1e-3, seed=0) -> tuple[Gate, list[float]]:  # fmt: skip
+def fit_gate(
+  graphdef,
+  frozen,
+  stacked,
+  scale,
+  batches,
+  *,
+  hidden=64,
+  top_k=0,
+  steps=100,
+  learning_rate=1e-3,
+  seed=0,
+) -> tuple[Gate, list[float]]:
   """Train a `Gate` (only its parameters) on the answer NLL; (gate module, [nll per step])."""
-  S = adapters_lib.num_skills(stacked)
+  S = serving.num_skills(stacked)
   D = nnx.merge(graphdef, frozen).cfg.hidden_size
   gate_def, params = nnx.split(Gate(D, S, hidden, top_k, rngs=nnx.Rngs(seed)))
   opt_state = optax.adam(learning_rate).init(params)
-  history = []
-  for i in range(steps):
-    params, opt_state, nll = _gate_step(params, opt_state, frozen, stacked,
-                                        batches[i % len(batches)], gate_def=gate_def,
-                                        graphdef=graphdef, scale=scale,
-                                        learning_rate=learning_rate)  # fmt: skip
-    history.append(nll)
-  return nnx.merge(gate_def, params), [float(x) for x in jax.device_get(history)]
+
+  def step(params, opt_state, batch):
+    kw = dict(gate_def=gate_def, graphdef=graphdef, scale=scale, learning_rate=learning_rate)
+    return _gate_step(params, opt_state, frozen, stacked, batch, **kw)
+
+  params, history = descend(step, params, opt_state, batches, steps)
+  return nnx.merge(gate_def, params), history
 
 
 @functools.partial(jax.jit, static_argnames=("gate_def", "graphdef", "scale"))
@@ -355,5 +328,6 @@ def _gate_stats(params, frozen, stacked, batch, *, gate_def, graphdef, scale):
 def gate_stats(gate: Gate, graphdef, frozen, stacked, scale, batch):
   """(answer stats, per-row weights [B, S]) of the gated mixture, unmerged, in one pass."""
   gate_def, params = nnx.split(gate)
-  return _gate_stats(params, frozen, stacked, batch, gate_def=gate_def, graphdef=graphdef,
-                     scale=scale)  # fmt: skip
+  return _gate_stats(
+    params, frozen, stacked, batch, gate_def=gate_def, graphdef=graphdef, scale=scale
+  )

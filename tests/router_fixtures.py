@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import adapters, loading, route
+from mdkif_jax.data import task
+from mdkif_jax.model import loading
+from mdkif_jax.peft import adapters
 
 B, T, PROMPT, RANK = 16, 24, 8, 4
 SCALE = 1.0
@@ -29,8 +31,14 @@ def tiny_base(mesh=None):
 
 def random_skills(cfg, num_skills: int, seed: int, rank: int = RANK) -> dict:
   """Skill-stacked AdaLoRA adapters with a nonzero Λ (E), so every skill changes the model."""
-  st = adapters.init_adalora(jax.random.key(seed), cfg.projection_dims(), cfg.num_hidden_layers,
-                             rank, num_skills=num_skills, std=0.2)  # fmt: skip
+  st = adapters.init_adalora(
+    jax.random.key(seed),
+    cfg.projection_dims(),
+    cfg.num_hidden_layers,
+    rank,
+    num_skills=num_skills,
+    std=0.2,
+  )
   rng = np.random.default_rng(seed)
   return {
     t: {**leaf, "E": jnp.asarray(rng.standard_normal(leaf["E"].shape), jnp.float32)}
@@ -58,4 +66,4 @@ def planted(graphdef, frozen, stacked, w_BS, raw, seed: int = 5) -> dict:
   ctx = adapters.AdapterCtx(SCALE, weights=jnp.asarray(w_BS, jnp.float32))
   logits = jax.jit(lambda t: model(t, adapters=stacked, adapter_ctx=ctx))(raw["tokens"])
   sampled = np.asarray(jax.random.categorical(jax.random.key(seed), logits), np.int32)
-  return route.prepare({**raw, "targets": sampled})
+  return task.prepare({**raw, "targets": sampled})

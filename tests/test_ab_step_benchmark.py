@@ -16,8 +16,11 @@ def test_parse_variant_reads_literals_and_strings():
   ab = _ab()
   assert ab.parse_variant("base:") == ("base", {})
   name, o = ab.parse_variant("v:model.attention_block=128,model.remat=True,model.x=float32")
-  assert name == "v" and o == {"model.attention_block": 128, "model.remat": True,
-                               "model.x": "float32"}  # fmt: skip
+  assert name == "v" and o == {
+    "model.attention_block": 128,
+    "model.remat": True,
+    "model.x": "float32",
+  }
   assert ab.parse_variant("b:data.buckets=(128,256),model.remat=False")[1] == {
     "data.buckets": (128, 256),
     "model.remat": False,

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mdkif_jax import adapters as ad
 from mdkif_jax import sharding
-from mdkif_jax.adalora import (
+from mdkif_jax.peft import adapters as ad
+from mdkif_jax.peft.adalora import (
   AdaLoraConfig,
   adalora,
   allocator_metrics,

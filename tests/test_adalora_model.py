@@ -17,10 +17,11 @@ from flax import nnx
 from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import get_peft_model
 
-from mdkif_jax import adapters as ad
-from mdkif_jax import loading, lora_tree
-from mdkif_jax import model as model_lib
-from mdkif_jax.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
+from mdkif_jax.model import llama as model_lib
+from mdkif_jax.model import loading
+from mdkif_jax.peft import adapters as ad
+from mdkif_jax.peft import serving
+from mdkif_jax.peft.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
 from tests import hf_fixtures
 from tests.test_adalora_peft import copy_adapters_into
 
@@ -40,14 +41,14 @@ def peft_model(ref, cfg: AdaLoraConfig):
   pcfg = PeftAdaLoraConfig(
     **peft_config_kwargs(cfg),
     task_type="CAUSAL_LM",
-    target_modules=[m.split(".")[-1] for m in lora_tree.LLAMA_MODULES.values()],
+    target_modules=[m.split(".")[-1] for m in serving.LLAMA_MODULES.values()],
   )
   return get_peft_model(copy.deepcopy(ref), pcfg)
 
 
 def peft_module(pm, layer, t):
   mod = pm.base_model.model.model.layers[layer]
-  for part in lora_tree.LLAMA_MODULES[t].split("."):
+  for part in serving.LLAMA_MODULES[t].split("."):
     mod = getattr(mod, part)
   return mod
 
@@ -108,7 +109,7 @@ def test_loss_delta_weight_and_merge_match_peft(pair):
 
   # Merged kernels give PEFT's merge_and_unload logits with no adapters in the forward pass.
   kernels = {t: getattr(model, t)[...] for t in adapters}
-  merged = ad.merge(kernels, adapters, scale)
+  merged = serving.merge(kernels, adapters, scale)
   merged_params = jax.tree.map(lambda x: x, params)
   for t in adapters:
     merged_params[t][...] = merged[t]
@@ -117,7 +118,7 @@ def test_loss_delta_weight_and_merge_match_peft(pair):
   with torch.no_grad():
     want_logits = pm.merge_and_unload()(tt).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), want_logits, atol=2e-4, rtol=0)
-  unmerged = ad.unmerge(merged, adapters, scale)
+  unmerged = serving.unmerge(merged, adapters, scale)
   for t in adapters:
     np.testing.assert_allclose(unmerged[t], kernels[t], atol=1e-6)
 
@@ -168,7 +169,7 @@ def test_adalora_training_matches_peft(pair):
   assert max_loss < 1e-4
   rank_pattern = pm.peft_config["default"].rank_pattern
   masks = find_state(state).mask
-  ours_rp = lora_tree.peft_rank_pattern({t: np.asarray(m) for t, m in masks.items()})
+  ours_rp = serving.peft_rank_pattern({t: np.asarray(m) for t, m in masks.items()})
   assert ours_rp == {
     k.replace(".default", "").replace("base_model.model.", ""): v for k, v in rank_pattern.items()
   }

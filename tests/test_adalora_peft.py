@@ -17,8 +17,8 @@ from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import get_peft_model
 from torch import nn
 
-from mdkif_jax import adapters as ad
-from mdkif_jax.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
+from mdkif_jax.peft import adapters as ad
+from mdkif_jax.peft.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
 
 DIMS = ad.llama_target_dims(hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24)
 L, R0, RT = 2, 6, 3

@@ -10,7 +10,7 @@ import optax
 import pytest
 from peft.tuners.adalora.layer import RankAllocator
 
-from mdkif_jax.adalora import AdaLoraConfig, adalora, budget_schedule
+from mdkif_jax.peft.adalora import AdaLoraConfig, adalora, budget_schedule
 
 
 def peft_schedule(tinit, tfinal, total_step, delta_t, b0, bT, steps):

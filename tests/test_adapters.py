@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdkif_jax import adapters as ad
-from mdkif_jax import lora_tree
+from mdkif_jax.peft import adapters as ad
+from mdkif_jax.peft import serving
 
 DIMS = ad.llama_target_dims(hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24)
 L, R0 = 3, 6
@@ -86,11 +86,12 @@ def test_deltas_of_projections_sharing_an_input_equal_each_delta_and_its_gradien
   layer = {t: jax.tree.map(lambda v: v[:, 1] if skills else v[1], a[t]) for t in ("q", "k", "v")}
   rng = np.random.default_rng(8)
   x = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32)
-  ctx = {"plain": ad.AdapterCtx(scale=0.7),
-         "one_skill": ad.AdapterCtx(scale=0.7, skill_ids=jnp.zeros(3, jnp.int32)),
-         "skill_ids": ad.AdapterCtx(scale=0.7, skill_ids=jnp.array([2, 0, 2])),
-         "weights": ad.AdapterCtx(scale=0.7, weights=jnp.asarray(rng.random((3, 3)), jnp.float32)),
-         }[mode]  # fmt: skip
+  ctx = {
+    "plain": ad.AdapterCtx(scale=0.7),
+    "one_skill": ad.AdapterCtx(scale=0.7, skill_ids=jnp.zeros(3, jnp.int32)),
+    "skill_ids": ad.AdapterCtx(scale=0.7, skill_ids=jnp.array([2, 0, 2])),
+    "weights": ad.AdapterCtx(scale=0.7, weights=jnp.asarray(rng.random((3, 3)), jnp.float32)),
+  }[mode]
   cot = {t: jnp.asarray(rng.standard_normal((3, 5, DIMS[t][1])), jnp.float32) for t in layer}
 
   def loss(x, leaves, grouped):
@@ -116,14 +117,14 @@ def test_merge_unmerge_round_trip():
   a = with_random_e(ad.init_adalora(jax.random.key(4), DIMS, L, R0))
   w = kernels()
   scale = 0.5
-  merged = ad.merge(w, a, scale)
+  merged = serving.merge(w, a, scale)
   for t in DIMS:
     np.testing.assert_allclose(merged[t], w[t] + ad.delta_weight(a[t], scale), rtol=1e-6)
     assert not np.allclose(merged[t], w[t])
-  back = ad.unmerge(merged, a, scale)
+  back = serving.unmerge(merged, a, scale)
   for t in DIMS:
     np.testing.assert_allclose(back[t], w[t], atol=1e-6)
-  only_q = ad.merge(w, {"q": a["q"]}, scale)
+  only_q = serving.merge(w, {"q": a["q"]}, scale)
   assert only_q["k"] is w["k"]
 
 
@@ -133,7 +134,7 @@ def test_mixture_merge_equals_weighted_deltas_and_routed_forward():
   w = kernels()
   wts = jnp.array([0.2, 0.5, 0.3])
   scale = 0.7
-  mixed = ad.merge_mixture(w, a, wts, scale)
+  mixed = serving.merge_mixture(w, a, wts, scale)
   x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 4, 16)), jnp.float32)
   for t in ("q", "up"):
     want = w[t] + sum(
@@ -152,7 +153,7 @@ def test_serving_stack_packs_kept_ranks_and_keeps_every_mixture():
   masks = {t: rng.random(leaf["E"].shape) < 0.3 for t, leaf in a.items()}
   masks["k"][...] = False  # a target pruned to rank 0 everywhere
   pruned = {t: {**leaf, "E": leaf["E"] * masks[t]} for t, leaf in a.items()}
-  served = ad.serving_stack(pruned, bucket=4)
+  served = serving.serving_stack(pruned, bucket=4)
   x = jnp.asarray(rng.standard_normal((2, 5, 24)), jnp.float32)
   w_BS = jnp.asarray(rng.standard_normal((2, S)), jnp.float32)
   for t, (i, _) in DIMS.items():
@@ -166,13 +167,16 @@ def test_serving_stack_packs_kept_ranks_and_keeps_every_mixture():
       leaf = jax.tree.map(lambda v, layer=layer: v[:, layer], pruned[t])
       sl = jax.tree.map(lambda v, layer=layer: v[layer], served[t])
       ctx = ad.AdapterCtx(scale=0.7, weights=w_BS)
-      np.testing.assert_allclose(ad.delta(x[..., :i], sl, ctx), ad.delta(x[..., :i], leaf, ctx),
-                                 rtol=1e-5, atol=1e-6)  # fmt: skip
+      np.testing.assert_allclose(
+        ad.delta(x[..., :i], sl, ctx), ad.delta(x[..., :i], leaf, ctx), rtol=1e-5, atol=1e-6
+      )
   assert not served["k"]["A"].any()
   wts = jnp.array([0.2, -0.5, 0.3])
   w = kernels()
-  for t, got in ad.merge_mixture(w, served, wts, 0.7).items():
-    np.testing.assert_allclose(got, ad.merge_mixture(w, pruned, wts, 0.7)[t], rtol=1e-5, atol=1e-6)
+  for t, got in serving.merge_mixture(w, served, wts, 0.7).items():
+    np.testing.assert_allclose(
+      got, serving.merge_mixture(w, pruned, wts, 0.7)[t], rtol=1e-5, atol=1e-6
+    )
   layer0 = jax.tree.map(lambda v: v[0], served["q"])
   with pytest.raises(ValueError, match="need AdapterCtx"):
     ad.delta(x[..., :16], layer0, ad.AdapterCtx(skill_ids=jnp.zeros(2, jnp.int32)))
@@ -185,7 +189,7 @@ def test_compaction_keeps_delta_and_pads_to_bucket(skills):
   masks = {t: rng.random(leaf["E"].shape) < 0.4 for t, leaf in a.items()}
   masks["k"][...] = False  # a target pruned to rank 0 everywhere
   masked = {t: {**leaf, "E": leaf["E"] * masks[t]} for t, leaf in a.items()}
-  small, pattern = lora_tree.compact(masked, masks, bucket=4)
+  small, pattern = serving.compact(masked, masks, bucket=4)
   for t in DIMS:
     most = int(masks[t].sum(-1).max())
     r_pad = small[t]["E"].shape[-1]
@@ -203,9 +207,9 @@ def test_compaction_keeps_delta_and_pads_to_bucket(skills):
 
 def test_peft_rank_pattern_names():
   masks = {"q": np.array([[True, False], [False, False]]), "down": np.array([[1, 1], [0, 1]], bool)}
-  rp = lora_tree.peft_rank_pattern(masks)
+  rp = serving.peft_rank_pattern(masks)
   assert rp["model.layers.0.self_attn.q_proj.lora_E"] == [True, False]
   assert rp["model.layers.1.mlp.down_proj.lora_E"] == [False, True]
   assert len(rp) == 4
   with pytest.raises(ValueError, match="slice one skill"):
-    lora_tree.peft_rank_pattern({"q": np.ones((2, 3, 4), bool)})
+    serving.peft_rank_pattern({"q": np.ones((2, 3, 4), bool)})

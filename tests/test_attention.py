@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdkif_jax import attention, model
-from mdkif_jax.model_config import ModelConfig
+from mdkif_jax.model import llama as model
+from mdkif_jax.model.config import ModelConfig, Numerics
+from mdkif_jax.ops import attention
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 B, K, G, D = 2, 2, 3, 8
@@ -55,8 +56,9 @@ def test_f32_values_and_gradients_equal_plain_attention(T, block, segments):
   q, k, v, bias, probe = _inputs(T, F32, segments)
   ours = jax.jit(lambda *a: attention.causal(*a, block=block))
   assert _rel(ours(q, k, v, bias), plain(q, k, v, bias)) < 1e-5
-  for name, g_ours, g_ref in zip("qkv", _grads(ours, q, k, v, bias, probe),
-                                 _grads(plain, q, k, v, bias, probe), strict=True):  # fmt: skip
+  for name, g_ours, g_ref in zip(
+    "qkv", _grads(ours, q, k, v, bias, probe), _grads(plain, q, k, v, bias, probe), strict=True
+  ):
     assert g_ours.shape == g_ref.shape and g_ours.dtype == F32
     assert _rel(g_ours, g_ref) < 2e-5, name
 
@@ -68,8 +70,9 @@ def test_bf16_stays_close_to_f32_and_keeps_its_dtype():
   out = f(*low, bias)
   assert out.dtype == BF16
   assert _rel(out, plain(q, k, v, bias)) < 2e-2
-  for g_ours, g_ref in zip(_grads(f, *low, bias, probe), _grads(plain, q, k, v, bias, probe),
-                           strict=True):  # fmt: skip
+  for g_ours, g_ref in zip(
+    _grads(f, *low, bias, probe), _grads(plain, q, k, v, bias, probe), strict=True
+  ):
     assert g_ours.dtype == BF16
     assert _rel(g_ours, g_ref) < 3e-2
 
@@ -95,13 +98,20 @@ def test_cross_attention_shapes_are_refused():
 
 
 def test_model_logits_and_weight_gradients_do_not_depend_on_the_block_size():
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+  cfg = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+  )
   tokens = jax.random.randint(jax.random.key(1), (2, 11), 0, 64)
   probe = jax.random.normal(jax.random.key(2), (2, 11, 64))
   outs = []
   for block in (0, 4):
-    m = model.Llama(cfg, numerics=model.Numerics(attention_block=block), rngs=nnx.Rngs(0))
+    m = model.Llama(cfg, numerics=Numerics(attention_block=block), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(m)
     loss = lambda p, g=graphdef: jnp.sum(model.forward(g, p, tokens) * probe)  # noqa: E731
     logits = jax.jit(model.forward, static_argnums=0)(graphdef, params, tokens)

@@ -44,9 +44,12 @@ def test_reexec_restarts_once_with_the_tunable(tmp_path):
   )
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   out = subprocess.run(
-    [sys.executable, str(script), "--flag", "a b"], env=env, capture_output=True, text=True,
+    [sys.executable, str(script), "--flag", "a b"],
+    env=env,
+    capture_output=True,
+    text=True,
     check=True,
-  ).stdout.splitlines()  # fmt: skip
+  ).stdout.splitlines()
   assert out == [
     "start None ['--flag', 'a b']",
     "start glibc.malloc.hugetlb=1 ['--flag', 'a b']",

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from configs.common_data import data_config
+from configs.common import data_config
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<im_start>", "<im_end>"]
 CHAT_TEMPLATE = (
@@ -46,6 +46,6 @@ def cfg(**overrides):
 
 @pytest.fixture(scope="session")
 def smol():
-  from mdkif_jax.tokenizer import load_tokenizer
+  from mdkif_jax.model.tokenizer import load_tokenizer
 
   return load_tokenizer("smollm2_135m")

@@ -83,9 +83,13 @@ def test_parquet_folder_relative_to_data_dir_other_split_is_hashed(tmp_path):
   )
   table.to_parquet(str(tmp_path / "nli_set" / "data" / "validation-00000.parquet"))
   entry = dict(
-    path="nli_set", split="validation", skill="nli", context="premise", query="hypothesis",
+    path="nli_set",
+    split="validation",
+    skill="nli",
+    context="premise",
+    query="hypothesis",
     answer="label",
-  )  # fmt: skip
+  )
   out = load_all(cfg(data_dir=str(tmp_path), sources="", hub_datasets=(entry,)))
   both = out["train"] + out["eval"]
   assert len(both) == n and {e.answer for e in both} == {"no", "yes"}
@@ -129,7 +133,11 @@ def test_stats_tool_reports_the_error_without_a_traceback():
   env = os.environ | {"HF_DATASETS_OFFLINE": "1"}
   out = subprocess.run(
     [*cmd, f"--config.data.hub_datasets={entry}"],
-    cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-  )  # fmt: skip
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert "error: hub dataset mdkif-test/no-such-dataset-4e1b[train]" in out.stderr

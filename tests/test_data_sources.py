@@ -13,7 +13,7 @@ import pathlib
 import pytest
 from ml_collections import ConfigDict
 
-from configs.common_data import data_config
+from configs.common import data_config
 from mdkif_jax.data import SKILL_SPECS, SKILLS, LoadReport
 from mdkif_jax.data.sources import SOURCES, select_sources
 
@@ -240,8 +240,14 @@ def test_hetionet_and_pharmacotherapydb(shared_data):
   items, report = convert(shared_data, "hetionet")
   assert not report.skipped
   kinds = collections.Counter(ex.answer for _, _, ex in items if ex.skill == "ea")
-  assert kinds == {"Disease": 137, "Symptom": 438, "Compound": 1552, "Anatomy": 402,
-                   "Side Effect": 5734, "Pharmacologic Class": 345}  # fmt: skip
+  assert kinds == {
+    "Disease": 137,
+    "Symptom": 438,
+    "Compound": 1552,
+    "Anatomy": 402,
+    "Side Effect": 5734,
+    "Pharmacologic Class": 345,
+  }
   with gzip.open(shared_data / "kg/hetionet/hetionet-v1.0-edges-5k.sif.gz", "rt") as f:
     edges = collections.Counter(line.split("\t")[1] for line in f)
   verbs = collections.Counter(ex.answer for _, _, ex in items if ex.skill == "er")

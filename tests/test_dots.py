@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdkif_jax import dots
+from mdkif_jax.ops import dots
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 SPECS = {  # every product shape the model and the adapters use
@@ -83,8 +83,11 @@ def test_plain_autodiff_would_multiply_an_f32_cotangent_with_bf16():
   a, b = _operands("bti,io->bto", BF16)
   loss = lambda a, b: jnp.sum(_reference("bti,io->bto", a, b).astype(BF16).astype(F32) ** 2)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(a, b)
-  dtypes = [tuple(v.aval.dtype for v in e.invars) for e in _eqns(jaxpr.jaxpr)
-            if e.primitive.name == "dot_general"]  # fmt: skip
+  dtypes = [
+    tuple(v.aval.dtype for v in e.invars)
+    for e in _eqns(jaxpr.jaxpr)
+    if e.primitive.name == "dot_general"
+  ]
   assert any(F32 in d for d in dtypes), dtypes
 
 
@@ -94,7 +97,7 @@ def test_plain_autodiff_would_multiply_an_f32_cotangent_with_bf16():
     ("...i,io->...o", "unsupported spec"),
     ("bii,io->bo", "unsupported spec"),
     ("btx,io->bto", "unsupported spec"),
-  ],  # fmt: skip
+  ],
 )
 def test_unsupported_specs_are_refused_with_the_spec_named(spec, problem):
   a, b = _operands("bti,io->bto", F32)
@@ -122,8 +125,9 @@ def test_weight_gradient_transposes_only_the_smaller_operand_in_f32(spec, dtype)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=1))(a, b)
   eqns = list(_eqns(jaxpr.jaxpr))
   barrier_out = {v for e in eqns if e.primitive.name == "optimization_barrier" for v in e.outvars}
-  weight_grad = [e for e in eqns if e.primitive.name == "dot_general" and
-                 e.invars[0] in barrier_out]  # fmt: skip
+  weight_grad = [
+    e for e in eqns if e.primitive.name == "dot_general" and e.invars[0] in barrier_out
+  ]
   assert len(weight_grad) == (1 if dtype == F32 else 0), eqns
   if dtype == F32:
     left, right = (v.aval for v in weight_grad[0].invars)
@@ -146,8 +150,9 @@ def test_bf16_residuals_travel_as_uint16_bits():
   backend turns a bf16 update-slice into a full f32 copy of the stack every layer."""
   x = jax.random.normal(jax.random.key(3), (4, 5), F32).astype(BF16)
   assert dots.pack(x).dtype == jnp.uint16
-  np.testing.assert_array_equal(np.asarray(dots.unpack(dots.pack(x)), np.float32),
-                                np.asarray(x, np.float32))  # fmt: skip
+  np.testing.assert_array_equal(
+    np.asarray(dots.unpack(dots.pack(x)), np.float32), np.asarray(x, np.float32)
+  )
   assert dots.pack(x.astype(F32)).dtype == F32
   w = jax.random.normal(jax.random.key(4), (5, 3), F32).astype(BF16)
   _, res = dots._fwd(dots._parse("bi,io->bo"), F32, x, w)

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdkif_jax import generate, loading
-from mdkif_jax.model_config import PRESETS
+from mdkif_jax.model import generate, loading
+from mdkif_jax.model.config import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny):
 
 
 def test_cached_gguf_tokenizer_equals_a_fresh_conversion(tmp_path, monkeypatch):
-  from mdkif_jax import tokenizer
+  from mdkif_jax.model import tokenizer
 
   monkeypatch.setenv("MDKIF_CACHE", str(tmp_path))
   path = loading.smollm2_gguf_path()
@@ -90,7 +90,7 @@ def test_cached_gguf_tokenizer_equals_a_fresh_conversion(tmp_path, monkeypatch):
 def test_torch_free_gguf_tokenizer_equals_transformers_gguf_route():
   from transformers import AutoTokenizer
 
-  from mdkif_jax import tokenizer
+  from mdkif_jax.model import tokenizer
 
   path = loading.smollm2_gguf_path()
   ours = tokenizer.tokenizer_from_gguf(path)

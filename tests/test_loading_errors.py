@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from mdkif_jax import loading, model_config
+from mdkif_jax.model import config as model_config
+from mdkif_jax.model import loading
 from tests import hf_fixtures
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdkif_jax import dots, losses
+from mdkif_jax.ops import dots, losses
 
 G, N, D, V = 2, 64, 32, 1000
 

@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 from configs import router as router_config
-from mdkif_jax import data, generate, loading, metrics, route, tokenizer
+from mdkif_jax import data, evaluate, metrics
+from mdkif_jax.data import task
 from mdkif_jax.data.example import Example
+from mdkif_jax.model import generate, loading, tokenizer
 
 
 def ex(answer, source="rqe", skill="nli", query="q", context="c", rid="0"):
@@ -98,7 +100,7 @@ def tiny():
 
 def _scorer(cfg, tok, rows, task_rows, fast=True):
   put = functools.partial(jax.tree.map, jnp.asarray)
-  return route.TaskScorer(rows, task_rows, tok, cfg, put, one_token_fast=fast)
+  return evaluate.TaskScorer(rows, task_rows, tok, cfg, put, one_token_fast=fast)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -109,7 +111,7 @@ def _forward(graphdef, params, tokens):
 def _naive(base, tok, cfg, row, cand):
   """Σ log p(candidate tokens | prompt) from one plain forward of prompt + candidate (right
   padding to max_len changes nothing before it: attention is causal)."""
-  e = route.encode_rows([dataclasses.replace(row, answer=cand)], tok, cfg.data)[0]
+  e = task.encode_rows([dataclasses.replace(row, answer=cand)], tok, cfg.data)[0]
   tokens = np.zeros((1, cfg.data.max_len), np.int32)
   tokens[0, : len(e.tokens)] = e.tokens
   logp = jax.nn.log_softmax(_forward(*nnx.split(base), tokens)[0].astype(jnp.float32), -1)
@@ -120,14 +122,19 @@ def _naive(base, tok, cfg, row, cand):
 def test_choice_scoring_picks_the_planted_answer(tiny):
   cfg, base, tok, rows = tiny
   graphdef, params = nnx.split(base)
-  stats_fn = functools.partial(route._merged_stats, params, graphdef=graphdef)
-  label = [r for s, n in (("mcqa", 2), ("nli", 2), ("re", 1)) for r in
-           [r for r in rows if r.skill == s][:n]]  # fmt: skip
+  stats_fn = functools.partial(evaluate.merged_stats, params, graphdef=graphdef)
+  label = [
+    r
+    for s, n in (("mcqa", 2), ("nli", 2), ("re", 1))
+    for r in [r for r in rows if r.skill == s][:n]
+  ]
   probe = _scorer(cfg, tok, label, rows)
   assert probe.fast and probe.slow  # letters / yes-no: one pass; relations: one row each
   probe(stats_fn)
-  naive = {i: [_naive(base, tok, cfg, label[i], c) for c in probe.plan.choices[i]]
-           for i in range(len(label))}  # fmt: skip
+  naive = {
+    i: [_naive(base, tok, cfg, label[i], c) for c in probe.plan.choices[i]]
+    for i in range(len(label))
+  }
   slow = _scorer(cfg, tok, label, rows, fast=False)
   slow(stats_fn)
   for i in range(len(label)):
@@ -150,8 +157,10 @@ def test_generated_rows_are_greedy_decodings(tiny):
   gen_rows = [r for s in ("ts", "mc", "ner") for r in [r for r in rows if r.skill == s][:2]][:5]
   scorer = _scorer(cfg, tok, gen_rows, rows)
   cfg.gen.batch_size = 2  # 5 prompts: 3 calls, the last padded
-  out = scorer(functools.partial(route._merged_stats, params, graphdef=graphdef),
-               route.generator(tok, cfg, base))  # fmt: skip
+  out = scorer(
+    functools.partial(evaluate.merged_stats, params, graphdef=graphdef),
+    evaluate.generator(tok, cfg, base),
+  )
   texts = scorer.last["texts"]
   assert sorted(texts) == list(range(5))
   for i, prompt in scorer.prompts.items():

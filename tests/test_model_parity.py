@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdkif_jax import generate, loading, tokenizer
-from mdkif_jax import model as model_lib
+from mdkif_jax.model import generate, loading, tokenizer
+from mdkif_jax.model import llama as model_lib
 from tests import hf_fixtures
 
 LLAMA3_ROPE = {

@@ -52,16 +52,20 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
   over = tiny_overrides(STEPS)
   workdir, logs = tmp_path / "two_processes", tmp_path / "logs"
   cmd = [
-    "bash", str(LAUNCH / "local_multiprocess.sh"), str(PROCESSES),
-    "--config=configs/skill.py:tiny", f"--workdir={workdir}",
+    "bash",
+    str(LAUNCH / "local_multiprocess.sh"),
+    str(PROCESSES),
+    "--config=configs/skill.py:tiny",
+    f"--workdir={workdir}",
     "--config.mesh.shape=(-1,1,1)",  # data parallel over both processes' devices
     *(f"--config.{k}={v}" for k, v in over.items()),
-  ]  # fmt: skip
+  ]
   env = subprocess_env(PYTHON=sys.executable, DEVICES_PER_PROCESS="2", LOG_DIR=str(logs))
   log0 = tmp_path / "process_0.log"
   with open(log0, "w") as out:
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+      cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
       # meanwhile, the single-process reference: one process sees the whole global batch,
       # rows_per_skill * process_count rows of each skill
@@ -142,7 +146,9 @@ def _started(out: str) -> list[dict]:
 def test_tpu_pod_script_starts_main_on_every_worker_with_metadata_coordinates(tmp_path):
   """gcloud and the metadata server are stand-ins: 3 workers, this one is number 2."""
   bin_dir, home = tmp_path / "bin", tmp_path / "home"
-  _stub(bin_dir / "gcloud", f"""
+  _stub(
+    bin_dir / "gcloud",
+    f"""
 echo "gcloud $*" >> {tmp_path}/gcloud.log
 for a in "$@"; do
   case $a in
@@ -150,20 +156,29 @@ for a in "$@"; do
     /*.tar.gz) cp "$a" {home}/mdkif_jax.tar.gz ;;
   esac
 done
-""")  # fmt: skip
-  _stub(bin_dir / "curl", """case "${@: -1}" in
+""",
+  )
+  _stub(
+    bin_dir / "curl",
+    """case "${@: -1}" in
   */worker-network-endpoints) printf 'w-0:x:10.1.0.5,w-1:x:10.1.0.6,w-2:x:10.1.0.7' ;;
   */agent-worker-number) printf 2 ;;
   *) exit 22 ;;
 esac
-""")  # fmt: skip
+""",
+  )
   _stub(home / "mdkif_jax" / ".venv" / "bin" / "pip", f'echo "pip $*" >> {tmp_path}/pip.log\n')
   _stub(home / "mdkif_jax" / ".venv" / "bin" / "python", FAKE_PYTHON)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="pod", ZONE="z")
   env.pop("XLA_FLAGS", None)
   env.pop("LIBTPU_INIT_ARGS", None)
-  result = subprocess.run(["bash", str(LAUNCH / "tpu_pod.sh"), *MAIN_ARGS], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+  result = subprocess.run(
+    ["bash", str(LAUNCH / "tpu_pod.sh"), *MAIN_ARGS],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   (run,) = _started(result.stdout)
   assert run["cwd"] == str(home / "mdkif_jax")
@@ -181,18 +196,27 @@ esac
 def test_slurm_script_runs_one_process_per_node_with_all_its_gpus(tmp_path):
   """srun is a stand-in that starts the task command for 2 nodes with 4 GPUs each."""
   bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
-  _stub(bin_dir / "srun", f"""echo "srun $*" > {tmp_path}/srun.log
+  _stub(
+    bin_dir / "srun",
+    f"""echo "srun $*" > {tmp_path}/srun.log
 while [[ $1 == --* ]]; do shift; done
 for rank in 0 1; do
   SLURM_NTASKS=2 SLURM_PROCID=$rank SLURM_LOCALID=0 SLURM_GPUS_ON_NODE=4 "$@" || exit $?
 done
-""")  # fmt: skip
+""",
+  )
   _stub(venv / "bin" / "python", FAKE_PYTHON)
-  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(venv),
-             SLURM_SUBMIT_DIR=str(REPO))  # fmt: skip
+  env = dict(
+    os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(venv), SLURM_SUBMIT_DIR=str(REPO)
+  )
   env.pop("XLA_FLAGS", None)
-  result = subprocess.run(["bash", str(LAUNCH / "slurm_gpu.sbatch"), *MAIN_ARGS], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+  result = subprocess.run(
+    ["bash", str(LAUNCH / "slurm_gpu.sbatch"), *MAIN_ARGS],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   runs = _started(result.stdout)
   assert len(runs) == 2

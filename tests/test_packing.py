@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdkif_jax import data, skill_batches, train
-from mdkif_jax.data import Template, load_examples, make_iterator
+from mdkif_jax import data, train
+from mdkif_jax.data import Template, batches, load_examples, make_iterator
 from mdkif_jax.data.tokenize import encode_many, pack_row, pad_row
 from tests.test_data_fixtures import char_tokenizer, smol  # noqa: F401 - fixture
 from tests.test_data_pipeline import ccfg, demo_train  # noqa: F401 - fixture
@@ -105,7 +105,7 @@ def _batch(encs_per_row, skills_per_row, length, pad_id):
   rows = [pack_row(e, length, pad_id) for e in encs_per_row]
   b = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   b["skill_ids"] = np.asarray([data.skill_id(s) for s in skills_per_row], np.int32)
-  b["answer_idx"], b["answer_valid"] = skill_batches.answer_index(b["loss_mask"], at_least=64)
+  b["answer_idx"], b["answer_valid"] = batches.answer_index(b["loss_mask"], at_least=64)
   return b
 
 
@@ -129,13 +129,13 @@ def test_packed_training_step_equals_one_example_per_row(smol):  # noqa: F811
   out = []
   for b in (packed, single):
     s = jax.tree.map(jnp.copy, state)
-    new, m = run.fns.train_step(s, run.frozen, train.to_global(b, run.mesh))
+    new, m = run.fns.train_step(s, run.frozen, batches.to_global(b, run.mesh))
     out.append((new, m))
   np.testing.assert_allclose(out[0][1]["loss_S"], out[1][1]["loss_S"], rtol=1e-5)
   np.testing.assert_allclose(out[0][1]["tokens_S"], out[1][1]["tokens_S"])
   _close(out[0][0]["adapters"], out[1][0]["adapters"], atol=1e-6)
   unsegmented = {**packed, "attention_mask": (packed["attention_mask"] > 0).astype(np.int32)}
-  loss, _ = run.fns.eval_step(ad, run.frozen, train.to_global(unsegmented, run.mesh))
+  loss, _ = run.fns.eval_step(ad, run.frozen, batches.to_global(unsegmented, run.mesh))
   assert np.abs(np.asarray(loss) - np.asarray(out[0][1]["loss_S"])).max() > 1e-3
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdkif_jax import adapters, router, sharding
+from mdkif_jax import router, sharding
+from mdkif_jax.peft import adapters, serving
 from tests import router_fixtures as fx
 
 W_STAR = np.array([0.7, 0.3], np.float32)
@@ -51,7 +52,7 @@ def test_zero_weights_are_the_base_and_one_hot_is_that_skill(setup):
   base = run(frozen, tokens)
   ctx0 = adapters.AdapterCtx(fx.SCALE, weights=jnp.zeros((fx.B, 2)))
   np.testing.assert_array_equal(run(frozen, tokens, stacked, ctx0), base)  # bit-exact
-  zero_merged = router.merged_params(frozen, stacked, jnp.zeros(2), fx.SCALE)
+  zero_merged = serving.merged_params(frozen, stacked, jnp.zeros(2), fx.SCALE)
   np.testing.assert_array_equal(run(zero_merged, tokens), base)
   for s in range(2):
     onehot = adapters.AdapterCtx(fx.SCALE, weights=jnp.broadcast_to(jnp.eye(2)[s], (fx.B, 2)))
@@ -68,28 +69,29 @@ def test_merged_equals_unmerged(setup):
   w = jnp.asarray([0.7, -0.4])
   ctx = adapters.AdapterCtx(fx.SCALE, weights=jnp.broadcast_to(w, (fx.B, 2)))
   unmerged = run(frozen, batch["tokens"], stacked, ctx)
-  merged = run(router.merged_params(frozen, stacked, w, fx.SCALE), batch["tokens"])
+  merged = run(serving.merged_params(frozen, stacked, w, fx.SCALE), batch["tokens"])
   np.testing.assert_allclose(merged, unmerged, atol=1e-4, rtol=1e-5)
   # and the frozen params are untouched by merging (a copy is made)
   assert not np.array_equal(
-    frozen["q"][...], router.merged_params(frozen, stacked, w, 1.0)["q"][...]
+    frozen["q"][...], serving.merged_params(frozen, stacked, w, 1.0)["q"][...]
   )
 
 
 def _pruned(stacked, seed=3):
   """An AdaLoRA-like final allocation: about half of every skill's ranks pruned (E = 0)."""
   rng = np.random.default_rng(seed)
-  return {t: {**leaf, "E": leaf["E"] * (rng.random(leaf["E"].shape) < 0.5)}
-          for t, leaf in stacked.items()}  # fmt: skip
+  return {
+    t: {**leaf, "E": leaf["E"] * (rng.random(leaf["E"].shape) < 0.5)} for t, leaf in stacked.items()
+  }
 
 
 @pytest.mark.parametrize("compact", [False, True])
 def test_served_layout_is_the_stacked_mixture(setup, compact):
   _, graphdef, frozen, stacked, batch = setup
   pruned = _pruned(stacked)
-  served = adapters.serving_stack(pruned, compact=compact, bucket=1)
+  served = serving.serving_stack(pruned, compact=compact, bucket=1)
   S, r = 2, fx.RANK
-  assert adapters.num_skills(served) == adapters.num_skills(pruned) == S
+  assert serving.num_skills(served) == serving.num_skills(pruned) == S
   for t, leaf in served.items():
     kept = np.asarray(pruned[t]["E"] != 0).sum(axis=(0, 2))  # per layer
     R = leaf["route"].shape[1]
@@ -108,9 +110,12 @@ def test_served_layout_is_the_stacked_mixture(setup, compact):
   np.testing.assert_array_equal(run(frozen, tokens, served, ctx0), run(frozen, tokens))
   w = jnp.asarray([0.7, -0.4])
   for t in served:
-    np.testing.assert_allclose(router.merged_params(frozen, served, w, fx.SCALE)[t][...],
-                               router.merged_params(frozen, pruned, w, fx.SCALE)[t][...],
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+      serving.merged_params(frozen, served, w, fx.SCALE)[t][...],
+      serving.merged_params(frozen, pruned, w, fx.SCALE)[t][...],
+      rtol=1e-5,
+      atol=1e-6,
+    )
   # the router's loss and its gradient w.r.t. the weights are the same through either layout
   _assert_same_loss_and_grad(graphdef, batch, (frozen, served), (frozen, pruned))
 
@@ -119,8 +124,10 @@ def _random_mixtures(graphdef, frozen, S, seed):
   """AdapterCtx with N(0, 1) weights per row [B, S], and per row and layer [B, L, S]."""
   L = nnx.merge(graphdef, frozen).cfg.num_hidden_layers
   rng = np.random.default_rng(seed)
-  return [adapters.AdapterCtx(fx.SCALE, weights=jnp.asarray(rng.standard_normal(shape), F32))
-          for shape in ((fx.B, S), (fx.B, L, S))]  # fmt: skip
+  return [
+    adapters.AdapterCtx(fx.SCALE, weights=jnp.asarray(rng.standard_normal(shape), F32))
+    for shape in ((fx.B, S), (fx.B, L, S))
+  ]
 
 
 def _assert_same_loss_and_grad(graphdef, batch, got_layout, want_layout):
@@ -136,9 +143,9 @@ def _assert_same_loss_and_grad(graphdef, batch, got_layout, want_layout):
 
 def test_packed_serving_layout_gives_the_served_mixture_and_its_gradient(setup):
   _, graphdef, frozen, stacked, batch = setup
-  served = adapters.serving_stack(_pruned(stacked), bucket=4)
-  params, packed = router.packed_params(frozen, served, max_rank_fraction=1.0)
-  S = adapters.num_skills(served)
+  served = serving.serving_stack(_pruned(stacked), bucket=4)
+  params, packed = serving.packed_params(frozen, served, max_rank_fraction=1.0)
+  S = serving.num_skills(served)
   for t, leaf in served.items():
     R = leaf["route"].shape[1]
     L, d_in, d_out = frozen[t][...].shape
@@ -149,7 +156,7 @@ def test_packed_serving_layout_gives_the_served_mixture_and_its_gradient(setup):
   fractions = sorted(served[t]["route"].shape[1] / frozen[t][...].shape[1] for t in served)
   assert fractions[0] < fractions[-1]
   cut = (fractions[0] + fractions[-1]) / 2
-  some_params, some = router.packed_params(frozen, served, max_rank_fraction=cut)
+  some_params, some = serving.packed_params(frozen, served, max_rank_fraction=cut)
   for t, leaf in served.items():
     is_packed = leaf["route"].shape[1] <= cut * frozen[t][...].shape[1]
     assert ("B" not in some[t]) == is_packed
@@ -174,13 +181,14 @@ def test_packed_serving_layout_gives_the_served_mixture_and_its_gradient(setup):
   with pytest.raises(ValueError, match="kernel is packed"):
     run(params, tokens, served, ctx0)  # unpacked skills on the packed kernels
   with pytest.raises(ValueError, match="not a served leaf"):
-    adapters.pack_served({t: frozen[t][...] for t in stacked}, stacked)
+    serving.pack_served({t: frozen[t][...] for t in stacked}, stacked)
 
 
 def test_gradient_descent_recovers_planted_mixture(setup):
   _, graphdef, frozen, stacked, batch = setup
-  fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, steps=60,
-                       learning_rate=0.1)  # fmt: skip
+  fit = router.TaskFit(
+    parametrisation="free", regulariser="none", reg_weight=0.0, steps=60, learning_rate=0.1
+  )
   theta, curve = router.fit_task_gd(graphdef, frozen, stacked, fx.SCALE, [batch], fit)
   np.testing.assert_allclose(router.task_weights(theta, "free"), W_STAR, atol=0.05)
   assert curve[-1] < curve[0] - 0.3
@@ -188,8 +196,14 @@ def test_gradient_descent_recovers_planted_mixture(setup):
 
 def test_cmaes_recovers_planted_mixture(setup):
   _, graphdef, frozen, stacked, batch = setup
-  fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, population=16,
-                       generations=30, sigma0=0.3)  # fmt: skip
+  fit = router.TaskFit(
+    parametrisation="free",
+    regulariser="none",
+    reg_weight=0.0,
+    population=16,
+    generations=30,
+    sigma0=0.3,
+  )
   theta, best = router.fit_task_cmaes(graphdef, frozen, stacked, fx.SCALE, batch, fit)
   np.testing.assert_allclose(theta, W_STAR, atol=0.05)
   assert best[-1] <= best[0] and len(best) == 30
@@ -221,12 +235,12 @@ def test_sharded_equals_single_device(setup):
   np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-6)
   # stage 2's served layout, replicated over the mesh, gives the same loss
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  served8 = jax.device_put(adapters.serving_stack(stacked), rep)
+  served8 = jax.device_put(serving.serving_stack(stacked), rep)
   (got_s, _), got_gs = loss_and_grad(graphdef8, frozen8, served8, batch8)
   np.testing.assert_allclose(got_s, want, rtol=1e-5)
   np.testing.assert_allclose(got_gs, want_g, rtol=1e-4, atol=1e-6)
   # and packed: [W ; Bᵀ] keeps the sharded kernels' layout over the mesh
-  params8, packed8 = router.packed_params(frozen8, served8, max_rank_fraction=1.0)
+  params8, packed8 = serving.packed_params(frozen8, served8, max_rank_fraction=1.0)
   assert params8["gate"][...].sharding == frozen8["gate"][...].sharding
   assert params8["gate"][...].shape[1] > frozen8["gate"][...].shape[1]
   (got_p, _), got_gp = loss_and_grad(graphdef8, params8, packed8, batch8)
@@ -237,20 +251,27 @@ def test_sharded_equals_single_device(setup):
 def test_thirteenth_skill_joins_without_retraining(setup):
   _, graphdef, frozen, stacked, _ = setup
   new = fx.random_skills(nnx.merge(graphdef, frozen).cfg, 1, seed=7, rank=2)  # another rank
-  grown = router.add_skills(stacked, new)
+  grown = serving.add_skills(stacked, new)
   # the old skills are the same arrays (zero rank-padding only); the new one is exact too
   for t in stacked:
     assert grown[t]["A"].shape[0] == 3
     np.testing.assert_array_equal(grown[t]["A"][:2], stacked[t]["A"])
-    np.testing.assert_array_equal(adapters.delta_weight(grown[t], 1.0)[2],
-                                  adapters.delta_weight(new[t], 1.0)[0])  # fmt: skip
+    np.testing.assert_array_equal(
+      adapters.delta_weight(grown[t], 1.0)[2], adapters.delta_weight(new[t], 1.0)[0]
+    )
   w_star = np.array([0.0, 0.2, 0.8], np.float32)
   batch = fx.planted(graphdef, frozen, grown, np.broadcast_to(w_star, (fx.B, 3)), fx.raw_batch(3))
-  fit = router.TaskFit(parametrisation="free", regulariser="none", reg_weight=0.0, population=16,
-                       generations=30, sigma0=0.3)  # fmt: skip
+  fit = router.TaskFit(
+    parametrisation="free",
+    regulariser="none",
+    reg_weight=0.0,
+    population=16,
+    generations=30,
+    sigma0=0.3,
+  )
   theta, _ = router.fit_task_cmaes(graphdef, frozen, grown, fx.SCALE, batch, fit)
   np.testing.assert_allclose(theta, w_star, atol=0.1)
   with pytest.raises(ValueError, match="does not fit the stack"):
-    router.add_skills(
+    serving.add_skills(
       stacked, {t: {k: v[:, :1] for k, v in leaf.items()} for t, leaf in new.items()}
     )

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from mdkif_jax import router, sharding
+from mdkif_jax.peft import serving
 from tests import router_fixtures as fx
 
 
@@ -34,21 +35,23 @@ def setup():
 def test_gate_routes_each_input_to_its_skill(setup):
   graphdef, frozen, stacked = setup
   train = [two_kinds(graphdef, frozen, stacked, s)[0] for s in (10, 20)]
-  gate, curve = router.fit_gate(graphdef, frozen, stacked, fx.SCALE, train, hidden=32, steps=60,
-                                learning_rate=1e-2)  # fmt: skip
+  gate, curve = router.fit_gate(
+    graphdef, frozen, stacked, fx.SCALE, train, hidden=32, steps=60, learning_rate=1e-2
+  )
   assert curve[-1] < curve[0] - 0.5
   held, want = two_kinds(graphdef, frozen, stacked, 30)  # unseen rows of both kinds
   stats, w_BS = router.gate_stats(gate, graphdef, frozen, stacked, fx.SCALE, held)
   assert np.mean(np.sum(np.asarray(w_BS) * want, axis=1)) > 0.9
-  uniform = router.mixture_stats(graphdef, frozen, stacked, fx.SCALE, held,
-                                 jnp.full((fx.B, 2), 0.5))  # fmt: skip
+  uniform = router.mixture_stats(
+    graphdef, frozen, stacked, fx.SCALE, held, jnp.full((fx.B, 2), 0.5)
+  )
   assert float(router.mean_nll(stats)) < float(router.mean_nll(uniform)) - 0.3
 
   # per-row unmerged mixtures in one pass == each row run alone on its own merged kernels
   plain = jax.jit(lambda p, b: router.mixture_stats(graphdef, p, None, fx.SCALE, b))
   for b in (0, fx.B - 1):
     row = {k: v[b : b + 1] for k, v in held.items()}
-    merged = router.merged_params(frozen, stacked, w_BS[b], fx.SCALE)
+    merged = serving.merged_params(frozen, stacked, w_BS[b], fx.SCALE)
     np.testing.assert_allclose(plain(merged, row)["nll"], stats["nll"][b : b + 1], rtol=1e-4)
 
 

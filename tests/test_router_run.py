@@ -1,7 +1,6 @@
 """The stage-2 run end to end on the tiny model and the demo corpus, and its bad inputs: skills
 of another base model, an unknown task, a task without reserved rows, k larger than the data."""
 
-import dataclasses
 import json
 
 import jax
@@ -10,21 +9,35 @@ import numpy as np
 import pytest
 
 from configs import router as router_config
-from mdkif_jax import adapters, checkpoint, loading, route, train
-from mdkif_jax.model_config import PRESETS
+from configs import skill as skill_config
+from mdkif_jax import checkpoint, fit_router, optimizer, sharding, train
+from mdkif_jax.data import task
+from mdkif_jax.model import loading
+from mdkif_jax.model.config import PRESETS
+from mdkif_jax.peft import adapters
 
 
-def write_skills(workdir, model_name: str, skills=("qa", "ner"), init_r=4, seed=0):
+def write_skills(workdir, model_name: str, skills=("qa", "ner"), init_r=4, seed=0, data=None):
   """A stage-1 checkpoint exactly as train_skills writes it (checkpoint.save of
-  {adapters, opt_state, step} with run_meta), with random nonzero adapters."""
+  {adapters, opt_state, step} with its run identity and, given `data`, how it prompted),
+  with random nonzero adapters."""
   cfg = PRESETS[model_name]
   targets = adapters.TARGETS
-  ad = adapters.init_adalora(jax.random.key(seed), cfg.projection_dims(), cfg.num_hidden_layers,
-                             init_r, num_skills=len(skills), std=0.1)  # fmt: skip
+  ad = adapters.init_adalora(
+    jax.random.key(seed),
+    cfg.projection_dims(),
+    cfg.num_hidden_layers,
+    init_r,
+    num_skills=len(skills),
+    std=0.1,
+  )
   ad = {t: {**leaf, "E": jnp.ones_like(leaf["E"])} for t, leaf in ad.items()}
   state = {"adapters": ad, "opt_state": {"mu": ad}, "step": jnp.asarray(3, jnp.int32)}
-  acfg = train.adalora_config(router_config.get_config("tiny"), 10)
-  meta = train.run_meta(cfg, skills, targets, dataclasses.replace(acfg, init_r=init_r))
+  acfg = optimizer.adalora_config(skill_config.get_config("tiny"), 10)
+  scale = adapters.adapter_scale(acfg.lora_alpha, init_r, acfg.scale_convention)
+  meta = checkpoint.run_identity(cfg, skills, targets, init_r, scale)
+  if data is not None:
+    meta["serving"] = checkpoint.serving_meta(data)
   mngr = checkpoint.manager(workdir / "checkpoints", 1, False)
   checkpoint.save(mngr, 3, state, {"skills": {}}, meta)
   mngr.wait_until_finished()
@@ -52,7 +65,7 @@ def base():
 def test_route_end_to_end(tmp_path, base, capsys):
   ad = write_skills(tmp_path / "skills", "tiny_smollm_vocab")
   cfg = tiny(tmp_path)
-  out = route.train_and_evaluate(cfg, tmp_path / "run", base=base)
+  out = fit_router.train_and_evaluate(cfg, tmp_path / "run", base=base)
   assert out["method"] == "cmaes"  # 12 rows < cmaes_threshold: the paper's few-shot choice
   assert out["skills"] == ("qa", "ner") and out["fit_rows"] == 12 and out["score_rows"] == 8
   res = out["results"]
@@ -86,16 +99,16 @@ def test_route_end_to_end(tmp_path, base, capsys):
   assert exact and res["gate"]["accuracy"] == pytest.approx(np.mean(exact))
   table = capsys.readouterr().out
   assert "accuracy" in table and "rougeL" in table and "cmaes_k4_s0" in table
-  state, meta = route.load_router(tmp_path / "run")
+  state, meta = checkpoint.load_router(tmp_path / "run")
   np.testing.assert_allclose(state["weights"], out["weights"]["cmaes"])
   assert meta["skills"] == ["qa", "ner"] and meta["method"] == "cmaes"
   # the skills were loaded as written (not re-initialised)
-  stacked, skills, _ = route.load_skills(cfg, base.cfg, route.sharding.make_mesh((1, 1, 1)))
+  stacked, skills, _ = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
   np.testing.assert_array_equal(stacked["q"]["A"], ad["q"]["A"])
   # a 13th skill from a later stage-1 run joins: qa, ner from one workdir + es from another
   write_skills(tmp_path / "skill13", "tiny_smollm_vocab", skills=("es",), init_r=2, seed=5)
   cfg.skills_from = f"{tmp_path / 'skills'},{tmp_path / 'skill13'}"
-  grown, names, _ = route.load_skills(cfg, base.cfg, route.sharding.make_mesh((1, 1, 1)))
+  grown, names, _ = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
   assert names == ("qa", "ner", "es") and grown["q"]["A"].shape[0] == 3
   np.testing.assert_array_equal(grown["q"]["A"][:2], ad["q"]["A"])
 
@@ -104,8 +117,9 @@ def test_answer_positions_are_per_row():
   lm = np.zeros((3, 40), np.float32)
   lm[0, 5:8], lm[1, 30:39], lm[2, 0] = 1, 1, 1
   ones = np.ones((3, 40), np.int32)
-  b = route.prepare({"tokens": ones, "targets": ones, "positions": ones, "attention_mask": ones,
-                     "loss_mask": lm})  # fmt: skip
+  b = task.prepare(
+    {"tokens": ones, "targets": ones, "positions": ones, "attention_mask": ones, "loss_mask": lm}
+  )
   assert b["answer_idx"].shape == (3, 16)  # [B, N], N a power of two, positions within the row
   np.testing.assert_array_equal(b["answer_idx"][1, :9], np.arange(30, 39))
   np.testing.assert_array_equal(b["answer_valid"].sum(1), [3, 9, 1])
@@ -114,42 +128,51 @@ def test_answer_positions_are_per_row():
 
 def test_skills_of_another_base_model_are_refused(tmp_path, base):
   write_skills(tmp_path / "skills", "tiny")  # trained on the 512-token tiny model
-  with pytest.raises(route.SkillsMismatchError, match="another base model.*vocab_size"):
-    route.train_and_evaluate(tiny(tmp_path), tmp_path / "run", base=base)
-  with pytest.raises(route.SkillsMismatchError, match="no stage-1 checkpoint"):
-    route.train_and_evaluate(tiny(tmp_path, skills_from=str(tmp_path)), tmp_path / "run", base=base)
-  with pytest.raises(route.SkillsMismatchError, match="skills_from is not set"):
-    route.train_and_evaluate(tiny(tmp_path, skills_from=None), tmp_path / "run", base=base)
+  with pytest.raises(checkpoint.SkillsMismatchError, match="another base model.*vocab_size"):
+    fit_router.train_and_evaluate(tiny(tmp_path), tmp_path / "run", base=base)
+  with pytest.raises(checkpoint.SkillsMismatchError, match="no stage-1 checkpoint"):
+    fit_router.train_and_evaluate(
+      tiny(tmp_path, skills_from=str(tmp_path)), tmp_path / "run", base=base
+    )
+  with pytest.raises(checkpoint.SkillsMismatchError, match="skills_from is not set"):
+    fit_router.train_and_evaluate(tiny(tmp_path, skills_from=None), tmp_path / "run", base=base)
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_bad_task_and_k_larger_than_the_data(tmp_path, base):
   write_skills(tmp_path / "skills", "tiny_smollm_vocab")
-  for task in ("nope", "demo:nope", ""):
-    with pytest.raises(route.TaskError, match="unknown task"):
-      route.train_and_evaluate(tiny(tmp_path, task=task), tmp_path / "run", base=base)
-  with pytest.raises(route.TaskError, match="no reserved examples"):
-    route.train_and_evaluate(tiny(tmp_path, task="pubmedqa"), tmp_path / "run", base=base)
-  with pytest.raises(route.TaskError, match="k=100 .* only 12 rows"):
-    route.train_and_evaluate(tiny(tmp_path, cmaes__k_shots=(4, 100)), tmp_path / "run", base=base)
+  for name in ("nope", "demo:nope", ""):
+    with pytest.raises(task.TaskError, match="unknown task"):
+      fit_router.train_and_evaluate(tiny(tmp_path, task=name), tmp_path / "run", base=base)
+  with pytest.raises(task.TaskError, match="no reserved examples"):
+    fit_router.train_and_evaluate(tiny(tmp_path, task="pubmedqa"), tmp_path / "run", base=base)
+  with pytest.raises(task.TaskError, match="k=100 .* only 12 rows"):
+    fit_router.train_and_evaluate(
+      tiny(tmp_path, cmaes__k_shots=(4, 100)), tmp_path / "run", base=base
+    )
   with pytest.raises(ValueError, match="metric must be"):
-    route.train_and_evaluate(tiny(tmp_path, metric="bleu"), tmp_path / "run", base=base)
+    fit_router.train_and_evaluate(tiny(tmp_path, metric="bleu"), tmp_path / "run", base=base)
   with pytest.raises(ValueError, match="router.method"):
-    route.train_and_evaluate(tiny(tmp_path, router__method="lora"), tmp_path / "run", base=base)
-  assert "demo" in route.task_names() and "covid_dialogue" in route.task_names()
+    fit_router.train_and_evaluate(
+      tiny(tmp_path, router__method="lora"), tmp_path / "run", base=base
+    )
+  assert "demo" in task.task_names() and "covid_dialogue" in task.task_names()
 
 
 def test_a_real_stage1_checkpoint_loads_as_trained(tmp_path, base):
   from tests.test_train import tiny_config
 
-  stage1 = train.train_skills(tiny_config(skills="qa+ner", steps=4), tmp_path / "skills",
-                              ("qa", "ner"), base=base)  # fmt: skip
+  stage1_cfg = tiny_config(skills="qa+ner", steps=4)
+  stage1 = train.train_skills(stage1_cfg, tmp_path / "skills", ("qa", "ner"), base=base)
   cfg = tiny(tmp_path)
-  stacked, names, scale = route.load_skills(cfg, base.cfg, route.sharding.make_mesh((1, 1, 1)))
+  stacked, names, scale = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
   assert names == ("qa", "ner")
-  assert scale == pytest.approx(adapters.adapter_scale(cfg.adalora.lora_alpha, 4))
+  assert scale == pytest.approx(adapters.adapter_scale(stage1_cfg.adalora.lora_alpha, 4))
   jax.tree.map(np.testing.assert_array_equal, stacked, jax.tree.map(np.asarray, stage1["adapters"]))
   assert float(jnp.abs(stacked["q"]["E"]).sum()) > 0  # trained, not the E = 0 init
+  # stage 1 records how it prompted, for stage 2
+  loaded = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
+  assert loaded.serving == checkpoint.serving_meta(stage1_cfg.data)
 
 
 def test_router_config_presets():
@@ -162,3 +185,23 @@ def test_router_config_presets():
   assert router_config.get_config().metric == "auto"
   with pytest.raises(ValueError, match="unknown preset"):
     router_config.get_config("huge")
+
+
+def test_stage2_builds_rows_with_the_template_and_max_len_stage1_recorded(tmp_path, base):
+  stage1 = skill_config.get_config("tiny").data
+  stage1.template.chat = False
+  stage1.template.query_header = "Q:"
+  stage1.max_len = 96
+  write_skills(tmp_path / "skills", "tiny_smollm_vocab", data=stage1)
+  cfg = tiny(tmp_path)
+  assert cfg.data.template.chat and cfg.data.max_len != 96  # the router config's defaults
+  skills = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
+  used = fit_router.with_stage1_prompting(cfg, skills.serving)
+  assert used.data.template.to_dict() == stage1.template.to_dict() and used.data.max_len == 96
+  assert cfg.data.template.chat  # the caller's config is not modified
+  # two stage-1 runs prompted differently cannot be stacked
+  other = skill_config.get_config("tiny").data
+  write_skills(tmp_path / "es", "tiny_smollm_vocab", skills=("es",), data=other)
+  cfg.skills_from = f"{tmp_path / 'skills'},{tmp_path / 'es'}"
+  with pytest.raises(checkpoint.SkillsMismatchError, match="different prompt templates"):
+    checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))

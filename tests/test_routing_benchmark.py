@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import adapters, loading
-from mdkif_jax import model as model_lib
-from mdkif_jax import model_config as mc
+from mdkif_jax.model import config as mc
+from mdkif_jax.model import llama as model_lib
+from mdkif_jax.model import loading
+from mdkif_jax.peft import adapters, serving
 from tests.conftest import load_benchmark
 
 
@@ -44,7 +45,7 @@ def test_flop_counts_match_xla_cost_analysis():
 
   n = B * T
   S, r = routing.NUM_SKILLS, routing.INIT_R
-  served = adapters.serving_stack(skills)
+  served = serving.serving_stack(skills)
   served_r = {t: int(leaf["route"].shape[1]) for t, leaf in served.items()}
   assert all(rr < S * r for rr in served_r.values())  # the pruned ranks are not computed
   for layout, computed in ((skills, {t: S * r for t in kept}), (served, served_r)):

@@ -10,7 +10,8 @@ SCRIPT = """
 import sys
 sys.modules["torch"] = None  # `import torch` fails and transformers sees no torch
 from configs import skill
-from mdkif_jax import data, loading, route, router, tokenizer, train  # noqa: F401
+from mdkif_jax import data, router, train  # noqa: F401
+from mdkif_jax.model import loading, tokenizer
 tok = tokenizer.tokenizer_from_gguf(loading.smollm2_gguf_path())
 cfg = skill.get_config()
 batch = next(data.make_iterator(data.load_examples(cfg.data, "train"), tok, cfg.data))

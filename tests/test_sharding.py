@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdkif_jax import adapters, loading, sharding
-from mdkif_jax import model as model_lib
-from mdkif_jax.model_config import PRESETS
+from mdkif_jax import sharding
+from mdkif_jax.model import llama as model_lib
+from mdkif_jax.model import loading
+from mdkif_jax.model.config import PRESETS
+from mdkif_jax.peft import adapters
 
 
 def test_eight_host_devices_are_forced():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdkif_jax.skill_batches import answer_count, answer_index
+from mdkif_jax.data.batches import answer_count, answer_index
 
 
 def _mask(rows):

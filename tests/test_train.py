@@ -9,8 +9,10 @@ import pytest
 from flax import nnx
 
 from configs import skill
-from mdkif_jax import checkpoint, loading, sharding, train
-from mdkif_jax.model_config import PRESETS
+from mdkif_jax import checkpoint, optimizer, sharding, train
+from mdkif_jax.data import batches
+from mdkif_jax.model import loading
+from mdkif_jax.model.config import PRESETS
 
 
 def tiny_config(skills="qa+ner", steps=6, **train_over):
@@ -80,7 +82,7 @@ def test_only_adapters_get_gradients_and_optimizer_state(tmp_path):
   adapter_shapes = {x.shape for x in jax.tree.leaves(out["adapters"])}
   mask_shapes = {m.shape for m in out["masks"].values()}
   base_shapes = {x.shape for x in jax.tree.leaves(before)}
-  tx, _ = train.build_optimizer(cfg, 4)
+  tx, _ = optimizer.build_optimizer(cfg, 4)
   opt_state = tx.init(out["adapters"])
   for leaf in jax.tree.leaves(opt_state):
     assert leaf.shape in adapter_shapes | mask_shapes | {()}, leaf.shape
@@ -93,7 +95,7 @@ def test_only_adapters_get_gradients_and_optimizer_state(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
   cfg = tiny_config(steps=6, max_bad_steps=3)
-  real_next = train.SkillBatches.__next__
+  real_next = batches.SkillBatches.__next__
   calls = {"n": 0}
 
   def poisoned(self):
@@ -103,7 +105,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
       batch["answer_valid"] = batch["answer_valid"] * np.nan
     return batch
 
-  monkeypatch.setattr(train.SkillBatches, "__next__", poisoned)
+  monkeypatch.setattr(batches.SkillBatches, "__next__", poisoned)
   out = train.train_skills(cfg, tmp_path / "one_bad", ("qa",))
   assert out["skipped_steps"] == 1
   assert np.isfinite(np.asarray(out["adapters"]["q"]["E"])).all()
@@ -113,7 +115,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     batch["answer_valid"] = batch["answer_valid"] * np.nan
     return batch
 
-  monkeypatch.setattr(train.SkillBatches, "__next__", always_bad)
+  monkeypatch.setattr(batches.SkillBatches, "__next__", always_bad)
   with pytest.raises(train.NonFiniteError, match="3 non-finite steps in a row"):
     train.train_skills(cfg, tmp_path / "all_bad", ("qa",))
 
@@ -134,7 +136,7 @@ def test_bad_adalora_schedule_fails_before_any_compute():
   cfg = tiny_config(steps=3)
   cfg.adalora.tinit, cfg.adalora.tfinal = 2, 2
   with pytest.raises(ValueError, match="tinit < total_step - tfinal"):
-    train.build_optimizer(cfg, 3)
+    optimizer.build_optimizer(cfg, 3)
 
 
 def test_rerun_resumes_and_finishes_like_uninterrupted(tmp_path):

@@ -31,11 +31,19 @@ RUN_TIMEOUT_S = 300
 
 def trainer_command(workdir: pathlib.Path, *flags: str) -> list[str]:
   return [
-    sys.executable, "-m", "mdkif_jax.main", "--config=configs/skill.py:tiny",
-    f"--workdir={workdir}", f"--config.train.steps={STEPS}", "--config.skills=qa+ner",
-    "--config.train.checkpoint_every=2", "--config.train.progress=False",
-    "--config.train.plot=False", "--config.mesh.shape=(1,1,1)", *flags,
-  ]  # fmt: skip
+    sys.executable,
+    "-m",
+    "mdkif_jax.main",
+    "--config=configs/skill.py:tiny",
+    f"--workdir={workdir}",
+    f"--config.train.steps={STEPS}",
+    "--config.skills=qa+ner",
+    "--config.train.checkpoint_every=2",
+    "--config.train.progress=False",
+    "--config.train.plot=False",
+    "--config.mesh.shape=(1,1,1)",
+    *flags,
+  ]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -54,8 +62,9 @@ def tail(path: pathlib.Path, n: int = 3000) -> str:
 
 def run_to_end(cmd, env, log: pathlib.Path) -> None:
   with open(log, "a") as out:
-    rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                        timeout=RUN_TIMEOUT_S).returncode  # fmt: skip
+    rc = subprocess.run(
+      cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S
+    ).returncode
   assert rc == 0, f"{' '.join(cmd)} exited with {rc}:\n{tail(log)}"
 
 
@@ -142,9 +151,12 @@ def test_sigkill_at_checkpoint_and_during_save_then_rerun_equals_uninterrupted(t
   # kill 2: the moment a save (a new Orbax temporary directory) is in progress
   before = set(os.listdir(ckpt))
   tmp_name, after2 = run_and_kill(
-    trainer_command(run_dir), env, log, ckpt,
+    trainer_command(run_dir),
+    env,
+    log,
+    ckpt,
     lambda names: next((n for n in sorted(names - before) if TMP_MARK in n), None),
-  )  # fmt: skip
+  )
   caught_mid_save = tmp_name in after2  # still on disk: the process died inside the save
   print(
     f"kill 2 saw {tmp_name}; directory after the kill: {sorted(after2)} "

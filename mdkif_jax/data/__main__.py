@@ -33,7 +33,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer source; default: 
 
 
 def _tokenizer(cfg):
-  from mdkif_jax.tokenizer import load_tokenizer
+  from mdkif_jax.model.tokenizer import load_tokenizer
 
   model = cfg.get("model") or {}
   source = _TOKENIZER.value or model.get("tokenizer") or model.get("path") or model.get("preset")

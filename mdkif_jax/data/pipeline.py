@@ -78,8 +78,12 @@ class Batches(Iterator[dict[str, np.ndarray]]):
       (examples[i].source, examples[i].skill) for i, e in enumerate(encoded) if e is None
     )
     if self.too_long:
-      log.warning("skipped %d examples longer than max_len=%d even without context: %s",
-                  sum(self.too_long.values()), self.max_len, dict(self.too_long))  # fmt: skip
+      log.warning(
+        "skipped %d examples longer than max_len=%d even without context: %s",
+        sum(self.too_long.values()),
+        self.max_len,
+        dict(self.too_long),
+      )
     if not keep:
       if not examples:
         raise ValueError("no examples to batch (the example list is empty)")

@@ -1,7 +1,7 @@
 """AdaLoRA rank allocation as an optax GradientTransformation, with PEFT's exact semantics.
 
 The adapters are a dict {target: {"A": ([S,] L, r0, in), "E": ([S,] L, r0), "B": ([S,] L, out, r0)}}
-(see adapters.py). `adalora(inner, cfg)` wraps any optax optimizer: it runs `inner`, then does
+(see peft/adapters.py). `adalora(inner, cfg)` wraps any optax optimizer: it runs `inner`, then does
 what PEFT's `AdaLoraModel.update_and_allocate(t)` does after `optimizer.step()` — sensitivity
 EMAs, the cubic budget schedule, the global triplet ranking and the in-place zeroing of pruned
 singular values — all inside jit with static shapes. Leading axes before L (the skill axis S)
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mdkif_jax import adapters as adapters_lib
+from mdkif_jax.peft import adapters as adapters_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +218,31 @@ def _check_adapters(params: dict, cfg: AdaLoraConfig) -> None:
     raise ValueError(f"adapters disagree on their leading (skill) axes: {leads}")
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def _sensitivity_ema(theta, grads, cfg: AdaLoraConfig, avgs):
+  """PEFT update_ipt: |θ·g| into the sensitivity EMA, then the uncertainty EMA, which uses the
+  NEW sensitivity EMA."""
+  ipt_avg, unc_avg = avgs
+  ipt = jax.tree.map(lambda p, g: jnp.abs(_f32(p) * _f32(g)), theta, grads)
+  ipt_avg = jax.tree.map(lambda a, i: cfg.beta1 * a + (1 - cfg.beta1) * i, ipt_avg, ipt)
+  unc_avg = jax.tree.map(
+    lambda u, i, a: cfg.beta2 * u + (1 - cfg.beta2) * jnp.abs(i - a), unc_avg, ipt, ipt_avg
+  )
+  return ipt_avg, unc_avg
+
+
+def _zero_pruned(updates: dict, params: dict, mask: dict, apply: jax.Array) -> dict:
+  """Updates that set every pruned E to 0 when `apply` (u' = -θ where pruned: θ + u' == 0)."""
+  out = {}
+  for tgt, u in updates.items():
+    prune = apply & ~mask[tgt]
+    out[tgt] = {**u, "E": jnp.where(prune, -params[tgt]["E"], u["E"]).astype(u["E"].dtype)}
+  return out
+
+
 def adalora(
   inner: optax.GradientTransformation, cfg: AdaLoraConfig
 ) -> optax.GradientTransformation:
@@ -259,20 +284,10 @@ def adalora(
       init_bgt=n * cfg.init_r,
       target_bgt=n * cfg.target_r,
     )
-    f32 = lambda x: x.astype(jnp.float32)
     theta = params
     if cfg.sensitivity == "post_update":
-      theta = jax.tree.map(lambda p, u: f32(p) + f32(u), params, updates)
-
-    def ema(avgs):  # PEFT update_ipt: the uncertainty EMA uses the NEW sensitivity EMA
-      ipt_avg, unc_avg = avgs
-      ipt = jax.tree.map(lambda p, g: jnp.abs(f32(p) * f32(g)), theta, grads)
-      ipt_avg = jax.tree.map(lambda a, i: cfg.beta1 * a + (1 - cfg.beta1) * i, ipt_avg, ipt)
-      unc_avg = jax.tree.map(
-        lambda u, i, a: cfg.beta2 * u + (1 - cfg.beta2) * jnp.abs(i - a), unc_avg, ipt, ipt_avg
-      )
-      return ipt_avg, unc_avg
-
+      theta = jax.tree.map(lambda p, u: _f32(p) + _f32(u), params, updates)
+    ema = functools.partial(_sensitivity_ema, theta, grads, cfg)
     in_budget = t < t_final
     ipt_avg, unc_avg = jax.lax.cond(in_budget, ema, lambda a: a, (state.ipt, state.unc))
 
@@ -290,12 +305,7 @@ def adalora(
     )
     # PEFT zeroes pruned E in place after optimizer.step(): at each allocation, and every
     # step of the final phase. As an update: u' = -theta where pruned, so theta + u' == 0.
-    apply = do_alloc | (t > t_final)
-    new_updates = {}
-    for tgt, u in updates.items():
-      prune = apply & ~mask[tgt]
-      e = jnp.where(prune, -params[tgt]["E"], u["E"]).astype(u["E"].dtype)
-      new_updates[tgt] = {**u, "E": e}
+    new_updates = _zero_pruned(updates, params, mask, do_alloc | (t > t_final))
     new_state = AdaLoraState(
       count=optax.safe_increment(t),
       ipt=ipt_avg,

@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mdkif_jax import model as model_lib
-from mdkif_jax import model_config as mc
 from mdkif_jax import sharding
+from mdkif_jax.model import config as mc
+from mdkif_jax.model import llama
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -221,17 +221,17 @@ def _load_into(
   reader,
   names: dict[str, tuple[str, bool]],
   source: str,
-  numerics: model_lib.Numerics,
+  numerics: mc.Numerics,
   mesh,
   rules,
   progress: bool,
-) -> model_lib.Llama:
+) -> llama.Llama:
   mesh = mesh or sharding.make_mesh((1, 1, 1))
   abstract = nnx.eval_shape(
-    lambda: model_lib.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(0))
+    lambda: llama.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(0))
   )
   graphdef, state = nnx.split(abstract)
-  shardings = model_lib.param_shardings(state, mesh, rules)
+  shardings = llama.param_shardings(state, mesh, rules)
   keys = list(state.keys())
   for key in tqdm(keys, desc=f"loading {pathlib.Path(source).name}", disable=not progress):
     var = state[key]
@@ -265,8 +265,8 @@ def _checked(w, transpose, shape, template, layer, locate) -> np.ndarray:
 
 
 def load_hf_dir(
-  path, numerics=model_lib.Numerics(), mesh=None, rules=sharding.DEFAULT_RULES, progress=True
-) -> model_lib.Llama:
+  path, numerics=mc.Numerics(), mesh=None, rules=sharding.DEFAULT_RULES, progress=True
+) -> llama.Llama:
   """A HF checkpoint directory (config.json + safetensors shards). Never runs remote code."""
   path = pathlib.Path(path)
   if not path.is_dir():
@@ -277,8 +277,8 @@ def load_hf_dir(
 
 
 def load_gguf(
-  path, numerics=model_lib.Numerics(), mesh=None, rules=sharding.DEFAULT_RULES, progress=True
-) -> model_lib.Llama:
+  path, numerics=mc.Numerics(), mesh=None, rules=sharding.DEFAULT_RULES, progress=True
+) -> llama.Llama:
   cfg, tensors = read_gguf(path)
   return _load_into(cfg, tensors, GGUF_NAMES, str(path), numerics, mesh, rules, progress)
 
@@ -286,19 +286,19 @@ def load_gguf(
 def random_init(
   cfg: mc.ModelConfig,
   seed: int = 0,
-  numerics=model_lib.Numerics(),
+  numerics=mc.Numerics(),
   mesh=None,
   rules=sharding.DEFAULT_RULES,
-) -> model_lib.Llama:
+) -> llama.Llama:
   """Random weights created directly in their shardings (for tests and shape benchmarks)."""
   mesh = mesh or sharding.make_mesh((1, 1, 1))
 
   def create():
-    m = model_lib.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(seed))
+    m = llama.Llama(cfg, numerics=numerics, rules=rules, mesh=mesh, rngs=nnx.Rngs(seed))
     return nnx.split(m)
 
   graphdef, abstract = nnx.eval_shape(create)
-  shardings = model_lib.param_shardings(abstract, mesh, rules)
+  shardings = llama.param_shardings(abstract, mesh, rules)
   state = jax.jit(lambda: create()[1], out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
@@ -306,7 +306,7 @@ def random_init(
 def load_model(
   source: str,
   *,
-  numerics=model_lib.Numerics(),
+  numerics=mc.Numerics(),
   mesh=None,
   rules=sharding.DEFAULT_RULES,
   seed: int = 0,

@@ -10,13 +10,16 @@ from the caller carry a layer axis too (after the skill axis; first in the serve
 `Llama.hidden` moves it to the front and its scan slices it off before calling `deltas` once
 per layer and input (q, k, v together; o; gate, up together; down).
 
-The served form (`serving_stack`) is stage 2's inference layout of S skills, built once when
-the skills are loaded: every skill's A⊙E side by side on one rank axis R (S·r, or only the
-ranks AdaLoRA kept), layer-major, with a one-hot `route` saying which skill each rank belongs
-to. A routed forward is then two plain matmuls per projection with a per-row rank weighting
-in between (the multi-LoRA layout), with no per-call transposes or A⊙E products.
-`pack_served` goes one step further for serving: B joins the frozen kernel as extra rows,
+The served form (`serving.serving_stack`) is stage 2's inference layout of S skills, built
+once when the skills are loaded: every skill's A⊙E side by side on one rank axis R (S·r, or
+only the ranks AdaLoRA kept), layer-major, with a one-hot `route` saying which skill each rank
+belongs to. A routed forward is then two plain matmuls per projection with a per-row rank
+weighting in between (the multi-LoRA layout), with no per-call transposes or A⊙E products.
+`serving.pack_served` goes one step further: B joins the frozen kernel as extra rows,
 [W ; Bᵀ], so the up-product and the add run inside the base GEMM.
+
+This module says how each form is applied (`AdapterCtx.project`, which the frozen model calls
+per layer); `serving.py` builds and reshapes the forms.
 """
 
 from __future__ import annotations
@@ -32,23 +35,80 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdkif_jax import dots, lora_tree
+from mdkif_jax.ops import dots
+from mdkif_jax.ops.layers import matmul
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AdapterCtx:
-  """How adapters are applied in one forward pass.
+  """How adapters are applied in one forward pass (the model's `AdapterContext`).
 
   scale: multiplier of B·(A⊙E)·x (PEFT AdaLoRA: lora_alpha / (init_r + 1e-5)).
   skill_ids: int32 [B] — row b uses skill skill_ids[b] (stage-1 multi-skill training).
-  weights: float [B, S] — row b uses Σ_s weights[b, s]·ΔW_s (stage-2 routing). At most one
-    of skill_ids / weights is set; both None means the leaves have no skill axis.
+  weights: float [B, S] — row b uses Σ_s weights[b, s]·ΔW_s (stage-2 routing), or [B, L, S]
+    for a mixture per layer. At most one of skill_ids / weights is set; both None means the
+    leaves have no skill axis.
   """
 
   scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
   skill_ids: jax.Array | None = None
   weights: jax.Array | None = None
+
+  def scan_inputs(self, adapters: dict) -> tuple[dict, jax.Array | None]:
+    """(leaves with the layer axis first, per-layer weights [L, B, S] or None), for the
+    model's scan over layers: skill-stacked leaves ([S, L, ...]) move their layer axis to the
+    front; leaves without a skill axis and served leaves are layer-major already."""
+    leaves = {
+      t: leaf
+      if "route" in leaf or leaf["A"].ndim == 3
+      else jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), leaf)
+      for t, leaf in adapters.items()
+    }
+    per_layer = None
+    if self.weights is not None and self.weights.ndim == 3:
+      per_layer = jnp.moveaxis(self.weights, 1, 0)
+    return leaves, per_layer
+
+  def at_layer(self, layer_inputs: tuple[dict, jax.Array | None]) -> AdapterCtx:
+    """This context for one layer: that layer's weights when the mixture is per layer."""
+    per_layer = layer_inputs[1]
+    return self if per_layer is None else dataclasses.replace(self, weights=per_layer)
+
+  def project(
+    self, names: Sequence[str], x: jax.Array, kernels: Mapping, layer_inputs: tuple
+  ) -> list[jax.Array]:
+    """x·W + ΔW·x in f32 for projections of one layer that share the input x (q, k, v; o;
+    gate, up; down). Unpacked adapters' down-products run as one (`deltas`); a packed kernel
+    [W ; Bᵀ] (serving.pack_served) runs [x, h]·[W ; Bᵀ] as one GEMM."""
+    leaves = layer_inputs[0]
+    width = x.shape[-1]
+    unpacked = [n for n in names if n in leaves and kernels[n].shape[-2] == width]
+    found = deltas(x, [leaves[n] for n in unpacked], self, jnp.float32)
+    found = dict(zip(unpacked, found, strict=True))
+    out = []
+    for n in names:
+      w = kernels[n]
+      if w.shape[-2] != width:
+        out.append(self._packed_projection(n, x, w, leaves.get(n)))
+        continue
+      y = matmul(x, w, jnp.float32)
+      out.append(y + found[n] if n in found else y)
+    return out
+
+  def _packed_projection(self, name, x, w, leaf) -> jax.Array:
+    """[x, h]·[W ; Bᵀ] with h = `served_ranks(x)` ([x, 0] when no skills are given)."""
+    extra = w.shape[-2] - x.shape[-1]
+    if leaf is None:
+      h = jnp.zeros((*x.shape[:-1], extra), x.dtype)
+    elif "B" in leaf or "route" not in leaf:
+      raise ValueError(
+        f"the {name!r} kernel is packed ([W ; Bᵀ]): it takes the packed skills "
+        "serving.packed_params returned with it"
+      )
+    else:
+      h = served_ranks(x, leaf, self)
+    return matmul(jnp.concatenate([x, h], -1), w, jnp.float32)
 
 
 def effective_a(leaf: dict) -> jax.Array:
@@ -90,7 +150,7 @@ def deltas(
   for leaf in leaves:
     if "route" in leaf and "B" not in leaf:
       raise ValueError(
-        "packed served skills (no 'B' leaf, see adapters.pack_served) run only inside the "
+        "packed served skills (no 'B' leaf, see serving.pack_served) run only inside the "
         "model whose kernels pack_served returned"
       )
   dt = x_BTI.dtype
@@ -204,7 +264,7 @@ def init_adalora(
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _init_adalora(key, spec, num_layers, init_r, num_skills, std, dtype):
-  # jitted: one compile instead of one eager threefry/reshape compile per target (~0.3 s each)
+  # jitted: one compile instead of one eager threefry/reshape compile per target
   lead = _lead(num_layers, num_skills)
   shapes = []
   for _, (d_in, d_out) in spec:
@@ -247,7 +307,7 @@ def init_lora(
   }
 
 
-# ----------------------------------------------------------------------------- merge
+# ----------------------------------------------------------------------------- ΔW
 
 
 def delta_weight(leaf: dict, scale: float) -> jax.Array:
@@ -255,135 +315,6 @@ def delta_weight(leaf: dict, scale: float) -> jax.Array:
   a = effective_a(leaf).astype(jnp.float32)
   b = leaf["B"].astype(jnp.float32)
   return jnp.einsum("...or,...ri->...io", b, a) * scale
-
-
-def merge(kernels: Mapping[str, jax.Array], adapters: dict, scale: float) -> dict:
-  """W0 + ΔW for every adapted kernel (L, in, out); others unchanged. Adapters without S."""
-  out = dict(kernels)
-  for t, leaf in adapters.items():
-    w = kernels[t]
-    out[t] = (w.astype(jnp.float32) + delta_weight(leaf, scale)).astype(w.dtype)
-  return out
-
-
-def unmerge(kernels: Mapping[str, jax.Array], adapters: dict, scale: float) -> dict:
-  """Inverse of `merge` (exact up to the rounding of the kernel dtype)."""
-  out = dict(kernels)
-  for t, leaf in adapters.items():
-    w = kernels[t]
-    out[t] = (w.astype(jnp.float32) - delta_weight(leaf, scale)).astype(w.dtype)
-  return out
-
-
-def merge_mixture(
-  kernels: Mapping[str, jax.Array], adapters: dict, weights_S: jax.Array, scale: float
-) -> dict:
-  """W0 + Σ_s w_s ΔW_s for skill-stacked ([S,] L, ...) or served adapters: one einsum per
-  target contracting skills and ranks together, Σ_(s,r) (w_s·A⊙E)_(s,r)ᵀ B_(s,r), so no
-  per-skill dense delta (S, L, in, out) is ever materialised."""
-  out = dict(kernels)
-  w_S = jnp.asarray(weights_S, jnp.float32)
-  for t, leaf in adapters.items():
-    w = kernels[t]
-    a = effective_a(leaf).astype(jnp.float32)
-    b = leaf["B"].astype(jnp.float32)
-    if "route" in leaf:  # served: (L, R, in), (L, out, R), route (L, R, S)
-      w_R = jnp.einsum("lrs,s->lr", leaf["route"].astype(jnp.float32), w_S)
-      d = jnp.einsum("lri,lor->lio", a * w_R[..., None], b)
-    else:
-      d = jnp.einsum("slri,slor->lio", a * w_S[:, None, None, None], b)
-    out[t] = (w.astype(jnp.float32) + d * scale).astype(w.dtype)
-  return out
-
-
-def num_skills(adapters: dict) -> int:
-  """S of skill-stacked ([S, L, ...]) or served adapters."""
-  leaf = next(iter(adapters.values()))
-  return int(leaf["route"].shape[-1]) if "route" in leaf else int(leaf["A"].shape[0])
-
-
-def serving_stack(stacked: dict, *, compact: bool = True, bucket: int = 8) -> dict:
-  """Stage 2's inference layout of skill-stacked adapters ([S, L, ...]), built once.
-
-  Per target: {"A": (L, R, in) = A⊙E of every skill side by side on the rank axis,
-  "B": (L, out, R), "route": (L, R, S) one-hot, which skill each rank belongs to}. With the
-  same scale and weights it gives exactly the stacked adapters' mixture, Σ_s w_s ΔW_s
-  (`delta`), in two matmuls per projection. R = S·r, or with `compact` only the ranks
-  whose E is nonzero (AdaLoRA's pruned ranks contribute exactly 0), chosen per layer by
-  `lora_tree.rank_indices` over the S·r ranks of all skills: the largest count over layers
-  rounded up to a multiple of `bucket` (at most S·r; one bucket when nothing is kept),
-  shorter layers padded with zero ranks that route to no skill. Compaction reads E on the
-  host (once, at load).
-  """
-  out = {}
-  for t, leaf in stacked.items():
-    S, L, r, _ = leaf["A"].shape
-    compacted = compact and "E" in leaf
-    kept = _host_value(leaf["E"]) != 0 if compacted else np.ones((S, L, r), bool)  # (S, L, r)
-    idx, valid = lora_tree.rank_indices(np.moveaxis(kept, 0, 1).reshape(L, S * r), bucket)
-    if not idx.shape[-1]:  # nothing kept: one bucket of zero ranks (no zero-width matmuls)
-      idx = np.zeros((L, min(bucket, S * r)), np.int32)
-      valid = np.zeros(idx.shape, bool)
-    flat = {  # every skill's ranks side by side: rank s·r + i is rank i of skill s
-      "A": jnp.moveaxis(effective_a(leaf), 0, 1).reshape(L, S * r, -1),
-      "B": jnp.moveaxis(leaf["B"], 0, 2).reshape(L, -1, S * r),
-    }
-    served = lora_tree.take_ranks(flat, idx, valid)
-    route = jax.nn.one_hot(idx // r, S, dtype=jnp.float32) * valid[..., None]
-    out[t] = {"A": served["A"], "B": served["B"], "route": route}
-  return out
-
-
-def packs(leaf: dict, kernel: jax.Array, max_rank_fraction: float) -> bool:
-  """Whether `pack_served` packs this served leaf into its kernel: R <= fraction x in."""
-  return "B" in leaf and leaf["B"].shape[-1] <= max_rank_fraction * kernel.shape[-2]
-
-
-def pack_served(
-  kernels: Mapping[str, jax.Array], served: dict, max_rank_fraction: float = 0.125
-) -> tuple[dict, dict]:
-  """Stage 2's unmerged serving layout with every up-product folded into the frozen GEMM.
-
-  Returns (packed kernels, of the packed targets only; packed skills). Per packed target,
-  the kernel becomes
-  [W ; Bᵀ] (L, in + R, out): the base rows, then the served ranks' B, in the kernel's dtype;
-  the skill leaf keeps {"A": (L, R, in), "route": (L, R, S)} and drops B. The model (see
-  `Llama._block`) then computes a routed projection as [x, h]·[W ; Bᵀ] with h =
-  `served_ranks(x)`: x·W + h·Bᵀ in one GEMM, the same sum as `delta` up to float rounding.
-  Run unpacked (`x·W + delta`), the [tokens, out] delta is written by a skinny GEMM and read
-  back by a separate add; packed, it never exists (benchmarks/routing.py: on the 2-layer
-  7B shape this is what brings the served overhead down to its FLOP share).
-  A packed kernel with no skills given runs as the base ([x, 0]; R extra zero inputs).
-  Memory: the packed kernels replace the originals (base + B, as unpacked); keeping both
-  (e.g. for merged task-level inference) holds two copies of the adapted kernels.
-
-  Only targets with R <= max_rank_fraction x in are packed; the others keep their served
-  leaf (B included) and their kernel, and run unpacked. Packing pays where the ranks are a
-  sliver of the contraction (7B shape: R ~ 100 of 4096, served overhead 1.27x -> ~0x its
-  FLOP share); where they are not, copying [x, h] costs more than the add it saves (SmolLM2:
-  R ~ 110 of 576, 0.93x unpacked -> 1.10x packed). The default 1/8 lies between the two.
-  """
-  out_k, out_a = {}, {}
-  for t, leaf in served.items():
-    if "route" not in leaf or "B" not in leaf:
-      raise ValueError(f"pack_served: {t!r} is not a served leaf (adapters.serving_stack)")
-    w = kernels[t]
-    if not packs(leaf, w, max_rank_fraction):
-      out_a[t] = leaf
-      continue
-    bt = jnp.swapaxes(leaf["B"], -1, -2).astype(w.dtype)  # (L, R, out)
-    out_k[t] = jnp.concatenate([w, bt], axis=-2)
-    out_a[t] = {"A": leaf["A"], "route": leaf["route"]}
-  return out_k, out_a
-
-
-def _host_value(x) -> np.ndarray:
-  """x on this host: a replicated global array spanning processes is read from a local copy."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    if not x.sharding.is_fully_replicated:
-      raise ValueError("serving_stack(compact=True) needs E replicated on every process")
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(jax.device_get(x))
 
 
 def adapter_logical_axes(adapters: dict) -> dict:

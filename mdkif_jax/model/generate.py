@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import model as model_lib
+from mdkif_jax.model import llama
 
 
 class ContextLengthError(ValueError):
@@ -85,7 +85,7 @@ def _generate(
 ):
   model = nnx.merge(graphdef, params)
   B, P = tokens_BP.shape
-  cache = model_lib.init_cache(model.cfg, B, P + max_new, model.numerics.compute_dtype)
+  cache = llama.init_cache(model.cfg, B, P + max_new, model.numerics.compute_dtype)
   positions = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
   kw = dict(adapters=adapters, adapter_ctx=adapter_ctx)
   h, cache = model.hidden(
@@ -125,7 +125,7 @@ def _generate(
 
 
 def generate(
-  model: model_lib.Llama,
+  model: llama.Llama,
   prompts: Sequence[Sequence[int]],
   *,
   max_new_tokens: int = 32,
@@ -172,7 +172,7 @@ def generate(
 
 
 def generate_no_cache(
-  model: model_lib.Llama,
+  model: llama.Llama,
   prompt: Sequence[int],
   max_new_tokens: int,
   eos_ids: Sequence[int] | None = None,
@@ -180,7 +180,7 @@ def generate_no_cache(
   """Greedy decoding by re-running the whole sequence each step (the reference for tests)."""
   eos_ids = tuple(model.cfg.eos_token_ids if eos_ids is None else eos_ids)
   graphdef, params = nnx.split(model)
-  fwd = jax.jit(model_lib.forward, static_argnums=0)
+  fwd = jax.jit(llama.forward, static_argnums=0)
   seq, new = list(prompt), []
   for _ in range(max_new_tokens):
     logits = fwd(graphdef, params, jnp.asarray([seq], jnp.int32))

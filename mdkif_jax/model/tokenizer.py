@@ -14,7 +14,7 @@ import tempfile
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mdkif_jax import loading
+from mdkif_jax.model import loading
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,7 +44,7 @@ def _cache_root() -> pathlib.Path:
 
 
 def _gguf_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
-  """Build the tokenizer from GGUF metadata once, then reuse a saved copy (~10x faster).
+  """Build the tokenizer from GGUF metadata once, then reuse a saved copy (much faster).
 
   The cache key is the file's name, size and mtime; the copy is written to a temporary
   directory and renamed, so an interrupted save never leaves a half-written tokenizer.

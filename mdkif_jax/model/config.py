@@ -1,4 +1,5 @@
-"""The shape and numerics of a Llama-family decoder, read from a HF config.json or GGUF metadata.
+"""The shape of a Llama-family decoder, read from a HF config.json or GGUF metadata, and the
+numerics it runs with (dtypes, remat, attention blocks).
 
 One dataclass covers Llama 2, Llama 3 (incl. its RoPE scaling), Mistral (sliding window),
 Qwen2 (q/k/v biases) and SmolLM2. Anything outside that family is refused with a clear error.
@@ -11,8 +12,33 @@ import json
 import pathlib
 from typing import Any
 
+import jax.numpy as jnp
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+  """dtypes and memory policy. bf16 compute always accumulates matmuls in f32."""
+
+  param_dtype: Any = jnp.float32
+  compute_dtype: Any = jnp.float32
+  remat: bool = False  # rematerialise each block in the backward pass (saves activations)
+  # Query positions per block of the causal attention (`ops.attention.causal`, used without a
+  # KV cache): keys after a block are skipped; <= 0 = one block of all positions.
+  attention_block: int = 64
+
+
+def numerics_from(config) -> Numerics:
+  """The Numerics a stage config's `model` section asks for (configs/common.py)."""
+  m = config.model
+  return Numerics(
+    param_dtype=jnp.dtype(m.param_dtype),
+    compute_dtype=jnp.dtype(m.compute_dtype),
+    remat=bool(m.remat),
+    attention_block=int(m.attention_block),
+  )
 
 
 class UnsupportedModelError(ValueError):

@@ -84,12 +84,11 @@ def _product(sx: str, x: jax.Array, sy: str, y: jax.Array, so: str) -> jax.Array
 
   A weight gradient sums over the leading (token) dims of both operands, e.g. "bto,btr->or".
   In f32, XLA's CPU dot then transposes the cotangent [tokens, out] first, as an extra pass
-  fused into whatever produced it (measured: a transposing SwiGLU backward of [2048, 1536]
-  took ~45 ms a layer, as long as the matmul; the f32 SmolLM2 step went 12.6 -> 10.4 s
-  without it). So in f32 the smaller operand is transposed explicitly and goes on the left
-  of a plain [m, k] x [k, n] dot; the output is transposed back (small too). In bf16 the
-  same rewrite measured 4% slower, so bf16 (and every other product) keeps the cotangent on
-  the left, as autodiff does.
+  fused into whatever produced it, which costs about as much as the matmul itself. So in f32
+  the smaller operand is transposed explicitly and goes on the left of a plain [m, k] x
+  [k, n] dot; the output is transposed back (small too). In bf16 the same rewrite was slower
+  (docs/design.md), so bf16 (and every other product) keeps the cotangent on the left, as
+  autodiff does.
   """
   contracted = [d for d in sx if d in sy and d not in so]
   batch = [d for d in sx if d in sy and d in so]

@@ -145,10 +145,17 @@ def make_eval_batch(config, skills: tuple[str, ...], tok) -> dict[str, np.ndarra
   return next(SkillBatches(per, pad, answer_groups(config)))
 
 
-def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Host-local rows -> one global array per key, sharded over the batch axes."""
+def to_global(
+  batch: dict[str, np.ndarray], mesh, *, per_process: bool = True
+) -> dict[str, jax.Array]:
+  """Host batches -> one global array per key, sharded over the batch axes.
+
+  per_process: each process holds its own rows and the global batch is every process's rows
+  side by side (stage-1 training); False: every process holds the same full batch (scoring,
+  fitting a router), and each device takes its slice of it.
+  """
   out = {}
-  n_proc = jax.process_count()
+  n_proc = jax.process_count() if per_process else 1
   rows = next(iter(batch.values())).shape[0] * n_proc
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   if n_proc > 1 and rows % dp:
@@ -161,5 +168,8 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     names = ("batch", "length")[: v.ndim]
     global_shape = (v.shape[0] * n_proc, *v.shape[1:])
     sh = sharding.named_sharding(mesh, names, global_shape)
-    out[k] = jax.make_array_from_process_local_data(sh, v, global_shape)
+    if per_process:
+      out[k] = jax.make_array_from_process_local_data(sh, v, global_shape)
+    else:
+      out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
   return out

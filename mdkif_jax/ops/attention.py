@@ -1,7 +1,7 @@
 """Causal self-attention for training and scoring: query blocks that skip the masked keys.
 
 `causal` computes softmax(q kᵀ / sqrt(Dh) + bias) v for grouped-query heads, exactly what the
-plain einsum formulation in `model.py` computes, but
+plain einsum formulation in `model/llama.py` computes, but
 
 * the queries run in blocks of `block` positions and block i multiplies only the keys it can
   see (slots [0, end of block i)), so a causal T x T score matrix costs
@@ -30,7 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mdkif_jax import dots
+from mdkif_jax.ops import dots
 
 F32 = jnp.float32
 
@@ -118,9 +118,9 @@ def _bwd(spans, res, g):
   q, k, v = map(dots.unpack, res[:3])
   bias, lse = res[3:]
   B, T, K, G, D = q.shape
-  cd = q.dtype
+  compute = q.dtype
   qt, kt, vt = _heads_first(q, k, v)
-  gt = _query_rows(g.astype(cd))
+  gt = _query_rows(g.astype(compute))
   scale = 1.0 / math.sqrt(D)
   dqs, dkt, dvt = [], jnp.zeros((B, K, D, T), F32), jnp.zeros((B, K, D, T), F32)
   for t0, t1 in spans:
@@ -129,8 +129,8 @@ def _bwd(spans, res, g):
     p = jnp.exp(_scores(qb, kt, bias, t0, t1, G) - lse[:, :, r0:r1, None])  # [B, K, c*G, e]
     dp = jnp.einsum("bkxd,bksd->bkxs", gb, vt[:, :, :t1], preferred_element_type=F32)
     ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-    ds = (ds * scale).astype(cd)
-    pc = p.astype(cd)
+    ds = (ds * scale).astype(compute)
+    pc = p.astype(compute)
     dqs.append(jnp.einsum("bkxs,bksd->bkxd", ds, kt[:, :, :t1], preferred_element_type=F32))
     pad = ((0, 0), (0, 0), (0, 0), (0, T - t1))  # the small operand transposed: [B, K, D, c*G]
     dkt += jnp.pad(jnp.einsum("bkdx,bkxs->bkds", _t(qb), ds, preferred_element_type=F32), pad)

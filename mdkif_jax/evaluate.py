@@ -1,0 +1,193 @@
+"""Scoring of a downstream task for any adapter configuration: the base, a mixture merged into
+the kernels, or skills applied unmerged per row (the gate); and stage 1's before/after losses
+on reserved rows. Nothing scores tasks anywhere else.
+
+Per method: answer NLL, token accuracy, teacher-forced exact match and the task's standard
+metric (metrics.py: accuracy + macro-F1 over candidate log-likelihoods for label tasks, ROUGE
+or set F1 of greedy generations), and per scored row the chosen candidate or generated text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mdkif_jax import metrics, router
+from mdkif_jax.data import batches, task
+from mdkif_jax.model import generate
+from mdkif_jax.peft import serving
+from mdkif_jax.peft.adapters import AdapterCtx
+
+STAT_KEYS = ("nll", "tokens", "correct", "exact")
+
+
+def summarize(stats: list[dict]) -> dict[str, float]:
+  tot = {k: float(sum(np.sum(np.asarray(s[k])) for s in stats)) for k in STAT_KEYS}
+  rows = float(sum(np.sum(np.asarray(s["tokens"]) > 0) for s in stats))
+  return {
+    "loss": tot["nll"] / max(tot["tokens"], 1.0),
+    "token_acc": tot["correct"] / max(tot["tokens"], 1.0),
+    "exact": tot["exact"] / max(rows, 1.0),
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def merged_stats(params, batch, *, graphdef):
+  """Answer stats of the model with these params (the base, or a mixture merged into its
+  kernels), plus candidate log-probabilities when the batch has `choice_ids`."""
+  return router.mixture_stats(graphdef, params, None, 1.0, batch)
+
+
+def gate_stats_fn(gate, graphdef, frozen, skills, scale):
+  """stats_fn for TaskScorer of the input-conditioned gate, unmerged: answer stats and the
+  gate's per-row weights ("weights" [B, S])."""
+
+  def stats(batch):
+    st, w_BS = router.gate_stats(gate, graphdef, frozen, skills, scale, batch)
+    return {**st, "weights": w_BS}
+
+  return stats
+
+
+class TaskScorer:
+  """Scores one method on the task's scored rows: answer NLL, token accuracy, teacher-forced
+  exact match and the task's standard metric (metrics.py).
+
+  Rows are batched by length (less padding). Label rows: when every candidate is one token,
+  their log-likelihoods come from the gold pass itself (`choice_ids`); otherwise each
+  (row, candidate) is one more row through the same jitted forward. Generated rows: greedy
+  decoding of up to `gen.max_new_tokens` tokens (generate.py), `gen.batch_size` prompts a
+  call, sorted by length and padded to full batches so each prompt bucket compiles once.
+  """
+
+  def __init__(self, rows, task_rows, tok, config, put, multiple: int = 1, one_token_fast=True):
+    self.plan = metrics.plan(rows, task_rows, config.metric)
+    self.tok, self.config = tok, config
+    bs, dcfg = int(config.router.batch_size), config.data
+    enc = task.encode_rows(rows, tok, dcfg)
+    eos = tok.eos_token or ""
+    fast, slow = {}, []
+    for i, cands in self.plan.choices.items():
+      ids = [tok(c + eos, add_special_tokens=False)["input_ids"] for c in cands]
+      ids = [x[:-1] if eos and x and x[-1] == tok.eos_token_id else x for x in ids]
+      if one_token_fast and all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == len(ids):
+        fast[i] = [x[0] for x in ids]
+      else:
+        slow += [(i, j) for j in range(len(cands))]
+    width = max((len(v) for v in fast.values()), default=0)
+    self.fast, self.gold = fast, []
+    for idx, batch in task.pack(enc, tok, dcfg, bs, multiple, by_length=True):
+      if width:
+        batch["choice_ids"] = np.zeros((len(idx), width), np.int32)
+        for r, i in enumerate(idx):
+          batch["choice_ids"][r, : len(fast.get(i, ()))] = fast.get(i, ())
+      self.gold.append((idx, put(batch)))
+    self.slow, self.expanded = slow, []
+    if slow:
+      cand = [dataclasses.replace(rows[i], answer=self.plan.choices[i][j]) for i, j in slow]
+      cenc = task.encode_rows(cand, tok, dcfg)
+      packed = task.pack(cenc, tok, dcfg, bs, multiple, by_length=True, drop_eos=bool(eos))
+      self.expanded = [(idx, put(b)) for idx, b in packed]
+    gen = sorted(
+      (i for i in self.plan.generated if enc[i] is not None), key=lambda i: enc[i].answer_start
+    )
+    self.prompts = {i: enc[i].tokens[: enc[i].answer_start].tolist() for i in gen}
+
+  def __call__(self, stats_fn, generate_fn=None) -> dict[str, float]:
+    """stats_fn(batch) -> per-row stats (router.mixture_stats; "weights" [B, S] for the gate);
+    generate_fn(prompts, rows, weights) -> new token lists (None: no generated rows)."""
+    gold, choice, weights = [], {}, {}
+    for idx, batch in self.gold:
+      st = jax.device_get(stats_fn(batch))
+      gold.append(st)
+      for r, i in enumerate(idx):
+        if i < 0:
+          continue
+        if i in self.fast:
+          choice[i] = st["choice_logp"][r, : len(self.fast[i])]
+        if "weights" in st:
+          weights[i] = st["weights"][r]
+    out = summarize(gold)
+    for idx, batch in self.expanded:
+      st = jax.device_get(stats_fn(batch))
+      for r, k in enumerate(idx):
+        if k >= 0:
+          i, j = self.slow[k]
+          choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = -st["nll"][r]
+    texts = {}
+    if self.prompts and generate_fn is not None:
+      order, size = list(self.prompts), int(self.config.gen.batch_size)
+      for s in range(0, len(order), size):
+        part = order[s : s + size]
+        full = part + [part[-1]] * (size - len(part))  # one shape per prompt bucket
+        w = np.stack([weights[i] for i in full]) if weights else None
+        new = generate_fn([self.prompts[i] for i in full], full, w)
+        for i, ids in zip(part, new, strict=False):
+          texts[i] = self.tok.decode(ids, skip_special_tokens=True).strip()
+    out.update(self.plan.finish(choice, texts))
+    # per scored row: candidate log-likelihoods, generated text, the gate's mixture
+    self.last = {"choice": choice, "texts": texts, "weights": weights}
+    return out
+
+
+def generator(tok, config, model, stacked=None, scale=1.0):
+  """generate_fn for TaskScorer: greedy decoding with `model` (merged kernels), or with the
+  unmerged skills mixed per row by the given weights (the gate)."""
+  eos = tuple(sorted({*model.cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token else [])}))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+
+  def run(prompts, rows, weights_BS):
+    kw = {}
+    if weights_BS is not None:
+      kw = dict(adapters=stacked, adapter_ctx=AdapterCtx(scale, weights=weights_BS))
+    return generate.generate(
+      model, prompts, max_new_tokens=int(config.gen.max_new_tokens), eos_ids=eos, pad_id=pad, **kw
+    )
+
+  return run
+
+
+def make_scorer(graphdef, frozen, stacked, scale, scorer: TaskScorer, tok, config):
+  """score(w_S or None) through the merged kernels (the serving path): W0 + Σ w_s ΔW_s."""
+
+  def score(w_S=None) -> dict[str, float]:
+    params = frozen if w_S is None else serving.merged_params(frozen, stacked, w_S, scale)
+    model = nnx.merge(graphdef, params)
+    return scorer(
+      functools.partial(merged_stats, params, graphdef=graphdef), generator(tok, config, model)
+    )
+
+  return score
+
+
+def prediction_records(method: str, scorer: TaskScorer, rows) -> list[dict]:
+  """Per scored row of the last scoring: the chosen candidate (highest log-likelihood, ties to
+  the first, as the metric counts it) or the generated text, beside the reference answer."""
+  last = scorer.last
+  picked = [
+    (i, "choice", scorer.plan.choices[i][int(np.argmax(logp))])
+    for i, logp in sorted(last["choice"].items())
+  ]
+  picked += [(i, "generated", text) for i, text in sorted(last["texts"].items())]
+  return [
+    {
+      "method": method,
+      "id": rows[i].id,
+      "source": rows[i].source,
+      "kind": kind,
+      "prediction": prediction,
+      "answer": rows[i].answer,
+    }
+    for i, kind, prediction in picked
+  ]
+
+
+def reserved_losses(eval_step, adapters, frozen, batch, mesh, skills) -> dict[str, float]:
+  """Stage 1's evaluation: each skill's mean answer-token loss on its reserved rows (one
+  fixed batch, so before and after differ by the skill's learning, not by the rows)."""
+  loss_S, tok_S = eval_step(adapters, frozen, batches.to_global(batch, mesh))
+  return {f"eval_loss/{s}": float(loss_S[i]) for i, s in enumerate(skills) if tok_S[i] > 0}
