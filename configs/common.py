@@ -56,6 +56,9 @@ def adalora_config() -> ml_collections.ConfigDict:
   c.orth_reg_weight = 0.5  # gamma of the orthogonal regulariser
   c.orth_reg_form = "peft"  # "peft": mean of unsquared norms | "paper": sum of squared norms
   c.sensitivity = "post_update"  # "post_update" (PEFT) | "pre_update" (paper Alg. 1)
+  # Which gradient the importance scores see when optimizer.clip_norm > 0: "clipped" (PEFT
+  # under HF Trainer, which clips before update_and_allocate) | "raw" (before clipping).
+  c.importance_grads = "clipped"
   c.lora_alpha = 8.0  # scale = lora_alpha / (init_r + 1e-5) under the "peft" convention
   c.scale_convention = "peft"  # "peft" | "alpha_over_r" | "rslora"
   c.init_std = 0.02  # std of the normal init of P (B) and Q (A); Λ (E) starts at 0
@@ -86,8 +89,8 @@ def data_config() -> ml_collections.ConfigDict:
   # Which converters to run: "all", or a tuple / comma string of names from
   # mdkif_jax.data.sources.SOURCES (e.g. "pubmedqa,rqe"). Ignored when data_dir is None.
   c.sources = "all"
-  # Which skills to keep: "all", or names from mdkif_jax.data.SKILLS (stage 1 trains one
-  # skill at a time: set this to that skill's name).
+  # Which skills' examples to load: "all", or names from mdkif_jax.data.SKILLS. Stage 1
+  # trains the skills of the top-level `skills` field; this only narrows what is read.
   c.skills = "all"
   # The user's own JSONL files of {"skill", "context"?, "query", "answer", "id"?, "split"?},
   # relative to data_dir or absolute; loaded as the source "instruct".

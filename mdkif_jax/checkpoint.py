@@ -9,17 +9,29 @@ set it belongs to (`run_identity`); restoring into a different one is refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
+import os
 import pathlib
+import signal
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mdkif_jax.peft import serving
+
+log = logging.getLogger(__name__)
+
+# Test-only: SIGKILL this process right after the save of this step has started (Orbax's
+# temporary directory exists, nothing is committed), so a test can kill inside a save.
+KILL_IN_SAVE_ENV = "MDKIF_TEST_KILL_IN_SAVE"
 
 
 class CheckpointMismatchError(ValueError):
@@ -28,6 +40,14 @@ class CheckpointMismatchError(ValueError):
 
 class SkillsMismatchError(CheckpointMismatchError):
   """A skills checkpoint that belongs to another base model (or is missing)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+  """Every checkpoint step in a directory is damaged: nothing to resume from."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir."""
 
 
 # ---- run identity ----------------------------------------------------------------------------
@@ -71,6 +91,38 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict, m
       meta=ocp.args.JsonSave(meta),
     ),
   )
+  if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | pathlib.Path):
+  """Hold the workdir for this run: a second run on it refuses at start. The lock is an
+  flock on `<workdir>/.lock`, which the OS drops when the process dies, so a killed run never
+  leaves it stuck. Process 0 holds it for a multi-process run."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = pathlib.Path(workdir) / ".lock"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise WorkdirBusyError(
+        f"{workdir} is in use by another run (pid {holder}); wait for it to finish, or give "
+        "this run another --workdir"
+      ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_meta(saved: dict, expected: dict, where: str) -> None:
@@ -92,21 +144,71 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def _why(e: Exception) -> str:
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:300]}"
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  """Rename a damaged step to `<step>.damaged[-k]` (kept for inspection, out of Orbax's way)."""
+  src = pathlib.Path(mngr.directory) / str(step)
+  dst = src.with_name(f"{step}.damaged")
+  k = 1
+  while dst.exists():
+    dst, k = src.with_name(f"{step}.damaged-{k}"), k + 1
+  if jax.process_index() == 0:
+    src.rename(dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"set aside damaged checkpoint {step}")
+  return dst
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any, expected_meta: dict):
-  """(step, state, data_state) of the latest checkpoint, or None when there is none. Only the
-  keys of `expected_meta` are compared with the checkpoint's meta."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  where = str(pathlib.Path(mngr.directory) / str(step))
-  check_meta(read_meta(mngr, step), expected_meta, where)
-  restored = mngr.restore(
-    step,
-    args=ocp.args.Composite(
+  """(step, state, data_state) of the newest intact checkpoint, or None when there is none.
+
+  Only the keys of `expected_meta` are compared with the checkpoint's meta: a checkpoint of
+  another run is refused (CheckpointMismatchError). A damaged step (unreadable meta, a
+  missing or truncated array file, bad metadata) does not end the run: it is renamed to
+  `<step>.damaged`, a warning names it and what was wrong, and the next older step is tried;
+  when none is intact, DamagedCheckpointError says so.
+  """
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    where = str(pathlib.Path(mngr.directory) / str(step))
+    try:
+      meta = read_meta(mngr, step)
+    except Exception as e:  # Orbax / tensorstore / JSON raise many types for damaged files
+      damaged.append((step, f"meta: {_why(e)}"))
+      continue
+    check_meta(meta, expected_meta, where)
+    args = ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-    ),
-  )
-  return step, restored["state"], restored["data"]
+    )
+    try:
+      restored = mngr.restore(step, args=args)
+      if not isinstance(restored["data"], dict):
+        raise ValueError(f"data position is {type(restored['data']).__name__}, not a dict")
+    except Exception as e:
+      damaged.append((step, f"state or data: {_why(e)}"))
+      continue
+    _report_damaged(mngr, damaged, f"resuming from step {step}")
+    return step, restored["state"], restored["data"]
+  if damaged:
+    _report_damaged(mngr, damaged, "no intact step is left")
+    raise DamagedCheckpointError(
+      f"{mngr.directory}: every checkpoint step is damaged ("
+      + "; ".join(f"step {s}: {why}" for s, why in damaged)
+      + "); they were renamed to <step>.damaged. Rerun to start over, or use another --workdir."
+    )
+  return None
+
+
+def _report_damaged(mngr, damaged: list, outcome: str) -> None:
+  for step, why in damaged:
+    moved = _set_aside(mngr, step)
+    log.warning("checkpoint step %d is damaged (%s); moved to %s; %s", step, why, moved, outcome)
+  if damaged:
+    mngr.reload()
 
 
 def abstract_of(tree: Any) -> Any:
@@ -174,12 +276,26 @@ class Skills:
     return iter((self.stacked, self.names, self.scale))
 
 
+def stage1_runs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
+  """The stage-1 runs in a workdir: itself (train.mode=joint), or, when it holds no
+  checkpoints of its own, its per-skill runs `<workdir>/<skill>/` (train.mode=separate) in
+  registry order."""
+  from mdkif_jax.data.skills import SKILLS
+
+  workdir = pathlib.Path(workdir)
+  per_skill = [workdir / s for s in SKILLS if (workdir / s / "checkpoints").is_dir()]
+  if (workdir / "checkpoints").is_dir() or not per_skill:
+    return [workdir]
+  return per_skill
+
+
 def load_skills(config, base_cfg, mesh) -> Skills:
   """The skills of every workdir in `config.skills_from`, stacked; they must agree on the
   prompt template and max_len (stage 2 builds its rows with them)."""
   dirs = [d.strip() for d in (config.skills_from or "").split(",") if d.strip()]
   if not dirs:
     raise SkillsMismatchError("config.skills_from is not set: give the stage-1 workdir(s)")
+  dirs = [run for d in dirs for run in stage1_runs(d)]
   step = config.skills_step if len(dirs) == 1 else None
   runs = [load_one(d, base_cfg, mesh, step) for d in dirs]
   names = [s for _, meta, _ in runs for s in meta["skills"]]

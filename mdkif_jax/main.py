@@ -1,13 +1,16 @@
 """Entry point: `python -m mdkif_jax.main --config=configs/skill.py --workdir=runs/skill`.
 
 Parses flags, starts multi-host JAX when the environment describes several processes, logs
-the devices, then hands over to the stage's `train_and_evaluate(config, workdir)`.
+the devices, takes the workdir's lock, then hands over to the stage's
+`train_and_evaluate(config, workdir)`. An input error (config, data, checkpoint, task) ends
+the run with one line on stderr and exit status 2 (`--verbose`: the traceback).
 """
 
 from __future__ import annotations
 
 import logging as logging_std
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,6 +20,7 @@ config_flags.DEFINE_config_file(
   "config", None, "Stage config file (and :preset).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.")
+flags.DEFINE_bool("verbose", False, "On an input error, show the traceback, not one line.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -27,8 +31,52 @@ def _multi_process() -> bool:
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
+STAGES = {"skill": "mdkif_jax.train", "router": "mdkif_jax.fit_router"}
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """Errors the user fixes by changing input; each message says what and which flag."""
+  from mdkif_jax import checkpoint, errors, train
+  from mdkif_jax.data import example, task
+  from mdkif_jax.model import config, generate, loading
+
+  return (
+    errors.ConfigError,
+    example.DataError,
+    checkpoint.CheckpointMismatchError,
+    checkpoint.DamagedCheckpointError,
+    checkpoint.WorkdirBusyError,
+    task.TaskError,
+    train.NonFiniteError,
+    config.UnsupportedModelError,
+    loading.WeightLoadError,
+    generate.ContextLengthError,
+  )
+
+
+def _hint(e: Exception, config) -> str:
+  from mdkif_jax.data import example
+
+  if isinstance(e, example.DataError) and config.get("data") and config.data.strict:
+    return " (--config.data.strict=False skips and counts bad records)"
+  return ""
+
+
 def main(argv):
   del argv
+  try:
+    run()
+  except user_errors() as e:
+    if FLAGS.verbose:
+      raise
+    message = " ".join(str(e).split())  # one line
+    print(f"error: {type(e).__name__}: {message}{_hint(e, FLAGS.config)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  import importlib
+
   import jax
 
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):  # explicit: launch/local_multiprocess.sh, tests
@@ -54,19 +102,13 @@ def main(argv):
     lambda r: r.levelno >= logging_std.WARNING or "/orbax/" not in r.pathname
   )
   config = FLAGS.config
+  if config.stage not in STAGES:
+    raise app.UsageError(f"config.stage={config.stage!r}: expected one of {sorted(STAGES)}")
   workdir = FLAGS.workdir or os.path.join("runs", config.stage)
-  if config.stage == "router":
-    from mdkif_jax import fit_router
+  from mdkif_jax import checkpoint
 
-    fit_router.train_and_evaluate(config, workdir)
-  elif config.stage == "skill":
-    from mdkif_jax import train
-
-    train.train_and_evaluate(config, workdir)
-  else:
-    raise app.UsageError(
-      f"config.stage={config.stage!r} is not implemented (only 'skill' or 'router')"
-    )
+  with checkpoint.workdir_lock(workdir):
+    importlib.import_module(STAGES[config.stage]).train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

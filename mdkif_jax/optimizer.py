@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mdkif_jax.errors import ConfigError
 from mdkif_jax.peft import adalora
 
 
@@ -47,7 +48,7 @@ def learning_rate_schedule(opt, steps: int) -> optax.Schedule:
       ],
       [max(opt.warmup_steps, 1)],
     )
-  raise ValueError(f"optimizer.decay must be 'cosine' or 'constant', got {opt.decay!r}")
+  raise ConfigError(f"--config.optimizer.decay must be 'cosine' or 'constant', got {opt.decay!r}")
 
 
 def clip_by_skill_norm(max_norm: float) -> optax.GradientTransformation:
@@ -69,26 +70,48 @@ def clip_by_skill_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
+IMPORTANCE_GRADS = ("clipped", "raw")
+
+
+def with_allocator(clip, update, adalora_cfg, importance_grads: str = "clipped"):
+  """AdaLoRA's allocator around `update`, with the gradient clipping `clip` (or None) placed
+  so the allocator's importance scores see the clipped gradient ("clipped": what PEFT's
+  update_and_allocate sees under HF Trainer, which clips the gradients in place before the
+  optimizer step) or the raw one ("raw")."""
+  if importance_grads not in IMPORTANCE_GRADS:
+    raise ConfigError(
+      f"--config.adalora.importance_grads must be one of {IMPORTANCE_GRADS}, "
+      f"got {importance_grads!r}"
+    )
+  if clip is None:
+    return adalora.adalora(update, adalora_cfg)
+  if importance_grads == "clipped":
+    return optax.chain(clip, adalora.adalora(update, adalora_cfg))
+  return adalora.adalora(optax.chain(clip, update), adalora_cfg)
+
+
 def build_optimizer(
   config, steps: int
 ) -> tuple[optax.GradientTransformation, adalora.AdaLoraConfig]:
-  """clip per skill -> AdamW(schedule), wrapped by the AdaLoRA allocator, then accumulation.
-
-  The schedule is validated here, before anything is compiled.
-  """
+  """clip per skill -> AdamW(schedule), with the AdaLoRA allocator (`with_allocator`), then
+  accumulation. The schedule is validated here, before anything is compiled."""
   opt = config.optimizer
   adalora_cfg = adalora_config(config, steps)
-  parts = [clip_by_skill_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
-  parts.append(
-    optax.adamw(
-      learning_rate_schedule(opt, steps),
-      b1=opt.b1,
-      b2=opt.b2,
-      eps=opt.eps,
-      weight_decay=opt.weight_decay,
-    )
+  try:
+    adalora_cfg.validate()
+  except ValueError as e:
+    raise ConfigError(
+      f"the AdaLoRA schedule (--config.adalora.*, --config.train.steps): {e}"
+    ) from None
+  clip = clip_by_skill_norm(opt.clip_norm) if opt.clip_norm > 0 else None
+  update = optax.adamw(
+    learning_rate_schedule(opt, steps),
+    b1=opt.b1,
+    b2=opt.b2,
+    eps=opt.eps,
+    weight_decay=opt.weight_decay,
   )
-  tx = adalora.adalora(optax.chain(*parts), adalora_cfg)
+  tx = with_allocator(clip, update, adalora_cfg, config.adalora.importance_grads)
   if opt.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
   return tx, adalora_cfg

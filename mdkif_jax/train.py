@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mdkif_jax import checkpoint, data, evaluate, reporting, sharding
 from mdkif_jax.data.batches import make_batches, make_eval_batch, to_global
+from mdkif_jax.errors import ConfigError
 from mdkif_jax.model import loading, tokenizer
 from mdkif_jax.model.config import numerics_from
 from mdkif_jax.ops import losses
@@ -170,12 +171,12 @@ def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setu
   """Load (or take) the frozen base and tokenizer, build the optimizer (validating the AdaLoRA
   schedule before any compute), the per-skill adapters and the jitted steps."""
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  if tok is None:  # before the base: a preset without a tokenizer fails before any build
+    tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))
   if base is None:
     base = load_base(config, mesh, progress=bool(config.train.progress))
   graphdef, frozen = nnx.split(base)
   cfg = base.cfg
-  if tok is None:
-    tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
   if len(tok) > cfg.vocab_size:
     raise ValueError(
       f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.vocab_size}"
@@ -245,7 +246,7 @@ def _optimizer_update(run: Setup, batches, config, progress: Progress, step: int
       raise NonFiniteError(
         f"{progress.bad_in_row} non-finite steps in a row at step {step + 1}: stopping. The "
         f"last good checkpoint is step {where.mngr.latest_step()} in {where.directory}; "
-        "lower optimizer.learning_rate or check the data."
+        "lower --config.optimizer.learning_rate or check the data."
       )
   return m
 
@@ -334,6 +335,23 @@ def _write_rank_pattern(config, workdir, run: Setup, skills) -> tuple[dict, np.n
   return masks, ranks
 
 
+def schedule_identity(config) -> dict:
+  """The fields that fix stage 1's schedule (AdaLoRA's budget, the learning-rate shape, the
+  optimizer state's structure), named as their flags: resuming under other values would
+  silently train another schedule. The learning rate itself may change on a resume."""
+  fields = (
+    "train.steps",
+    "adalora.target_r",
+    "adalora.tinit",
+    "adalora.tfinal",
+    "adalora.delta_t",
+    "optimizer.warmup_steps",
+    "optimizer.decay",
+    "optimizer.grad_accum_steps",
+  )
+  return {f: config[f.split(".")[0]][f.split(".")[1]] for f in fields}
+
+
 def train_skills(
   config, workdir: str | pathlib.Path, skills: tuple[str, ...], base=None, stop_after=None
 ) -> dict:
@@ -349,6 +367,7 @@ def train_skills(
   identity = checkpoint.run_identity(
     run.model_cfg, skills, run.targets, run.adalora_cfg.init_r, run.scale
   )
+  identity.update(schedule_identity(config))  # a resume under another schedule is refused
   meta = {**identity, "serving": checkpoint.serving_meta(config.data)}
   directory = workdir / "checkpoints"
   mngr = checkpoint.manager(directory, config.train.keep_checkpoints, config.train.async_checkpoint)
@@ -404,9 +423,12 @@ def train_skills(
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Stage 1 entry point called by main.py."""
-  skills = data.skills.select_skills(config.skills.replace("+", ","))
+  try:
+    skills = data.skills.select_skills(config.skills.replace("+", ","))
+  except KeyError as e:
+    raise ConfigError(f"--config.skills={config.skills}: {e.args[0]}") from None
   if not skills:
-    raise ValueError(f"config.skills={config.skills!r} selects no skill")
+    raise ConfigError(f"--config.skills={config.skills!r} selects no skill")
   log.info(
     "stage 1: %d skill(s) %s, mode %s, workdir %s", len(skills), skills, config.train.mode, workdir
   )
@@ -415,4 +437,4 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.train.mode == "separate":
     base = load_base(config, sharding.make_mesh(tuple(config.mesh.shape)))
     return {s: train_skills(config, pathlib.Path(workdir) / s, (s,), base=base) for s in skills}
-  raise ValueError(f"train.mode must be 'joint' or 'separate', got {config.train.mode!r}")
+  raise ConfigError(f"--config.train.mode must be 'joint' or 'separate', got {config.train.mode!r}")

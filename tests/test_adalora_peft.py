@@ -17,8 +17,9 @@ from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import get_peft_model
 from torch import nn
 
+from mdkif_jax.optimizer import with_allocator
 from mdkif_jax.peft import adapters as ad
-from mdkif_jax.peft.adalora import AdaLoraConfig, adalora, find_state, orth_reg, peft_config_kwargs
+from mdkif_jax.peft.adalora import AdaLoraConfig, find_state, orth_reg, peft_config_kwargs
 
 DIMS = ad.llama_target_dims(hidden=16, heads=2, kv_heads=1, head_dim=8, ffn=24)
 L, R0, RT = 2, 6, 3
@@ -106,14 +107,18 @@ def batch(step):
   return xs, ys
 
 
+CLIP = 0.02  # below most gradient norms of these batches: most steps are clipped
+
 OPTIMIZERS = {
-  # name: (ours, torch factory)
+  # name: (ours, torch factory); "_clipped": the gradients are clipped to CLIP (global norm)
+  # first, as HF Trainer does before PEFT's update_and_allocate sees them
   "adamw": (
     lambda: optax.adamw(1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01),
     lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
   ),
   "sgd": (lambda: optax.sgd(0.5), lambda p: torch.optim.SGD(p, lr=0.5)),
 }
+OPTIMIZERS["adamw_clipped"] = OPTIMIZERS["adamw"]
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
@@ -126,7 +131,9 @@ def test_allocation_matches_peft(opt):
   copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   kernels = base_kernels(pm)
   ours_tx, torch_opt = OPTIMIZERS[opt]
-  tx = adalora(ours_tx(), cfg)
+  clipped = opt.endswith("_clipped")
+  clip = optax.clip_by_global_norm(CLIP) if clipped else None
+  tx = with_allocator(clip, ours_tx(), cfg, "clipped")
   state = tx.init(adapters)
   topt = torch_opt([p for p in pm.parameters() if p.requires_grad])
 
@@ -137,7 +144,7 @@ def test_allocation_matches_peft(opt):
     return optax.apply_updates(adapters, updates), state
 
   max_e_diff = 0.0
-  allocations = 0
+  allocations = n_clipped = 0
   for t in range(cfg.total_step + 3):  # a few steps past T: the pattern stays frozen
     xs, ys = batch(t)
     loss = pm.base_model(
@@ -145,6 +152,9 @@ def test_allocation_matches_peft(opt):
       {k: torch.from_numpy(v) for k, v in ys.items()},
     ).loss  # AdaLoraModel.forward adds the orth reg to .loss
     loss.backward()
+    if clipped:
+      norm = torch.nn.utils.clip_grad_norm_([p for p in pm.parameters() if p.requires_grad], CLIP)
+      n_clipped += int(norm > CLIP)
     topt.step()
     pm.base_model.update_and_allocate(t)
     topt.zero_grad()
@@ -177,6 +187,7 @@ def test_allocation_matches_peft(opt):
       max_ab_diff = max(max_ab_diff, float(np.abs(np.asarray(adapters[tgt][name]) - want).max()))
   assert n_kept == RT * L * len(DIMS)  # b_T triplets survive
   assert allocations > 0
+  assert not clipped or n_clipped > cfg.total_step // 2  # the clipping really acted
   print(f"{opt}: max |ΔE| = {max_e_diff:.2e}, max |ΔA|,|ΔB| = {max_ab_diff:.2e}")
 
 
@@ -225,3 +236,23 @@ def test_scale_and_delta_weight_match_peft():
       np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-7)
       peft_scale = m.scaling["default"] / (m.ranknum["default"].item() + 1e-5)
       np.testing.assert_allclose(scale, peft_scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("importance", ["clipped", "raw"])
+def test_importance_scores_see_the_gradient_the_config_names(importance):
+  """With clipping on, the first step's sensitivity EMA is (1 - beta1)·|θ'·g| with g the clipped
+  gradient ("clipped", PEFT under HF Trainer) or the raw one ("raw")."""
+  cfg = AdaLoraConfig(init_r=R0, target_r=RT, tinit=3, tfinal=6, delta_t=2, total_step=24)
+  adapters = ad.init_adalora(jax.random.key(1), DIMS, L, R0)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 10.0), adapters)  # global norm >> 1e-3
+  tx = with_allocator(optax.clip_by_global_norm(1e-3), optax.sgd(0.1), cfg, importance)
+  updates, state = tx.update(grads, tx.init(adapters), adapters)
+  clipped = optax.clip_by_global_norm(1e-3).update(grads, optax.EmptyState())[0]
+  seen = clipped if importance == "clipped" else grads
+  theta = optax.apply_updates(adapters, updates)  # post_update sensitivity: θ after the step
+  want = jax.tree.map(lambda p, g: (1 - cfg.beta1) * jnp.abs(p * g), theta, seen)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12),
+    find_state(state).ipt,
+    want,
+  )

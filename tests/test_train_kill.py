@@ -1,11 +1,10 @@
 """SIGKILL the real trainer (`python -m mdkif_jax.main`) at the worst moments, rerun the same
 command, and check that nothing is corrupt and the result equals an uninterrupted run.
 
-Kill 1 lands right after the first checkpoint directory appears; kill 2 lands while Orbax is
-writing a checkpoint (its `<step>.orbax-checkpoint-tmp` directory exists). The trainer is not
-slowed down for this: the checkpoint directory is polled every few milliseconds and a save of
-the tiny model's state takes ~0.1-0.4 s, so the temporary directory is seen every time; the
-test records whether it was still on disk after the kill (it was in every run so far).
+Kill 1 lands right after the first checkpoint directory appears; kill 2 lands inside a save:
+the test-only hook `checkpoint.KILL_IN_SAVE_ENV` makes the trainer SIGKILL itself right after
+the save of step 6 has started, and the test requires Orbax's `<step>.orbax-checkpoint-tmp`
+directory (a save begun, not committed) to be on disk afterwards.
 """
 
 import json
@@ -20,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from mdkif_jax import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -148,20 +149,21 @@ def test_sigkill_at_checkpoint_and_during_save_then_rerun_equals_uninterrupted(t
   )
   assert first == "2", f"first checkpoint should be step 2, saw {sorted(after1)}"
 
-  # kill 2: the moment a save (a new Orbax temporary directory) is in progress
-  before = set(os.listdir(ckpt))
-  tmp_name, after2 = run_and_kill(
-    trainer_command(run_dir),
-    env,
-    log,
-    ckpt,
-    lambda names: next((n for n in sorted(names - before) if TMP_MARK in n), None),
-  )
-  caught_mid_save = tmp_name in after2  # still on disk: the process died inside the save
-  print(
-    f"kill 2 saw {tmp_name}; directory after the kill: {sorted(after2)} "
-    f"({'caught mid-save' if caught_mid_save else 'save finished before the kill'})"
-  )
+  # kill 2: inside the save of step 6 (the trainer kills itself there; see the docstring)
+  kill_env = {**env, checkpoint.KILL_IN_SAVE_ENV: "6"}
+  with open(log, "a") as out:
+    rc = subprocess.run(
+      trainer_command(run_dir),
+      env=kill_env,
+      cwd=REPO,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      timeout=RUN_TIMEOUT_S,
+    ).returncode
+  assert rc == -signal.SIGKILL, f"the trainer was not killed in the save (rc={rc}):\n{tail(log)}"
+  after2 = set(os.listdir(ckpt))
+  assert any(n.startswith("6.") and TMP_MARK in n for n in after2), sorted(after2)  # mid-save
+  assert "6" not in after2  # step 6 was never committed
   resume_from = max(finished_steps(ckpt))
   assert resume_from >= 2
 

@@ -29,15 +29,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (needs .d
 _SHOW = flags.DEFINE_integer("show", 0, "Render this many examples as the model sees them.")
 _SPLIT = flags.DEFINE_enum("split", "both", ["train", "eval", "both"], "Which split to describe.")
 _SAMPLE = flags.DEFINE_integer("sample", 2000, "Examples per (skill, source) for token stats.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer source; default: model preset.")
+_TOKENIZER = flags.DEFINE_string(
+  "tokenizer", None, "Tokenizer source; default: the config's model.tokenizer or model.source."
+)
 
 
 def _tokenizer(cfg):
-  from mdkif_jax.model.tokenizer import load_tokenizer
+  """--tokenizer, else the config's model's own tokenizer: the rule training uses."""
+  from mdkif_jax.model.tokenizer import load_tokenizer, tokenizer_source
 
-  model = cfg.get("model") or {}
-  source = _TOKENIZER.value or model.get("tokenizer") or model.get("path") or model.get("preset")
-  return load_tokenizer(source or "smollm2_135m")
+  if _TOKENIZER.value:
+    return load_tokenizer(_TOKENIZER.value)
+  if "model" not in cfg:
+    raise app.UsageError("the config has no model section: pass --tokenizer")
+  return load_tokenizer(tokenizer_source(cfg.model))
 
 
 def _sample(examples, n):

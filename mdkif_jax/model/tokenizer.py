@@ -14,7 +14,23 @@ import tempfile
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mdkif_jax.errors import ConfigError
+from mdkif_jax.model import config as model_config
 from mdkif_jax.model import loading
+
+
+def tokenizer_source(model_section) -> str:
+  """Where a config's tokenizer comes from (both stages and the stats tool): `model.tokenizer`,
+  else the model's own source. A random-weight preset has no tokenizer of its own: refused
+  here, before anything is built."""
+  source = model_section.tokenizer or model_section.source
+  if source != "smollm2_135m" and source in model_config.PRESETS:
+    raise ConfigError(
+      f"--config.model.source={model_section.source} is a random-weight preset with no "
+      "tokenizer: set --config.model.tokenizer to that model's HF directory or .gguf file "
+      "(or --config.model.source to the real checkpoint, which carries its own)"
+    )
+  return source
 
 
 @functools.lru_cache(maxsize=8)
