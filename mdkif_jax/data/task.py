@@ -27,8 +27,9 @@ def parse_task(task: str) -> tuple[str, str | None]:
   source, _, skill = (task or "").partition(":")
   if source not in task_names() or (skill and skill not in data.SKILLS):
     raise TaskError(
-      f"unknown task {task!r}: use a source with reserved rows ({', '.join(task_names())}), "
-      f"optionally ':skill' with a skill from {', '.join(data.SKILLS)}"
+      f"unknown task {task!r}: set --config.task to a source with reserved rows "
+      f"({', '.join(task_names())}), optionally ':skill' with a skill from "
+      f"{', '.join(data.SKILLS)}"
     )
   return source, skill or None
 
@@ -45,7 +46,8 @@ def task_examples(config) -> tuple[list, list]:
   if not rows:
     raise TaskError(
       f"task {config.task!r} has no reserved examples with data_dir={config.data.data_dir} "
-      f"(sources={config.data.sources!r}, skills={config.data.skills!r})"
+      f"(sources={config.data.sources!r}, skills={config.data.skills!r}): check "
+      "--config.task, --config.data.data_dir and --config.data.sources"
     )
   held = [splits.hash_unit("router/" + source, ex.id) < config.eval_fraction for ex in rows]
   fit = [ex for ex, h in zip(rows, held, strict=True) if not h]
@@ -57,7 +59,7 @@ def task_examples(config) -> tuple[list, list]:
   if not fit or not score:
     raise TaskError(
       f"task {config.task!r}: {len(rows)} reserved examples give {len(fit)} to fit and "
-      f"{len(score)} to score the router; change eval_fraction"
+      f"{len(score)} to score the router; change --config.eval_fraction"
     )
   return fit, score
 
@@ -99,7 +101,7 @@ def pack(
   padding); `drop_eos` leaves the final end-of-turn token out of the answer (candidate scoring)."""
   keep = [i for i, e in enumerate(enc) if e is not None]
   if not keep:
-    raise TaskError("no task example fits data.max_len")
+    raise TaskError("no task example fits data.max_len (stage 1's, read from its checkpoint)")
   if by_length:
     keep.sort(key=lambda i: len(enc[i].tokens))
   buckets = pipeline.resolve_buckets(data_cfg.buckets, int(data_cfg.max_len))
@@ -128,7 +130,7 @@ def make_batches(examples, tok, data_cfg, batch_size: int, multiple: int = 1) ->
 def k_shot_rows(pool: list, k: int, seed: int, task: str) -> list:
   if k > len(pool):
     raise TaskError(
-      f"cmaes.k_shots asks for k={k} examples but task {task!r} has only {len(pool)} rows to "
-      "fit the router; lower k or eval_fraction"
+      f"--config.cmaes.k_shots asks for k={k} examples but task {task!r} has only {len(pool)} "
+      "rows to fit the router; lower k or --config.eval_fraction"
     )
   return [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:k]]
