@@ -210,3 +210,103 @@ def plan(scored: Sequence[Example], task_rows: Sequence[Example], override: str 
           f"(more than {MAX_CHOICES}) is not a label task; use metric='rouge' or 'exact'"
         )
   return Plan(tuple(scored), kinds, choices)
+
+
+# ---- per-row outcomes, for bootstrap intervals ----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Outcomes:
+  """What each scored row of one (task, method) contributes to a metric, so a resample of
+  rows recomputes any metric, corpus-level ones (macro-F1, micro-F1) included.
+
+  Label rows: gold, pred (the candidate with the highest log-likelihood) and pred_norm (the
+  highest log-likelihood per character, lm-eval's acc_norm). Generated rows: ROUGE-1/2/L F
+  per row and the item counts (tp, fp, fn) of list answers. A row's unused fields are empty
+  or NaN.
+  """
+
+  gold: tuple[str, ...]
+  pred: tuple[str, ...]
+  pred_norm: tuple[str, ...]
+  rouge: np.ndarray  # [n, 3] rouge1, rouge2, rougeL F; NaN where not generated
+  counts: np.ndarray  # [n, 3] tp, fp, fn of list items; 0 where not a list row
+
+  @property
+  def n(self) -> int:
+    return len(self.gold)
+
+
+def outcomes(plan: Plan, choice_scores: dict, texts: dict) -> Outcomes:
+  """Per-row outcomes of one scoring (evaluate.TaskScorer.last). A row missing from both
+  (too long to encode) counts as wrong / empty, as in Plan.finish."""
+  from rouge_score import rouge_scorer
+
+  n = len(plan.rows)
+  gold, pred, pred_norm = [""] * n, [""] * n, [""] * n
+  rouge_rows = np.full((n, 3), np.nan)
+  counts = np.zeros((n, 3))
+  scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+  for i, (ex, kind) in enumerate(zip(plan.rows, plan.kinds, strict=True)):
+    if kind == CHOICE:
+      gold[i] = ex.answer
+      if i in choice_scores:
+        cands, logp = plan.choices[i], np.asarray(choice_scores[i], np.float64)
+        pred[i] = cands[int(np.argmax(logp))]
+        per_char = logp / np.asarray([max(len(c), 1) for c in cands], np.float64)
+        pred_norm[i] = cands[int(np.argmax(per_char))]
+    elif kind == ROUGE:
+      s = scorer.score(ex.answer, texts.get(i, ""))
+      rouge_rows[i] = [s[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")]
+    elif kind == SETS:
+      ps, rs = _items(texts.get(i, "")), _items(ex.answer)
+      hit = len(ps & rs)
+      counts[i] = [hit, len(ps) - hit, len(rs) - hit]
+  return Outcomes(tuple(gold), tuple(pred), tuple(pred_norm), rouge_rows, counts)
+
+
+def _take(values: Sequence[str], idx: np.ndarray) -> list[str]:
+  return [values[i] for i in idx]
+
+
+def positive_micro_f1(gold: Sequence[str], pred: Sequence[str], negative: str) -> float:
+  """Micro-F1 over every label but `negative` (DDI's "false"): a negative row predicted as a
+  type is a false positive, a typed row predicted wrong a false negative (and a false
+  positive if the prediction is another type)."""
+  tp = sum(g == p != negative for g, p in zip(gold, pred, strict=True))
+  fp = sum(p != negative and p != g for g, p in zip(gold, pred, strict=True))
+  fn = sum(g != negative and p != g for g, p in zip(gold, pred, strict=True))
+  return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+def label_f1(gold: Sequence[str], pred: Sequence[str], label: str) -> float:
+  """F1 of one class (NegEx's "negated")."""
+  tp = sum(g == p == label for g, p in zip(gold, pred, strict=True))
+  fp = sum(p == label != g for g, p in zip(gold, pred, strict=True))
+  fn = sum(g == label != p for g, p in zip(gold, pred, strict=True))
+  return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+def metric_on(name: str, out: Outcomes, idx: np.ndarray) -> float:
+  """Metric `name` on the rows `idx` (with repeats, for a bootstrap resample). Names:
+  accuracy, acc_norm, macro_f1, micro_f1 (ChemProt: every label is positive), f1:<label>,
+  micro_f1_without:<negative>, rouge1, rouge2, rougeL, entity_micro_f1."""
+  idx = np.asarray(idx)
+  if name in ("accuracy", "acc_norm", "macro_f1", "micro_f1") or ":" in name:
+    gold = _take(out.gold, idx)
+    pred = _take(out.pred_norm if name == "acc_norm" else out.pred, idx)
+    if name in ("accuracy", "acc_norm", "micro_f1"):  # one label per row: micro-F1 == accuracy
+      return accuracy(gold, pred)
+    if name == "macro_f1":
+      return macro_f1(gold, pred)
+    kind, _, label = name.partition(":")
+    if kind == "f1":
+      return label_f1(gold, pred, label)
+    if kind == "micro_f1_without":
+      return positive_micro_f1(gold, pred, label)
+  if name in ("rouge1", "rouge2", "rougeL"):
+    col = out.rouge[idx, ("rouge1", "rouge2", "rougeL").index(name)]
+    col = col[np.isfinite(col)]
+    return float(col.mean()) if col.size else 0.0
+  if name == "entity_micro_f1":
+    tp, fp, fn = out.counts[idx].sum(0)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 1.0
+  raise ValueError(f"unknown metric {name!r}")
