@@ -72,6 +72,8 @@ class LoadReport:
   max_messages: int = 20  # Per file; the counts stay exact beyond it.
 
   def skip(self, path: str, line: int | None, reason: str) -> None:
+    if len(reason) > 300:  # A reason quoting a 1 MB field would be a 1 MB log line.
+      reason = reason[:300] + "..."
     where = f"{path}:{line}" if line is not None else str(path)
     msg = f"{where}: {reason}"
     if self.strict:

@@ -27,7 +27,9 @@ class Source:
   name: str
   convert: Converter
   skills: tuple[str, ...]  # The skills its examples train.
-  files: tuple[str, ...]  # Paths under data_dir it reads (folders for MedQuAD).
+  # Paths under data_dir it reads: every file, so a half-copied folder is a noted missing file
+  # rather than a FileNotFoundError mid-load (MedQuAD, a folder of XML files, is globbed).
+  files: tuple[str, ...]
 
 
 def instruct(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
@@ -39,6 +41,14 @@ def instruct(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
   for rel in opts.get("instruct_files", ()) or ():
     path = pathlib.Path(rel) if pathlib.Path(rel).is_absolute() else root / rel
     for line, row in read_json_rows(path, report, ("skill", "query", "answer")):
+      # Checked here, not left to `str()` or to `splits.role_of`: a list context would become
+      # its repr, and an unknown split would abort the whole load instead of skipping a line.
+      if not isinstance(row.get("context", ""), str | None):
+        report.skip(str(path), line, f"wrong type: 'context' is {type(row['context']).__name__}")
+        continue
+      if row.get("split") not in (None, "", "train", "eval", "all"):
+        report.skip(str(path), line, f"unknown split: {row['split']!r} (want 'train' or 'eval')")
+        continue
       rid = str(row.get("id") or f"{path.name}:{line}")
       ex = Example(
         skill=str(row["skill"]).strip(),
@@ -53,6 +63,14 @@ def instruct(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
 
 
 _KG = "kg/"
+_NER = tuple(f"{part}.tsv" for part in text.NER_PARTS)
+_CHEMPROT = ("train.jsonl", "dev.jsonl", "test.jsonl")
+
+
+def _in(folder: str, names: tuple[str, ...]) -> tuple[str, ...]:
+  return tuple(f"{folder}/{name}" for name in names)
+
+
 SOURCES: dict[str, Source] = {
   s.name: s
   for s in (
@@ -70,22 +88,25 @@ SOURCES: dict[str, Source] = {
     ),
     Source("medmcqa", qa.medmcqa, ("mcqa",), ("medagents/medmcqa/test.jsonl",)),
     Source("mmlu_fewshot", qa.mmlu_fewshot, ("mcqa",), ("medagents/mmlu/train.jsonl",)),
-    Source("bc5cdr_chem", text.bc5cdr_chem, ("ner",), ("ner/bc5cdr_chem",)),
-    Source("bc5cdr_disease", text.bc5cdr_disease, ("ner",), ("ner/bc5cdr_disease",)),
-    Source("ncbi_disease", text.ncbi_disease, ("ner",), ("ner/ncbi_disease",)),
-    Source("chemprot", text.chemprot, ("re",), ("chemprot",)),
+    Source("bc5cdr_chem", text.bc5cdr_chem, ("ner",), _in("ner/bc5cdr_chem", _NER)),
+    Source("bc5cdr_disease", text.bc5cdr_disease, ("ner",), _in("ner/bc5cdr_disease", _NER)),
+    Source("ncbi_disease", text.ncbi_disease, ("ner",), _in("ner/ncbi_disease", _NER)),
+    Source("chemprot", text.chemprot, ("re",), _in("chemprot", _CHEMPROT)),
     Source("hoc", text.hoc, ("mldc",), ("hoc/hoc.jsonl",)),
     Source("meqsum", qa.meqsum, ("ts",), ("meqsum/meqsum.jsonl",)),
-    Source("rqe", qa.rqe, ("nli",), ("rqe",)),
+    Source("rqe", qa.rqe, ("nli",), tuple(qa.RQE_FILES.values())),
     Source("medquad", qa.medquad, ("qa", "es", "ea"), ("medquad",)),
     Source("genmedgpt", qa.genmedgpt, ("mc",), ("dialogue/genmedgpt_5k.jsonl",)),
     Source("covid_dialogue", qa.covid_dialogue, ("mc",), ("dialogue/covid_dialogue_en.jsonl",)),
-    Source(
-      "disease_ontology", kg.disease_ontology, ("es", "ea", "er"), (_KG + "disease_ontology",)
-    ),
+    Source("disease_ontology", kg.disease_ontology, ("es", "ea", "er"), _in(kg.DO, kg.DO_FILES)),
     Source("hpo", kg.hpo, ("es",), (_KG + "hpo/layperson-synonyms.tsv",)),
-    Source("hetionet", kg.hetionet, ("ea", "er"), (_KG + "hetionet",)),
-    Source("pharmacotherapydb", kg.pharmacotherapydb, ("er",), (_KG + "pharmacotherapydb",)),
+    Source("hetionet", kg.hetionet, ("ea", "er"), _in(_KG + "hetionet", kg.HETIONET_FILES)),
+    Source(
+      "pharmacotherapydb",
+      kg.pharmacotherapydb,
+      ("er",),
+      (_KG + "pharmacotherapydb/indications.tsv",),
+    ),
     Source("instruct", instruct, (), ()),
   )
 }

@@ -21,31 +21,51 @@ from mdkif_jax.data.sources._io import read_text_lines, read_tsv_rows
 Item = tuple[str, str, Example]
 
 DO = "kg/disease_ontology"
+DO_FILES = (
+  "doid_2016-09-01.obo",
+  "HumanDO.tsv",
+  "disease-symptom.tsv",
+  "DO-ICDO-anatomy.tsv",
+  "DO-subClassOf-anonymous.tsv",
+)
+HETIONET_FILES = ("hetionet-v1.0-nodes.tsv", "metaedges.tsv", "hetionet-v1.0-edges-5k.sif.gz")
 _QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"\s*(\S*)')
+_OBO_TAG = re.compile(r"^[A-Za-z_][\w-]*$")  # Text before the first ":" of a tag-value line.
 _RESTRICTION = re.compile(r"^'([^']+)' some '?([^'()]+?)'?$")
 PHARMACO_CATEGORIES = {"DM": "disease-modifying", "SYM": "symptomatic", "NOT": "not an indication"}
 
 
 def obo_terms(path: pathlib.Path, report: LoadReport) -> Iterator[dict[str, list[str]]]:
-  """The live [Term] stanzas of an OBO 1.2 file as {tag: [values]} (obsolete ones dropped)."""
+  """The live [Term] stanzas of an OBO 1.2 file as {tag: [values]} (obsolete ones dropped).
+
+  A term holding a bad line (undecodable, or not `tag: value`) is dropped, as a CoNLL
+  sentence is: kept, it would answer with a synonym list missing that line.
+  """
   stanza: dict[str, list[str]] | None = None
+  bad = False
   for n, text in enumerate(itertools.chain(read_text_lines(path, report), ["[End]"]), start=1):
-    if text is None:
+    if text is None:  # Undecodable bytes, already reported by the reader.
+      bad = True
       continue
     text = text.strip()
     if text.startswith("["):
-      if stanza and stanza.get("id") and "true" not in stanza.get("is_obsolete", []):
+      live = stanza and stanza.get("id") and "true" not in stanza.get("is_obsolete", [])
+      if live and not bad:
         yield stanza
-      stanza = {"_line": [str(n)]} if text == "[Term]" else None
-    elif stanza is not None and ":" in text:
+      stanza, bad = ({"_line": [str(n)]} if text == "[Term]" else None), False
+    elif stanza is not None and text and not text.startswith("!"):
       tag, _, value = text.partition(":")
+      if not _OBO_TAG.match(tag.strip()):
+        report.skip(str(path), n, f"malformed OBO line: {text[:40]!r} (want tag: value)")
+        bad = True
+        continue
       stanza.setdefault(tag.strip(), []).append(value.strip())
 
 
-def _unquote(value: str) -> tuple[str, str]:
-  """`"text" SCOPE [refs]` -> (text, SCOPE); escapes \\" undone."""
+def _unquote(value: str) -> tuple[str, str] | None:
+  """`"text" SCOPE [refs]` -> (text, SCOPE); escapes \\" undone; None if not quoted."""
   m = _QUOTED.match(value)
-  return (m.group(1).replace('\\"', '"'), m.group(2)) if m else ("", "")
+  return (m.group(1).replace('\\"', '"'), m.group(2)) if m else None
 
 
 def disease_ontology(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
@@ -56,15 +76,22 @@ def disease_ontology(root: pathlib.Path, report: LoadReport, opts) -> Iterator[I
   one parent question is asked once, with today's answer.
   """
   src = "disease_ontology"
-  for term in obo_terms(root / DO / "doid_2016-09-01.obo", report):
+  obo = root / DO / "doid_2016-09-01.obo"
+  for term in obo_terms(obo, report):
     doid, name = term["id"][0], (term.get("name") or [""])[0]
     if not name:
       continue
-    exact = [t for t, scope in map(_unquote, term.get("synonym", [])) if scope == "EXACT" and t]
+    synonyms = [_unquote(v) for v in term.get("synonym", [])]
+    quoted_def = _unquote(term["def"][0]) if "def" in term else ("", "")
+    if quoted_def is None or None in synonyms:  # A cut-off quote, say: the term is unsure.
+      reason = f"malformed OBO term: {doid} has a def or synonym that is not a quoted string"
+      report.skip(str(obo), int(term["_line"][0]), reason)
+      continue
+    exact = [t for t, scope in synonyms if scope == "EXACT" and t]
     if exact:
       query = f"What are other names for the disease '{name}'?"
       yield "all", doid, Example("es", "", query, format_list(exact), src, f"{doid}/es")
-    definition = _unquote(term["def"][0])[0] if "def" in term else ""
+    definition = quoted_def[0]
     if definition:
       ex = Example("ea", "", f"Define the disease '{name}'.", definition, src, f"{doid}/def")
       yield "all", doid, ex
@@ -141,9 +168,14 @@ def hetionet(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
       ex = Example("ea", "", query, row["kind"], "hetionet", row["id"])
       yield "all", row["name"].lower(), ex
   verbs = {}
-  for _line, row in read_tsv_rows(folder / "metaedges.tsv", report, ("metaedge", "abbreviation")):
+  metaedges = folder / "metaedges.tsv"
+  for line, row in read_tsv_rows(metaedges, report, ("metaedge", "abbreviation")):
     # "Disease - presents - Symptom"; directed ones read "Gene > regulates > Gene".
-    verbs[row["abbreviation"]] = re.split(r" [->] ", row["metaedge"])[1]
+    parts = re.split(r" [->] ", row["metaedge"])
+    if len(parts) != 3:
+      report.skip(str(metaedges), line, f"malformed metaedge: {row['metaedge'][:60]!r}")
+      continue
+    verbs[row["abbreviation"]] = parts[1]
   wanted = set(opts.get("hetionet_metaedges", ()))
   edges = folder / "hetionet-v1.0-edges-5k.sif.gz"
   for line, row in read_tsv_rows(edges, report, ("source", "metaedge", "target")):

@@ -17,6 +17,10 @@ from mdkif_jax.data.sources._io import read_json_object, read_json_rows, read_xm
 
 Item = tuple[str, str, Example]
 
+RQE_FILES = {
+  "train": "rqe/RQE_Train_8588_AMIA2016.xml",
+  "test": "rqe/RQE_Test_302_pairs_AMIA2016.xml",
+}
 MEDQUAD_FOLDERS = ("4_MPlus_Health_Topics_QA", "6_NINDS_QA", "7_SeniorHealth_QA", "9_CDC_QA")
 
 
@@ -35,17 +39,22 @@ def format_options(question: str, options: dict) -> str:
 def pubmedqa(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
   """PubMedQA PQA-L: MRC (abstract + question -> yes/no/maybe) and QA (question -> long answer).
 
-  The 500 PMIDs of `test_ground_truth.json` are the official test split (part "test").
+  The 500 PMIDs of `test_ground_truth.json` are the official test split (part "test"); if
+  that file cannot be read nothing is converted, since a test item would otherwise train.
   """
-  items = read_json_object(root / "pubmedqa/ori_pqal.json")
-  test = read_json_object(root / "pubmedqa/test_ground_truth.json")
+  truth = read_json_object(root / "pubmedqa/test_ground_truth.json", report)
+  loaded = read_json_object(root / "pubmedqa/ori_pqal.json", report)
+  if truth is None or loaded is None:
+    return
+  test, (items, lines) = truth[0], loaded
   path = str(root / "pubmedqa/ori_pqal.json")
   for pmid, rec in items.items():
     part = "test" if pmid in test else "labelled"
-    decision = str(rec.get("final_decision") or "").strip()
-    if decision not in ("yes", "no", "maybe") or not rec.get("CONTEXTS"):
-      report.skip(path, None, f"missing field: PMID {pmid} has no final_decision or CONTEXTS")
+    problem = _pubmedqa_problem(rec)
+    if problem:
+      report.skip(path, lines.get(pmid), f"{problem} (PMID {pmid})")
       continue
+    decision = rec["final_decision"].strip()
     sections = zip(rec.get("LABELS") or [""] * len(rec["CONTEXTS"]), rec["CONTEXTS"], strict=False)
     context = "\n".join(f"{lab.title()}: {squash(c)}" if lab else squash(c) for lab, c in sections)
     question = squash(rec["QUESTION"])
@@ -55,11 +64,37 @@ def pubmedqa(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
     yield part, pmid, Example("qa", "", question, long_answer, "pubmedqa", f"{pmid}/qa")
 
 
+def _pubmedqa_problem(rec) -> str | None:
+  """Why a PQA-L record cannot be converted (a reason for `LoadReport.skip`), or None."""
+  if not isinstance(rec, dict):
+    return f"wrong type: the record is {type(rec).__name__}, want dict"
+  if str(rec.get("final_decision") or "").strip() not in ("yes", "no", "maybe"):
+    return "missing field: no final_decision yes, no or maybe"
+  for key, want in (("QUESTION", str), ("CONTEXTS", list), ("LABELS", list), ("LONG_ANSWER", str)):
+    value, optional = rec.get(key), key in ("LABELS", "LONG_ANSWER")
+    if value is None:
+      if optional:
+        continue
+      return f"missing field: {key!r}"
+    if not isinstance(value, want) or not (value or optional):
+      return f"wrong type: {key!r} is {type(value).__name__}, want a non-empty {want.__name__}"
+  if not all(isinstance(x, str) for x in rec["CONTEXTS"] + (rec.get("LABELS") or [])):
+    return "wrong type: CONTEXTS and LABELS must hold strings"
+  return None
+
+
 def _medagents(root: pathlib.Path, report: LoadReport, rel: str, source: str, part: str):
   path = root / rel
-  for _line, row in read_json_rows(path, report, ("question", "options", "answer_idx")):
+  need = ("question", "options", "answer_idx")
+  for _line, row in read_json_rows(path, report, need, types={"options": dict}):
     rid = str(row.get("realidx", _line))
-    options = {k: v for k, v in dict(row["options"]).items() if v is not None}
+    options = {k: v for k, v in row["options"].items() if v is not None}
+    if not all(isinstance(v, str) for v in options.values()):
+      report.skip(str(path), _line, "wrong type: an option is not a string")
+      continue
+    if row["answer_idx"] not in options:
+      report.skip(str(path), _line, f"unknown answer_idx: {row['answer_idx']!r} is not an option")
+      continue
     question = str(row["question"])
     context = ""
     if source == "medagents_pubmedqa":
@@ -98,22 +133,18 @@ def meqsum(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
 
 def rqe(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
   """RQE (question entailment, the MedNLI stand-in): NLI with yes/no answers."""
-  files = {
-    "train": "rqe/RQE_Train_8588_AMIA2016.xml",
-    "test": "rqe/RQE_Test_302_pairs_AMIA2016.xml",
-  }
   query = "Does an answer to question B also fully or partially answer question A?"
-  for part, rel in files.items():
-    root_el = read_xml(root / rel, report)
-    if root_el is None:
+  for part, rel in RQE_FILES.items():
+    parsed = read_xml(root / rel, report)
+    if parsed is None:
       continue
+    root_el, lines = parsed
     for pair in root_el.iter("pair"):
       pid, value = pair.get("pid", ""), (pair.get("value") or "").strip().lower()
       chq, faq = squash(pair.findtext("chq") or ""), squash(pair.findtext("faq") or "")
       if value not in ("true", "false") or not chq or not faq:
-        report.skip(
-          str(root / rel), None, f"missing field: pair pid={pid} has no chq, faq or value"
-        )
+        reason = f"missing field: pair pid={pid} has no chq, faq or value"
+        report.skip(str(root / rel), lines.get(pair), reason)
         continue
       context = f"Question A: {chq}\nQuestion B: {faq}"
       answer = "yes" if value == "true" else "no"
@@ -132,9 +163,10 @@ def medquad(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
 
   files = [f for d in MEDQUAD_FOLDERS for f in sorted((root / "medquad" / d).glob("*.xml"))]
   for path in tqdm(files, desc="medquad", unit="file", leave=False, disable=len(files) < 200):
-    doc = read_xml(path, report)
-    if doc is None:
+    parsed = read_xml(path, report)
+    if parsed is None:
       continue
+    doc, lines = parsed
     _lower_tags(doc)
     doc_id = f"{path.parent.name}/{path.stem}"
     focus = squash(doc.findtext(".//focus") or doc.findtext(".//doctitle-focus") or "")
@@ -144,7 +176,8 @@ def medquad(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
         squash(pair.findtext("answer") or ""),
       )
       if not question or not answer:
-        report.skip(str(path), None, f"empty answer: QA pair {n + 1} has no question or answer")
+        reason = f"empty answer: QA pair {n + 1} has no question or answer"
+        report.skip(str(path), lines.get(pair), reason)
         continue
       yield "all", doc_id, Example("qa", "", question, answer, "medquad", f"{doc_id}/{n + 1}")
     if not focus:
@@ -179,7 +212,10 @@ def covid_dialogue(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Ite
   """COVID-Dialogue (real consultations): MC, earlier turns as context, the last doctor turn
   as the answer. The source says "use only as test data", so splits.py reserves all of it."""
   path = root / "dialogue/covid_dialogue_en.jsonl"
-  for line, row in read_json_rows(path, report, ("dialogue",)):
+  for line, row in read_json_rows(path, report, ("dialogue",), types={"dialogue": list}):
+    if not all(isinstance(t, dict) for t in row["dialogue"]):
+      report.skip(str(path), line, "wrong type: a dialogue turn is not an object")
+      continue
     turns = [(t.get("speaker"), squash(t.get("utterance") or "")) for t in row["dialogue"]]
     last_doctor = max((i for i, (s, _) in enumerate(turns) if s == "Doctor"), default=-1)
     if last_doctor < 1 or not turns[last_doctor][1]:

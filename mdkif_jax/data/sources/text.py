@@ -133,7 +133,11 @@ def hoc(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
   """Hallmarks of Cancer: MLDC over the 10 top-level hallmarks, document level."""
   query = f"Which hallmarks of cancer does the abstract discuss? Labels: {'; '.join(HOC_LABELS)}."
   path = root / "hoc/hoc.jsonl"
-  for line, row in read_json_rows(path, report, ("pmid", "sentences")):
+  types = {"pmid": (str, int), "sentences": list}
+  for line, row in read_json_rows(path, report, ("pmid", "sentences"), types):
+    if not isinstance(row.get("labels") or [], list):
+      report.skip(str(path), line, f"wrong type: 'labels' is {type(row['labels']).__name__}")
+      continue
     labels = [str(x) for x in (row.get("labels") or [])]
     unknown = [x for x in labels if x not in HOC_LABELS]
     if unknown:
