@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mdkif_jax.data import unseen
 from mdkif_jax.data.example import Example
 from mdkif_jax.data.skills import get_skill, parse_list
 from mdkif_jax.data.sources.text import CHEMPROT_LABELS
@@ -61,11 +62,22 @@ TASK_METRICS: dict[str, str | dict[str, str]] = {
   "demo": BY_SKILL,
   "instruct": BY_SKILL,
   "hub": BY_SKILL,
+  "custom": BY_SKILL,  # a user's task file (data/suite.py)
+  # the unseen-task datasets (data/unseen.py)
+  "healthfc": CHOICE,
+  "negex": CHOICE,
+  "mts_dialog": CHOICE,
+  "ddi": CHOICE,
+  "mediqa_mas": ROUGE,
 }
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
   ("pubmedqa", "mrc"): ("yes", "no", "maybe"),
   ("rqe", "nli"): ("yes", "no"),
   ("chemprot", "re"): CHEMPROT_LABELS,
+  ("healthfc", "nli"): tuple(unseen.HEALTHFC_LABELS.values()),
+  ("negex", "nli"): unseen.NEGEX_LABELS,
+  ("mts_dialog", "re"): unseen.MTS_HEADERS,
+  ("ddi", "re"): unseen.DDI_LABELS,
 }
 MAX_CHOICES = 32  # more distinct answers than this is not a label task: use "rouge"
 GENERATED = (ROUGE, SETS)
