@@ -149,8 +149,6 @@ def data_config() -> ml_collections.ConfigDict:
   c.max_len = 512
   # Padded lengths a batch can take (jit compiles one shape per bucket); max_len is added.
   c.buckets = (128, 256, 512)
-  # Rows per batch on each host (global batch = batch_size * jax.process_count()).
-  c.batch_size = 8
   # Pack consecutive examples of one skill into each row, up to max_len tokens, each
   # attending only to itself (positions restart per example): less padding, more examples per
   # step, the same loss per example. False: one example per row. Stage-1 training batches only

@@ -40,6 +40,7 @@ def test_char_tokenizer_is_one_token_per_character():
 
 def cfg(**overrides):
   c = data_config()
+  c.batch_size = 8  # the data API's rows per batch (make_iterator's batch_size)
   c.update(overrides)
   return c
 

@@ -1,7 +1,7 @@
 """The data layer: the 12 skills as (skill, context, query, answer) examples.
 
     examples = load_examples(cfg.data, "train")        # stage 1; "eval" = reserved sets
-    batches = make_iterator(examples, tokenizer, cfg.data)  # this host's shard
+    batches = make_iterator(examples, tokenizer, cfg.data, batch_size=8)  # this host's shard
     state = batches.get_state()                        # JSON-able; batches.set_state(state)
 
 `python -m mdkif_jax.data stats --config=configs/skill.py [--show N]` prints what a config

@@ -105,12 +105,14 @@ def make_batches(config, skills: tuple[str, ...], tok) -> SkillBatches:
     raise ValueError(
       f"no training examples for skill(s) {missing} in data_dir={config.data.data_dir}"
     )
-  cfg_data = config.data.copy_and_resolve_references()
-  with cfg_data.unlocked():
-    cfg_data.batch_size = config.train.rows_per_skill
   per_skill = {
     s: data.make_iterator(
-      ex, tok, cfg_data, process_index=jax.process_index(), process_count=jax.process_count()
+      ex,
+      tok,
+      config.data,
+      batch_size=config.train.rows_per_skill,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
     )
     for s, ex in by_skill.items()
   }
@@ -134,12 +136,11 @@ def make_eval_batch(config, skills: tuple[str, ...], tok) -> dict[str, np.ndarra
     return None
   cfg_data = config.data.copy_and_resolve_references()
   with cfg_data.unlocked():
-    cfg_data.batch_size = n
     cfg_data.pack = False  # one row per reserved example: each is scored on its own
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   per = {}
   for s, ex in by_skill.items():
-    it = data.make_iterator(ex, tok, cfg_data)
+    it = data.make_iterator(ex, tok, cfg_data, batch_size=n)
     it.batch_size = min(n, it.num_examples)  # every reserved row once, none repeated
     per[s] = it
   return next(SkillBatches(per, pad, answer_groups(config)))

@@ -55,13 +55,18 @@ class Batches(Iterator[dict[str, np.ndarray]]):
     tokenizer,
     cfg,
     *,
+    batch_size: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
     encoded: Sequence[Encoded | None] | None = None,
   ):
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    self.batch_size = int(cfg.batch_size)
+    if batch_size is None:
+      batch_size = cfg.get("batch_size")
+    if batch_size is None:
+      raise ValueError("rows per batch: pass batch_size= (or set batch_size in the config)")
+    self.batch_size = int(batch_size)
     self.seed = int(cfg.seed)
     self.max_len = int(cfg.max_len)
     self.pack = bool(cfg.get("pack", False))
@@ -185,14 +190,23 @@ def make_iterator(
   tokenizer,
   cfg,
   *,
+  batch_size: int | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
 ) -> Batches:
-  """Batches of `examples` for this host: `process_index`/`process_count` default (None) to
-  jax.process_index()/jax.process_count(); pass them to build another host's view."""
+  """Batches of `batch_size` rows (default: the config's `batch_size`) of `examples` for this
+  host: `process_index`/`process_count` default (None) to jax.process_index() /
+  jax.process_count(); pass them to build another host's view."""
   if process_index is None or process_count is None:
     import jax  # Lazily: the data layer imports without JAX.
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  return Batches(examples, tokenizer, cfg, process_index=process_index, process_count=process_count)
+  return Batches(
+    examples,
+    tokenizer,
+    cfg,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  )
