@@ -2,7 +2,7 @@
 
 Same base checkpoint, same initial adapters: the loss (incl. the orthogonal regulariser), ΔW,
 merged logits and a whole short AdaLoRA run (masks and E after every step) agree; only the
-adapters get gradients and optimizer state, and the frozen base is bit-identical afterwards.
+adapters get optimizer and allocator state, and the step returns nothing base-shaped.
 """
 
 import copy
@@ -133,7 +133,6 @@ def test_adalora_training_matches_peft(pair):
   pm = peft_model(ref, cfg)
   copy_adapters_into(lambda i, t: peft_module(pm, i, t), adapters, L)
   graphdef, params = nnx.split(model)
-  base_before = jax.tree.map(np.array, params)
   tx = adalora(optax.adamw(5e-3, weight_decay=0.01), cfg)
   state = tx.init(adapters)
   topt = torch.optim.AdamW(
@@ -176,12 +175,13 @@ def test_adalora_training_matches_peft(pair):
   assert sum(sum(v) for v in ours_rp.values()) == RT * L * len(masks)
   print(f"max |E_ours - E_peft| = {max_e:.2e}, max |loss diff| = {max_loss:.2e}")
 
-  # The frozen base was an input only: bit-identical, no gradients, no optimizer state.
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(base_before), strict=True):
-    np.testing.assert_array_equal(np.asarray(got), want)
+  # The frozen base was an input only: every leaf of the trained optimizer and allocator state
+  # (Adam moments, sensitivity EMAs, masks) is adapter-shaped or a scalar, none base-shaped,
+  # and nothing the step returns is base-shaped either.
   adapter_shapes = {x.shape for x in jax.tree.leaves(adapters)}
-  for x in jax.tree.leaves(find_state(state).inner_state):
-    assert x.ndim == 0 or x.shape in adapter_shapes
-  out_shapes = jax.eval_shape(step, adapters, state, params, jnp.zeros((B, T), jnp.int32))
   base_shapes = {x.shape for x in jax.tree.leaves(params) if x.ndim >= 2}
+  assert adapter_shapes.isdisjoint(base_shapes)  # so the shape tells the two apart
+  for x in jax.tree.leaves(state):
+    assert x.ndim == 0 or x.shape in adapter_shapes, x.shape
+  out_shapes = jax.eval_shape(step, adapters, state, params, jnp.zeros((B, T), jnp.int32))
   assert not base_shapes & {x.shape for x in jax.tree.leaves(out_shapes)}

@@ -1,4 +1,4 @@
-"""Standard metrics: accuracy / macro-F1 / set F1 on hand-made cases, ROUGE equal to
+"""Standard metrics: accuracy / macro-F1 / set F1 and ROUGE on hand-made cases, ROUGE equal to
 rouge-score's, the source table, and candidate scoring and generation on the tiny model
 (the one-forward path equals a candidate-per-row pass and a naive full forward)."""
 
@@ -47,6 +47,31 @@ def test_set_f1_by_hand():
   # row 1: {a, b} vs {a, c} -> 1/2; row 2: both empty -> 1; row 3: 0
   assert out["example_f1"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
   assert out["micro_f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 3))
+
+
+def test_rouge_by_hand_from_the_definitions():
+  # ROUGE-1/2: F1 of the clipped n-gram overlap; ROUGE-L: F1 of the longest common subsequence.
+  # Text is lower-cased, split at non-alphanumerics, words over 3 letters Porter-stemmed.
+  cases = [
+    # 6 words each. Unigrams shared: the (x2), cat, on, mat = 5: P = R = F = 5/6. Bigrams (5
+    # each) shared: "the cat", "on the", "the mat" = 3: 3/5. LCS "the cat on the mat" = 5: 5/6.
+    ("The cat sat on the mat.", "the cat lay on the mat", 5 / 6, 3 / 5, 5 / 6),
+    # 4 vs 5 words; "dogs" stems to "dog". Unigrams shared: big, dog: P = 2/4, R = 2/5,
+    # F = 2PR / (P + R) = 0.4 / 0.9 = 4/9 (2/9 unstemmed). No shared bigram: 0. LCS "big dog":
+    # 4/9.
+    ("a big red dogs", "the big dog ran far", 4 / 9, 0.0, 4 / 9),
+    # The same three words in another order: ROUGE-1 = 1, no bigram shared: 0, LCS of one
+    # word: P = R = F = 1/3.
+    ("dog bit man", "man bit dog", 1.0, 0.0, 1 / 3),
+  ]
+  keys = ("rouge1", "rouge2", "rougeL")
+  for pred, ref, *want in cases:
+    got = metrics.rouge([pred], [ref])
+    assert [got[k] for k in keys] == pytest.approx(want, abs=1e-12), (pred, ref)
+  # several rows: the mean of their F-measures
+  both = metrics.rouge([c[0] for c in cases], [c[1] for c in cases])
+  for i, k in enumerate(keys):
+    assert both[k] == pytest.approx(np.mean([c[2 + i] for c in cases]), abs=1e-12)
 
 
 def test_rouge_equals_rouge_score():

@@ -113,6 +113,8 @@ def test_packed_training_step_equals_one_example_per_row(smol):  # noqa: F811
   """Two rows of two examples each == four rows of one: same losses, same updated adapters;
   and ignoring the segments (one attention span per row) would change the loss."""
   c = tiny_config(skills="qa+ner", steps=6)
+  # no warm-up: the first step's learning rate is the peak (1e-3), not 0, so the adapters move
+  c.optimizer.warmup_steps = 0
   run = train.setup_training(c, ("qa", "ner"))
   # non-zero E, so the adapters act in the forward pass as well
   ad = run.state["adapters"]
@@ -134,6 +136,10 @@ def test_packed_training_step_equals_one_example_per_row(smol):  # noqa: F811
   np.testing.assert_allclose(out[0][1]["loss_S"], out[1][1]["loss_S"], rtol=1e-5)
   np.testing.assert_allclose(out[0][1]["tokens_S"], out[1][1]["tokens_S"])
   _close(out[0][0]["adapters"], out[1][0]["adapters"], atol=1e-6)
+  # the step really moved the adapters on both sides (Adam's first step is ~lr = 1e-3 a weight)
+  for new, _ in out:
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new["adapters"], ad)
+    assert min(jax.tree.leaves(moved)) > 5e-4, moved
   unsegmented = {**packed, "attention_mask": (packed["attention_mask"] > 0).astype(np.int32)}
   loss, _ = run.fns.eval_step(ad, run.frozen, batches.to_global(unsegmented, run.mesh))
   assert np.abs(np.asarray(loss) - np.asarray(out[0][1]["loss_S"])).max() > 1e-3
