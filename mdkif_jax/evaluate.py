@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import metrics, router
+from mdkif_jax import metrics, reporting, router
 from mdkif_jax.data import batches, task
 from mdkif_jax.model import generate
 from mdkif_jax.peft import serving
@@ -62,9 +62,13 @@ class TaskScorer:
   (row, candidate) is one more row through the same jitted forward. Generated rows: greedy
   decoding of up to `gen.max_new_tokens` tokens (generate.py), `gen.batch_size` prompts a
   call, sorted by length and padded to full batches so each prompt bucket compiles once.
+  progress: a bar over the scoring batches and one over the generation calls of each call.
   """
 
-  def __init__(self, rows, task_rows, tok, config, put, multiple: int = 1, one_token_fast=True):
+  def __init__(
+    self, rows, task_rows, tok, config, put, multiple=1, one_token_fast=True, progress=False
+  ):
+    self.progress = progress
     self.plan = metrics.plan(rows, task_rows, config.metric)
     self.tok, self.config = tok, config
     bs, dcfg = int(config.router.batch_size), config.data
@@ -97,37 +101,45 @@ class TaskScorer:
     )
     self.prompts = {i: enc[i].tokens[: enc[i].answer_start].tolist() for i in gen}
 
+  def _bar(self, total: int, desc: str):
+    return reporting.progress_bar(self.progress, total=total, desc=desc, unit="call", leave=False)
+
   def __call__(self, stats_fn, generate_fn=None) -> dict[str, float]:
     """stats_fn(batch) -> per-row stats (router.mixture_stats; "weights" [B, S] for the gate);
     generate_fn(prompts, rows, weights) -> new token lists (None: no generated rows)."""
     gold, choice, weights = [], {}, {}
-    for idx, batch in self.gold:
-      st = jax.device_get(stats_fn(batch))
-      gold.append(st)
-      for r, i in enumerate(idx):
-        if i < 0:
-          continue
-        if i in self.fast:
-          choice[i] = st["choice_logp"][r, : len(self.fast[i])]
-        if "weights" in st:
-          weights[i] = st["weights"][r]
+    with self._bar(len(self.gold) + len(self.expanded), "score") as scoring:
+      for idx, batch in self.gold:
+        st = jax.device_get(stats_fn(batch))  # the device read also paces the bar
+        scoring.update()
+        gold.append(st)
+        for r, i in enumerate(idx):
+          if i < 0:
+            continue
+          if i in self.fast:
+            choice[i] = st["choice_logp"][r, : len(self.fast[i])]
+          if "weights" in st:
+            weights[i] = st["weights"][r]
+      for idx, batch in self.expanded:
+        st = jax.device_get(stats_fn(batch))
+        scoring.update()
+        for r, k in enumerate(idx):
+          if k >= 0:
+            i, j = self.slow[k]
+            choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = -st["nll"][r]
     out = summarize(gold)
-    for idx, batch in self.expanded:
-      st = jax.device_get(stats_fn(batch))
-      for r, k in enumerate(idx):
-        if k >= 0:
-          i, j = self.slow[k]
-          choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = -st["nll"][r]
     texts = {}
     if self.prompts and generate_fn is not None:
       order, size = list(self.prompts), int(self.config.gen.batch_size)
-      for s in range(0, len(order), size):
-        part = order[s : s + size]
-        full = part + [part[-1]] * (size - len(part))  # one shape per prompt bucket
-        w = np.stack([weights[i] for i in full]) if weights else None
-        new = generate_fn([self.prompts[i] for i in full], full, w)
-        for i, ids in zip(part, new, strict=False):
-          texts[i] = self.tok.decode(ids, skip_special_tokens=True).strip()
+      with self._bar(-(-len(order) // size), "generate") as generating:
+        for s in range(0, len(order), size):
+          part = order[s : s + size]
+          full = part + [part[-1]] * (size - len(part))  # one shape per prompt bucket
+          w = np.stack([weights[i] for i in full]) if weights else None
+          new = generate_fn([self.prompts[i] for i in full], full, w)
+          generating.update()
+          for i, ids in zip(part, new, strict=False):
+            texts[i] = self.tok.decode(ids, skip_special_tokens=True).strip()
     out.update(self.plan.finish(choice, texts))
     # per scored row: candidate log-likelihoods, generated text, the gate's mixture
     self.last = {"choice": choice, "texts": texts, "weights": weights}

@@ -7,10 +7,12 @@ frozen.
    another base model) and builds rows with stage 1's prompt template and max_len;
 2. takes the task's reserved rows (data/task.py), split by id hash into rows that fit the
    router and rows that score it;
-3. runs a table of methods, one loop that fits, times and scores each: the chosen router
-   (gradient descent, or CMA-ES when fewer than `router.cmaes_threshold` rows fit it, or the
-   input-conditioned gate) and, with `router.baselines`, the base, each single skill, the
-   uniform average, the other router kinds and CMA-ES on k rows for each k and seed.
+3. runs a table of methods, one loop that fits, times and scores each, under a progress bar
+   (`config.progress`; inner bars for fit steps, scoring batches and generation calls): the
+   chosen router (gradient descent, or CMA-ES when fewer than `router.cmaes_threshold` rows
+   fit it, or the input-conditioned gate) and the baselines `router.baselines` asks for
+   ("cheap": the base and the uniform average; "all": also each single skill and the other
+   router kinds) and, unless "none", CMA-ES on k rows (`cmaes.k_shots`) for each k and seed.
    Task-level mixtures are scored merged into the kernels (the zero-overhead serving path);
    fitting and the gate run unmerged in the packed layout (serving.packed_params);
 4. saves the router with Orbax and writes metrics.jsonl, router_weights.png and
@@ -120,6 +122,7 @@ class Fitted:
   weights: np.ndarray | None = None
   curve: list[float] | None = None
   state: dict = dataclasses.field(default_factory=dict)
+  scorer: Any = None  # the TaskScorer it scored with, when not the task's (in-context rows)
 
 
 def _task_level(t: Task, theta, curve, fit: router.TaskFit) -> Fitted:
@@ -130,7 +133,9 @@ def _task_level(t: Task, theta, curve, fit: router.TaskFit) -> Fitted:
 def fit_gd(t: Task) -> Fitted:
   fit = task_fit(t.config)
   batch_list = t.batches(t.fit_rows)
-  theta, curve = router.fit_task_gd(t.graphdef, t.packed_params, t.packed, t.scale, batch_list, fit)
+  theta, curve = router.fit_task_gd(
+    t.graphdef, t.packed_params, t.packed, t.scale, batch_list, fit, progress=t.config.progress
+  )
   return _task_level(t, theta, curve, fit)
 
 
@@ -139,7 +144,9 @@ def fit_cmaes(t: Task, rows=None, seed: int | None = None) -> Fitted:
   rows = t.fit_rows if rows is None else rows
   fit = task_fit(t.config, seed=seed, cmaes=True)
   one = t.batches(rows, size=len(rows))[0]
-  theta, curve = router.fit_task_cmaes(t.graphdef, t.packed_params, t.packed, t.scale, one, fit)
+  theta, curve = router.fit_task_cmaes(
+    t.graphdef, t.packed_params, t.packed, t.scale, one, fit, progress=t.config.progress
+  )
   return _task_level(t, theta, curve, fit)
 
 
@@ -156,6 +163,7 @@ def fit_gate(t: Task) -> Fitted:
     steps=g.steps,
     learning_rate=g.learning_rate,
     seed=t.config.router.seed,
+    progress=t.config.progress,
   )
   stats = evaluate.gate_stats_fn(gate, t.graphdef, t.packed_params, t.packed, t.scale)
   model = nnx.merge(t.graphdef, t.packed_params)
@@ -170,19 +178,30 @@ def fixed(w_S) -> Callable[[Task], Fitted]:
 
 
 ROUTERS = {"gd": fit_gd, "cmaes": fit_cmaes, "gate": fit_gate}
+BASELINES = ("none", "cheap", "all")
+
+
+def check_baselines(name: str) -> str:
+  if name not in BASELINES:
+    raise ValueError(f"router.baselines must be one of {BASELINES}, got {name!r}")
+  return name
 
 
 def methods(config, method: str, skills, fit_rows) -> list[tuple[str, Callable[[Task], Fitted]]]:
-  """The run's table: the chosen router first, then (with router.baselines) every baseline."""
+  """The run's table: the chosen router first, then the baselines of router.baselines (each
+  fixed mixture costs one scoring; each single skill and router kind as much as the router)."""
   table = [(method, ROUTERS[method])]
-  if not config.router.baselines:
+  kind = check_baselines(config.router.baselines)
+  if kind == "none":
     return table
   S = len(skills)
   table.append(("base", fixed(None)))
-  eye = np.eye(S, dtype=np.float32)
-  table += [(f"skill_{s}", fixed(eye[i])) for i, s in enumerate(skills)]
+  if kind == "all":
+    eye = np.eye(S, dtype=np.float32)
+    table += [(f"skill_{s}", fixed(eye[i])) for i, s in enumerate(skills)]
   table.append(("uniform", fixed(np.full(S, 1.0 / S, np.float32))))
-  table += [(kind, fit) for kind, fit in ROUTERS.items() if kind != method]
+  if kind == "all":
+    table += [(other, fit) for other, fit in ROUTERS.items() if other != method]
   for k in config.cmaes.k_shots:
     for seed in config.cmaes.seeds:
       rows = task.k_shot_rows(fit_rows, int(k), seed, config.task)  # k too large: fails now
@@ -208,7 +227,9 @@ def prepare_task(config, base, mesh) -> Task:
   fit_rows, score_rows = task.task_examples(config)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   put = lambda batch: batches.to_global(batch, mesh, per_process=False)  # noqa: E731
-  scorer = evaluate.TaskScorer(score_rows, fit_rows + score_rows, tok, config, put, dp)
+  scorer = evaluate.TaskScorer(
+    score_rows, fit_rows + score_rows, tok, config, put, dp, progress=config.progress
+  )
   return Task(
     config,
     graphdef,
@@ -232,6 +253,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   source, _ = task.parse_task(config.task)  # bad config fails before anything loads
   choose_method(config, 0)
+  check_baselines(config.router.baselines)
   metrics.check_metric(config.metric)
   if base is None:
     rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -252,18 +274,23 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   )
   results, weights, history, predictions = {}, {}, {}, []
   state = {}
-  for name, fit in table:
-    start = time.perf_counter()
-    out = fit(t)  # each method's seconds: its fit, if any, and its scoring
-    results[name] = {**out.scores, "seconds": time.perf_counter() - start}
-    log.info("stage 2: %s done in %.1f s", name, results[name]["seconds"])
-    predictions += evaluate.prediction_records(name, t.scorer, t.score_rows)
-    if out.weights is not None:
-      weights[name] = out.weights
-    if out.curve is not None:
-      history[name] = out.curve
-    if name == method:
-      state = {**out.state, "weights": np.asarray(out.weights, np.float32)}
+  bar = reporting.progress_bar(config.progress, total=len(table), desc="stage 2", unit="method")
+  with bar:
+    for name, fit in table:
+      bar.set_postfix_str(name)
+      start = time.perf_counter()
+      out = fit(t)  # each method's seconds: its fit, if any, and its scoring
+      results[name] = {**out.scores, "seconds": time.perf_counter() - start}
+      bar.clear()  # the log line goes above the bar, not into it
+      log.info("stage 2: %s done in %.1f s", name, results[name]["seconds"])
+      bar.update()
+      predictions += evaluate.prediction_records(name, t.scorer, t.score_rows)
+      if out.weights is not None:
+        weights[name] = out.weights
+      if out.curve is not None:
+        history[name] = out.curve
+      if name == method:
+        state = {**out.state, "weights": np.asarray(out.weights, np.float32)}
   meta = {
     "model": checkpoint.model_identity(base.cfg),
     "skills": list(t.skills),

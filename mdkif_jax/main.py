@@ -31,13 +31,17 @@ def _multi_process() -> bool:
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
-STAGES = {"skill": "mdkif_jax.train", "router": "mdkif_jax.fit_router"}
+STAGES = {
+  "skill": "mdkif_jax.train",
+  "router": "mdkif_jax.fit_router",
+  "eval": "mdkif_jax.evaluate_suite",
+}
 
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors the user fixes by changing input; each message says what and which flag."""
   from mdkif_jax import checkpoint, errors, train
-  from mdkif_jax.data import example, task
+  from mdkif_jax.data import example, suite, task
   from mdkif_jax.model import config, generate, loading
 
   return (
@@ -47,6 +51,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     checkpoint.DamagedCheckpointError,
     checkpoint.WorkdirBusyError,
     task.TaskError,
+    suite.SuiteError,
     train.NonFiniteError,
     config.UnsupportedModelError,
     loading.WeightLoadError,

@@ -303,6 +303,7 @@ def metric_on(name: str, out: Outcomes, idx: np.ndarray) -> float:
   micro_f1_without:<negative>, rouge1, rouge2, rougeL, entity_micro_f1."""
   idx = np.asarray(idx)
   if name in ("accuracy", "acc_norm", "macro_f1", "micro_f1") or ":" in name:
+    idx = idx[[bool(out.gold[i]) for i in idx]]  # label rows only (a mixed task has others)
     gold = _take(out.gold, idx)
     pred = _take(out.pred_norm if name == "acc_norm" else out.pred, idx)
     if name in ("accuracy", "acc_norm", "micro_f1"):  # one label per row: micro-F1 == accuracy

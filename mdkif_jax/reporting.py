@@ -1,5 +1,5 @@
 """What a run leaves for people: a JSONL metrics file, TensorBoard events, tables and plots
-(stage 1's rank allocation, stage 2's method table and router weights)."""
+(stage 1's rank allocation, stage 2's method table and router weights), and progress bars."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import pathlib
 
 import jax
 import numpy as np
+
+
+def progress_bar(enabled: bool, **kwargs):
+  """A tqdm bar, shown only when `enabled` (config.progress) and on process 0 (one bar per
+  job, not per host). A disabled bar's calls do nothing: callers need no second code path."""
+  from tqdm import tqdm
+
+  return tqdm(disable=not enabled or jax.process_index() != 0, **kwargs)
 
 
 def write_lines(path: pathlib.Path, lines: list[str]) -> None:
@@ -181,5 +189,87 @@ def plot_weights(path, skills: list[str], weights: dict[str, np.ndarray], task: 
   ax.set_ylabel("weight")
   ax.set_title(f"router weights per skill, task {task}")
   ax.legend(fontsize=7, ncol=max(1, M // 6))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ---- the evaluation stage ------------------------------------------------------------------
+def _cell(entry: dict) -> str:
+  return f"{entry['score']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
+
+
+def results_table(results: dict) -> list[str]:
+  """results.md: per track, one row per method and one column per task (the headline metric
+  with its 95% interval; the best per task in bold), the paired difference to the base, and
+  the mean relative gain over the base."""
+  lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
+  tracks = sorted({t["track"] for t in results["tasks"].values()})
+  for track in tracks:
+    tasks = [n for n, t in results["tasks"].items() if t["track"] == track]
+    methods = list(results["tasks"][tasks[0]]["methods"])
+    head = " | ".join(
+      f"{n} ({results['tasks'][n]['metric']}, n={results['tasks'][n]['n_scored']})" for n in tasks
+    )
+    lines += [f"## {track}", "", f"| method | {head} | mean relative gain vs base |"]
+    lines.append("|---" * (len(tasks) + 2) + "|")
+    best = {
+      n: max(results["tasks"][n]["methods"].values(), key=lambda e: e["score"])["score"]
+      for n in tasks
+    }
+    for m in methods:
+      cells = []
+      for n in tasks:
+        e = results["tasks"][n]["methods"].get(m)
+        if e is None:
+          cells.append("-")
+          continue
+        text = _cell(e)
+        if e["score"] == best[n]:
+          text = f"**{text}**"
+        d = e.get("delta_vs_base")
+        if d and m != "base":
+          text += f"<br>Δ {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+        cells.append(text)
+      g = results["tracks"].get(track, {}).get(m)
+      gain = (
+        "-"
+        if g is None or m == "base"
+        else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
+      )
+      lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} |")
+    lines.append("")
+  lines.append("Intervals: 95% bootstrap over scored rows; Δ: the paired difference to the base.")
+  return lines
+
+
+def plot_results(path, results: dict) -> None:
+  """One panel per track: per task, a bar per method with its 95% interval."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tracks = sorted({t["track"] for t in results["tasks"].values()})
+  fig, axes = plt.subplots(
+    len(tracks), 1, figsize=(10, 3.5 * len(tracks)), squeeze=False, constrained_layout=True
+  )
+  for ax, track in zip(axes[:, 0], tracks, strict=True):
+    tasks = [n for n, t in results["tasks"].items() if t["track"] == track]
+    methods = list(results["tasks"][tasks[0]]["methods"])
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+      es = [results["tasks"][n]["methods"].get(m) for n in tasks]
+      x = np.arange(len(tasks)) + (j - (len(methods) - 1) / 2) * width
+      y = [e["score"] if e else np.nan for e in es]
+      err = np.asarray(
+        [[e["score"] - e["ci"][0], e["ci"][1] - e["score"]] if e else [0, 0] for e in es]
+      ).T
+      ax.bar(x, y, width, yerr=err, capsize=2, label=m)
+    ax.set_xticks(
+      range(len(tasks)), [f"{n}\n({results['tasks'][n]['metric']})" for n in tasks], fontsize=8
+    )
+    ax.set_title(track)
+    ax.set_ylabel("score")
+    ax.legend(fontsize=7, ncol=max(1, len(methods) // 5))
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mdkif_jax import reporting
 from mdkif_jax.peft import serving
 from mdkif_jax.peft.adapters import AdapterCtx
 
@@ -126,13 +127,22 @@ def mixture_stats(graphdef, frozen, stacked, scale, batch, weights_BS=None):
   return answer_stats(model, h, batch)
 
 
-def descend(step, params, opt_state, batches, steps: int):
+def descend(step, params, opt_state, batches, steps: int, progress: bool = False, desc="fit"):
   """`steps` calls of step(params, opt_state, batch) -> (params, opt_state, nll), cycling
-  through `batches`; (params, [nll per step]) with one device read at the end."""
+  through `batches`; (params, [nll per step]) with one device read at the end.
+
+  progress: a bar over the steps (process 0 only), showing the last loss. Dispatch is async,
+  so the bar waits for each step (else it would finish at once and the ETA would mean
+  nothing); the steps and their results are the same."""
   history = []
-  for i in range(steps):
-    params, opt_state, nll = step(params, opt_state, batches[i % len(batches)])
-    history.append(nll)
+  bar = reporting.progress_bar(progress, total=steps, desc=desc, unit="step", leave=False)
+  with bar:
+    for i in range(steps):
+      params, opt_state, nll = step(params, opt_state, batches[i % len(batches)])
+      history.append(nll)
+      if not bar.disable:
+        bar.set_postfix(loss=f"{float(nll):.4f}", refresh=False)
+        bar.update()
   return params, [float(x) for x in jax.device_get(history)]
 
 
@@ -173,11 +183,13 @@ def _gd_step(theta, opt_state, frozen, stacked, batch, *, graphdef, scale, fit: 
   return optax.apply_updates(theta, updates), opt_state, nll
 
 
-def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=None):
+def fit_task_gd(
+  graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=None, progress: bool = False
+):
   """Task-level weights by Adam on the regularised answer NLL; (theta, [nll per step]).
 
   batches: a list of prepared batches, cycled (a downstream task is small; pass one batch for
-  full-batch descent).
+  full-batch descent). progress: a bar over the steps (`descend`).
   """
   S = serving.num_skills(stacked)
   theta = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
@@ -188,16 +200,29 @@ def fit_task_gd(graphdef, frozen, stacked, scale, batches, fit: TaskFit, theta0=
     kw = dict(graphdef=graphdef, scale=scale, fit=fit)
     return _gd_step(theta, opt_state, frozen, stacked, batch, **kw)
 
-  return descend(step, theta, opt_state, batches, fit.steps)
+  return descend(step, theta, opt_state, batches, fit.steps, progress, desc="gd")
+
+
+def _cma_es(fit: TaskFit, num_skills: int):
+  from evosax.algorithms import CMA_ES
+
+  es = CMA_ES(population_size=fit.population, solution=jnp.zeros((num_skills,), F32))
+  return es, es.default_params.replace(std_init=jnp.asarray(fit.sigma0, F32))
+
+
+@functools.partial(jax.jit, static_argnames=("fit",))
+def _cmaes_init(key, mean0, *, fit: TaskFit):
+  """evosax's initial state around mean0 and one key per generation."""
+  es, params = _cma_es(fit, mean0.shape[0])
+  k_init, k_run = jax.random.split(key)
+  return es.init(k_init, mean0, params), jax.random.split(k_run, fit.generations)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "scale", "fit"))
-def _cmaes_run(key, mean0, frozen, stacked, batch, *, graphdef, scale, fit: TaskFit):
-  from evosax.algorithms import CMA_ES
-
+def _cmaes_generations(state, keys_G, frozen, stacked, batch, *, graphdef, scale, fit: TaskFit):
+  """One generation per key, as a `lax.scan`: (state after them, best fitness after each)."""
   frozen, stacked = jax.lax.stop_gradient((frozen, stacked))
-  es = CMA_ES(population_size=fit.population, solution=jnp.zeros_like(mean0))
-  params = es.default_params.replace(std_init=jnp.asarray(fit.sigma0, F32))
+  es, params = _cma_es(fit, state.mean.shape[0])
   lo, hi = fit.bounds
 
   def fitness(theta):
@@ -211,33 +236,43 @@ def _cmaes_run(key, mean0, frozen, stacked, batch, *, graphdef, scale, fit: Task
     state, _ = es.tell(k_tell, pop, values, state, params)
     return state, state.best_fitness
 
-  k_init, k_run = jax.random.split(key)
-  state = es.init(k_init, mean0, params)
-  state, best = jax.lax.scan(generation, state, jax.random.split(k_run, fit.generations))
-  return state.best_solution, best
+  return jax.lax.scan(generation, state, keys_G)
 
 
-def fit_task_cmaes(graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0=None):
+def fit_task_cmaes(
+  graphdef, frozen, stacked, scale, batch, fit: TaskFit, theta0=None, progress: bool = False
+):
   """Task-level weights by CMA-ES (evosax) on one (k-shot) batch; (theta, [best per generation]).
 
   Every generation's population is scored by one vmapped loss and all generations run in one
-  jitted `lax.scan`: no Python loop per candidate or per generation. Candidates are clipped to
-  `fit.bounds` (LoraHub's box) and the best one seen is returned.
+  jitted `lax.scan`: no Python loop per candidate or per generation. With `progress`, the scan
+  runs one generation per call instead, carrying evosax's state from call to call, so a bar
+  can show each generation; the keys and states are the same, so is theta (bit for bit).
+  Candidates are clipped to `fit.bounds` (LoraHub's box) and the best one seen is returned.
   """
   S = serving.num_skills(stacked)
   mean0 = init_theta(S, fit.parametrisation) if theta0 is None else jnp.asarray(theta0, F32)
   key = jax.random.key(fit.seed)
-  theta, best = _cmaes_run(
-    key,
-    mean0,
-    frozen,
-    stacked,
-    batch,
-    graphdef=graphdef,
-    scale=scale,
-    fit=dataclasses.replace(fit, seed=0),
+  fit = dataclasses.replace(fit, seed=0)  # the seed is in the key: one compile for all seeds
+  state, keys = _cmaes_init(key, mean0, fit=fit)
+  kw = dict(graphdef=graphdef, scale=scale, fit=fit)
+  bar = reporting.progress_bar(
+    progress, total=fit.generations, desc="cmaes", unit="gen", leave=False
   )
-  return theta, [float(x) for x in np.asarray(best)]
+  # by the flag, not by whether this process draws the bar: every process runs the same calls
+  chunk = 1 if progress else max(fit.generations, 1)
+  best = []
+  with bar:
+    for g in range(0, fit.generations, chunk):
+      # The state (a few S-sized arrays) crosses through the host: every call then sees the
+      # same argument types and placement, so the generations compile once, not twice.
+      state = jax.device_get(state)
+      state, best_G = _cmaes_generations(state, keys[g : g + chunk], frozen, stacked, batch, **kw)
+      best.append(np.asarray(best_G))
+      if not bar.disable:
+        bar.set_postfix(best=f"{float(best[-1][-1]):.4f}", refresh=False)
+        bar.update(len(best[-1]))
+  return state.best_solution, [float(x) for b in best for x in b]
 
 
 # ---- the input-conditioned gate --------------------------------------------------------------
@@ -304,8 +339,10 @@ def fit_gate(
   steps=100,
   learning_rate=1e-3,
   seed=0,
+  progress: bool = False,
 ) -> tuple[Gate, list[float]]:
-  """Train a `Gate` (only its parameters) on the answer NLL; (gate module, [nll per step])."""
+  """Train a `Gate` (only its parameters) on the answer NLL; (gate module, [nll per step]).
+  progress: a bar over the steps (`descend`)."""
   S = serving.num_skills(stacked)
   D = nnx.merge(graphdef, frozen).cfg.hidden_size
   gate_def, params = nnx.split(Gate(D, S, hidden, top_k, rngs=nnx.Rngs(seed)))
@@ -315,7 +352,7 @@ def fit_gate(
     kw = dict(gate_def=gate_def, graphdef=graphdef, scale=scale, learning_rate=learning_rate)
     return _gate_step(params, opt_state, frozen, stacked, batch, **kw)
 
-  params, history = descend(step, params, opt_state, batches, steps)
+  params, history = descend(step, params, opt_state, batches, steps, progress, desc="gate")
   return nnx.merge(gate_def, params), history
 
 

@@ -68,3 +68,10 @@ def test_acc_norm_divides_the_log_likelihood_by_the_candidate_length():
   assert out.pred == ("supported",) and out.pred_norm == ("not enough information",)
   assert metrics.metric_on("accuracy", out, [0]) == 0.0
   assert metrics.metric_on("acc_norm", out, [0]) == 1.0
+
+
+def test_label_metrics_count_only_the_label_rows_of_a_mixed_task():
+  # rows 0-1 are label rows, row 2 a generated one (gold ""): accuracy is over rows 0-1
+  out = _outcomes(["yes", "no", ""], ["yes", "yes", ""])
+  assert metrics.metric_on("accuracy", out, np.arange(3)) == 0.5
+  assert metrics.metric_on("accuracy", out, np.asarray([2, 2, 0])) == 1.0

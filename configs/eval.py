@@ -1,0 +1,100 @@
+"""The evaluation stage: a suite of downstream tasks x methods -> one table with intervals.
+
+Default (the demo corpus's reserved rows as one task, right after README's first command):
+
+  python -m mdkif_jax.main --config=configs/eval.py --config.skills_from=runs/skill \
+    --workdir=runs/eval
+
+Presets after a colon, comma-separated, then `key=value` overrides:
+
+  --config=configs/eval.py:paper      # the paper's 9 tasks on ../shared/data, every method
+  --config=configs/eval.py:tiny       # random tiny model (tests, smoke runs)
+
+A task of your own: --config.tasks="('mytask=/path/rows.jsonl',)" (our Example JSONL, or MCQA
+in the MedQA or MedMCQA layout). The fitting methods read the router, cmaes and gate sections
+(configs/router.py); the task-specific AdaLoRA reads adalora and optimizer.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common, router, skill
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = router.get_config()  # model, mesh, data, gen, router, cmaes, gate: as stage 2
+  c.stage = "eval"  # which stage main.py runs: "skill" | "router" | "eval" (this file)
+  # The tasks (data/suite.py): registered names, or name=path.jsonl for a file of your own.
+  c.tasks = ("demo",)
+  # The methods, rows of the table: base, base_k<k> (k in-context examples from the fit
+  # part), uniform, best_single (chosen on the fit part), gd, cmaes, cmaes_k<k> (k fit rows,
+  # one cell per cmaes.seeds), gate, adalora_task (an AdaLoRA adapter trained on the fit part
+  # with the GD router's budget of forward/backward passes).
+  c.methods = ("base", "uniform", "gd")
+  c.fit_fraction = 0.3  # share of a task's rows (by id hash) that may be fitted on
+  c.max_fit_rows = 0  # at most this many fit rows per task (0 = all)
+  c.max_scored_rows = 0  # at most this many scored rows per task (0 = all)
+  c.bootstrap = ml_collections.ConfigDict()
+  c.bootstrap.resamples = 1000  # bootstrap resamples of the scored rows per task
+  c.bootstrap.seed = 0  # seed of the resamples (the same for every method: paired)
+  c.adalora = common.adalora_config()  # the task-specific AdaLoRA adapter (adalora_task)
+  c.optimizer = common.optimizer_config()  # its optimizer
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0  # seed of the task-specific adapter's init
+  c.train.loss_chunk = 256  # answer positions per chunk of its fused loss (as stage 1)
+  c.train.progress = False  # no stage-1 progress bar inside a cell
+  c.router.baselines = "none"  # stage 2's own baselines are the methods above, not extra cells
+  return common.apply_presets(c, arg, PRESETS, "configs/eval.py")
+
+
+def _tiny(c):
+  router.PRESETS["tiny"](c)
+  c_skill = skill.get_config("tiny")
+  c.adalora = c_skill.adalora
+  c.methods = (
+    "base",
+    "base_k2",
+    "uniform",
+    "best_single",
+    "gd",
+    "cmaes_k4",
+    "gate",
+    "adalora_task",
+  )
+  c.cmaes.seeds = (0, 1)
+  c.bootstrap.resamples = 200
+  c.progress = False
+
+
+def _paper(c):
+  c.data.data_dir = "../shared/data"
+  c.data.sources = "pubmedqa,medmcqa,bc5cdr_disease,chemprot,meqsum"
+  c.tasks = (
+    "pubmedqa",
+    "medmcqa",
+    "bc5cdr_disease",
+    "chemprot",
+    "meqsum",
+    "healthfc",
+    "negex",
+    "mts_dialog",
+    "ddi",
+  )
+  c.methods = (
+    "base",
+    "base_k5",
+    "uniform",
+    "best_single",
+    "gd",
+    "cmaes_k5",
+    "cmaes_k20",
+    "gate",
+    "adalora_task",
+  )
+  c.max_fit_rows = 200  # the GD router's and the task adapter's fit rows (the issue's cap)
+  c.max_scored_rows = 300  # >= 200 scored rows where a task has them
+  c.data.buckets = (128, 256, 512)
+
+
+PRESETS = {"tiny": _tiny, "paper": _paper}

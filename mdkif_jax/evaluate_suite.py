@@ -1,0 +1,365 @@
+"""The evaluation stage: a suite of downstream tasks x a set of methods -> one table with
+bootstrap intervals, against the base LLM and the alternatives a user has.
+
+`train_and_evaluate(config, workdir)` (main.py, `config.stage == "eval"`):
+1. loads the frozen base and the stage-1 skills once (checkpoint.load_skills; rows are built
+   with stage 1's template and max_len), in the merged and packed serving layouts;
+2. for each task of `config.tasks` (data/suite.py): its rows, split into a fit part and a
+   scored part by a hash of (task, row id); nothing is ever fitted or selected on scored rows;
+3. for each method of `config.methods` (`METHODS`): fits it on the fit part, if it fits
+   anything, scores the scored part and writes one cell `cells/<task>/<method>.json`
+   atomically (scores, per-row outcomes, predictions, seconds). A rerun of a killed
+   evaluation skips every finished cell;
+4. assembles the cells: per (task, method) the headline metric with its 95% bootstrap
+   interval over scored rows and the paired difference to the base; per track the mean
+   relative gain over the base (stats.py). Writes results.json, results.md, results.png and
+   predictions.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mdkif_jax import checkpoint, evaluate, fit_router, metrics, reporting, sharding, stats
+from mdkif_jax.data import batches, suite, task
+from mdkif_jax.data.example import LoadReport
+from mdkif_jax.errors import ConfigError
+from mdkif_jax.model import loading, tokenizer
+from mdkif_jax.model.config import numerics_from
+from mdkif_jax.peft import serving
+
+log = logging.getLogger(__name__)
+
+
+# ---- methods -------------------------------------------------------------------------------
+def base_in_context(k: int) -> Callable:
+  """The base with k in-context examples from the fit part: their query and answer, after the
+  row's own context, so a row too long for max_len loses examples before its own context
+  (template.truncate "end"; the query and answer are never cut)."""
+
+  def run(t: fit_router.Task) -> fit_router.Fitted:
+    demos = task.k_shot_rows(t.fit_rows, k, seed=0, task=t.config.task)
+    shots = "\n\n".join(f"Question: {d.query}\nAnswer: {d.answer}" for d in demos)
+    rows = [
+      dataclasses.replace(ex, context=f"{ex.context}\n\nExamples:\n{shots}".strip())
+      for ex in t.score_rows
+    ]
+    scorer = make_scorer(t, rows)
+    stats_fn = lambda batch: evaluate.merged_stats(t.frozen, batch, graphdef=t.graphdef)  # noqa: E731
+    model = nnx.merge(t.graphdef, t.frozen)
+    scores = scorer(stats_fn, evaluate.generator(t.tok, t.config, model))
+    return fit_router.Fitted(scores, scorer=scorer)
+
+  return run
+
+
+def best_single(t: fit_router.Task) -> fit_router.Fitted:
+  """The single skill with the lowest answer loss on the fit part, scored."""
+  S = len(t.skills)
+  fit_batches = t.batches(t.fit_rows)
+  losses = []
+  for s in range(S):
+    params = serving.merged_params(t.frozen, t.served, np.eye(S, dtype=np.float32)[s], t.scale)
+    st = [evaluate.merged_stats(params, b, graphdef=t.graphdef) for b in fit_batches]
+    st = jax.device_get(st)
+    losses.append(evaluate.summarize(st)["loss"])
+  best = int(np.argmin(losses))
+  w = np.eye(S, dtype=np.float32)[best]
+  out = fit_router.Fitted(t.score_merged(w), w)
+  out.state["chosen"] = t.skills[best]
+  return out
+
+
+def adalora_task(t: fit_router.Task) -> fit_router.Fitted:
+  """A task-specific AdaLoRA adapter trained on the fit part with the budget of the GD
+  router: router.steps forward/backward passes of router.batch_size rows (what a PEFT user
+  would do instead of routing), merged into the kernels and scored."""
+  from mdkif_jax import task_adapter
+
+  return task_adapter.train_and_score(t)
+
+
+def cmaes_k(k: int, seed: int) -> Callable:
+  def run(t):
+    rows = task.k_shot_rows(t.fit_rows, k, seed, t.config.task)
+    return fit_router.fit_cmaes(t, rows, seed)
+
+  return run
+
+
+def method_table(names) -> dict[str, Callable]:
+  """Method name -> run(Task). `base_k<k>`: in-context; `cmaes_k<k>`: CMA-ES on k fit rows,
+  one cell per seed of cmaes.seeds (named `cmaes_k<k>_s<seed>`)."""
+  out = {}
+  fixed = {
+    "base": fit_router.fixed(None),
+    "best_single": best_single,
+    "gd": fit_router.fit_gd,
+    "cmaes": fit_router.fit_cmaes,
+    "gate": fit_router.fit_gate,
+    "adalora_task": adalora_task,
+  }
+  for name in names:
+    if name in fixed:
+      out[name] = fixed[name]
+    elif name == "uniform":
+      out[name] = "uniform"  # needs S: resolved per task
+    elif name.startswith("base_k") and name[6:].isdigit():
+      out[name] = base_in_context(int(name[6:]))
+    elif name.startswith("cmaes_k") and name[7:].isdigit():
+      out[name] = ("cmaes_k", int(name[7:]))
+    else:
+      raise ConfigError(
+        f"unknown method {name!r} in --config.methods: use base, base_k<k>, uniform, "
+        "best_single, gd, cmaes, cmaes_k<k>, gate, adalora_task"
+      )
+  return out
+
+
+def cells_of(table: dict, seeds) -> list[tuple[str, str, Callable | None]]:
+  """(cell name, method name, run) for every cell a task has."""
+  out = []
+  for name, run in table.items():
+    if isinstance(run, tuple):
+      out += [(f"{name}_s{s}", name, cmaes_k(run[1], int(s))) for s in seeds]
+    else:
+      out.append((name, name, run))
+  return out
+
+
+# ---- the stage ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Shared:
+  """What every task of a run shares: the base, the skills in both layouts, the tokenizer."""
+
+  config: object
+  graphdef: object
+  frozen: object
+  served: dict
+  packed_params: object
+  packed: dict
+  scale: float
+  skills: tuple[str, ...]
+  tok: object
+  mesh: object
+
+
+def load_shared(config, base, mesh) -> Shared:
+  graphdef, frozen = nnx.split(base)
+  skills = checkpoint.load_skills(config, base.cfg, mesh)
+  config = fit_router.with_stage1_prompting(config, skills.serving)
+  served = serving.serving_stack(skills.stacked)
+  packed_params, packed = serving.packed_params(frozen, served)
+  tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))
+  return Shared(
+    config, graphdef, frozen, served, packed_params, packed, skills.scale, skills.names, tok, mesh
+  )
+
+
+def make_scorer(t, rows) -> evaluate.TaskScorer:
+  dp = t.mesh.shape["data"] * t.mesh.shape["fsdp"]
+  put = lambda batch: batches.to_global(batch, t.mesh, per_process=False)  # noqa: E731
+  return evaluate.TaskScorer(rows, t.fit_rows + list(rows), t.tok, t.config, put, dp)
+
+
+def build_task(sh: Shared, spec: suite.TaskSpec, fit_rows, score_rows) -> fit_router.Task:
+  config = sh.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.task = spec.name
+  t = fit_router.Task(
+    config, sh.graphdef, sh.frozen, sh.served, sh.packed_params, sh.packed, sh.scale, sh.skills,
+    sh.tok, sh.mesh, fit_rows, score_rows, None,
+  )  # fmt: skip
+  t.scorer = make_scorer(t, score_rows)
+  return t
+
+
+def load_rows(config, specs, report: LoadReport) -> dict[str, tuple[list, list]]:
+  """(fit rows, scored rows) per task. The split registry's sources load once, together."""
+  out = {}
+  for spec in specs:
+    rows = suite.task_rows(spec, config.data, report)
+    fit, scored = suite.split_rows(
+      spec, rows, config.fit_fraction, config.max_fit_rows, config.max_scored_rows
+    )
+    if not fit or not scored:
+      raise suite.SuiteError(
+        f"task {spec.name!r}: {len(rows)} rows give {len(fit)} fit and {len(scored)} scored "
+        "rows (check --config.data.data_dir and --config.fit_fraction)"
+      )
+    out[spec.name] = (fit, scored)
+  return out
+
+
+def run_cell(t, run) -> dict:
+  start = time.perf_counter()
+  out = run(t)
+  seconds = time.perf_counter() - start
+  scorer = out.scorer or t.scorer
+  oc = metrics.outcomes(scorer.plan, scorer.last["choice"], scorer.last["texts"])
+  return {
+    "scores": out.scores,
+    "seconds": seconds,
+    "weights": None if out.weights is None else np.asarray(out.weights).tolist(),
+    "chosen": out.state.get("chosen"),
+    "outcomes": {
+      "gold": list(oc.gold),
+      "pred": list(oc.pred),
+      "pred_norm": list(oc.pred_norm),
+      "rouge": np.nan_to_num(oc.rouge, nan=-1.0).tolist(),
+      "counts": oc.counts.tolist(),
+    },
+    "predictions": evaluate.prediction_records("", scorer, t.score_rows),
+  }
+
+
+def read_outcomes(cell: dict) -> metrics.Outcomes:
+  o = cell["outcomes"]
+  rouge = np.asarray(o["rouge"], np.float64).reshape(-1, 3)
+  rouge[rouge < 0] = np.nan
+  counts = np.asarray(o["counts"], np.float64).reshape(-1, 3)
+  return metrics.Outcomes(tuple(o["gold"]), tuple(o["pred"]), tuple(o["pred_norm"]), rouge, counts)
+
+
+def write_json(path: pathlib.Path, obj) -> None:
+  """Through a temporary file: a killed run leaves the old file or the new one."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, ensure_ascii=False))
+  tmp.replace(path)
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
+  """Evaluation stage entry point (see the module docstring); returns results.json's dict."""
+  workdir = pathlib.Path(workdir)
+  specs = [suite.resolve(e) for e in config.tasks]  # bad names fail before anything loads
+  table = method_table(config.methods)
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  if base is None:
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    base = loading.load_model(
+      config.model.source,
+      numerics=numerics_from(config),
+      mesh=mesh,
+      rules=rules,
+      seed=config.model.seed,
+    )
+  sh = load_shared(config, base, mesh)
+  report = LoadReport()
+  rows = load_rows(sh.config, specs, report)
+  cells = cells_of(table, sh.config.cmaes.seeds)
+  todo = [
+    (spec, cell, run)
+    for spec in specs
+    for cell, _, run in cells
+    if not (workdir / "cells" / spec.name / f"{cell}.json").exists()
+  ]
+  total = len(specs) * len(cells)
+  bar = reporting.progress_bar(
+    config.progress, total=total, initial=total - len(todo), desc="eval", unit="cell"
+  )
+  built: dict[str, fit_router.Task] = {}
+  with bar:
+    for spec, cell, run in todo:
+      bar.set_postfix_str(f"{spec.name}/{cell}")
+      if spec.name not in built:
+        built.clear()  # one task's rows and scorer at a time
+        built[spec.name] = build_task(sh, spec, *rows[spec.name])
+      t = built[spec.name]
+      if run == "uniform":
+        S = len(sh.skills)
+        run = fit_router.fixed(np.full(S, 1.0 / S, np.float32))
+      write_json(workdir / "cells" / spec.name / f"{cell}.json", run_cell(t, run))
+      bar.update()
+  results = assemble(config, sh, specs, cells, rows, workdir)
+  write_outputs(workdir, results, specs, cells)
+  return results
+
+
+# ---- assembling the table ---------------------------------------------------------------------
+def _estimate(spec, out: metrics.Outcomes, idx: np.ndarray, name: str) -> stats.Estimate:
+  return stats.bootstrap(lambda i: metrics.metric_on(name, out, i), out.n, idx)
+
+
+def assemble(config, sh: Shared, specs, cells, rows, workdir: pathlib.Path) -> dict:
+  """results.json's dict from the cells on disk (see the issue's schema)."""
+  res = {"model": config.model.source, "skills": list(sh.skills), "tasks": {}, "tracks": {}}
+  est_by_track: dict[str, dict[str, list]] = {}
+  for spec in specs:
+    fit, scored = rows[spec.name]
+    headline = spec.metrics[0]
+    idx = stats.resample_indices(len(scored), config.bootstrap.resamples, config.bootstrap.seed)
+    per_method: dict[str, list] = {}
+    loaded = {}
+    for cell, method, _ in cells:
+      data = json.loads((workdir / "cells" / spec.name / f"{cell}.json").read_text())
+      loaded[cell] = data
+      per_method.setdefault(method, []).append((cell, data))
+    methods_out, estimates = {}, {}
+    for method, entries in per_method.items():
+      outs = [read_outcomes(d) for _, d in entries]
+      ests = [_estimate(spec, o, idx, headline) for o in outs]
+      boot = np.mean([e.boot for e in ests], axis=0)
+      score = float(np.mean([e.score for e in ests]))
+      est = stats.Estimate(score, stats.interval(boot), len(scored), boot)
+      estimates[method] = est
+      entry = {
+        "score": score,
+        "ci": list(est.ci),
+        "n": len(scored),
+        "seconds": float(sum(d["seconds"] for _, d in entries)),
+        "metrics": {
+          m: float(np.mean([metrics.metric_on(m, o, np.arange(o.n)) for o in outs]))
+          for m in spec.metrics
+        },
+      }
+      if len(entries) > 1:  # several seeds: their spread
+        entry["seeds"] = {c: e.score for (c, _), e in zip(entries, ests, strict=True)}
+      if entries[0][1].get("chosen"):
+        entry["chosen"] = entries[0][1]["chosen"]
+      methods_out[method] = entry
+    if "base" in estimates:
+      for method, est in estimates.items():
+        methods_out[method]["delta_vs_base"] = stats.paired_difference(est, estimates["base"])
+    res["tasks"][spec.name] = {
+      "track": spec.track,
+      "metric": headline,
+      "n_fit": len(fit),
+      "n_scored": len(scored),
+      "methods": methods_out,
+    }
+    track = est_by_track.setdefault(spec.track, {})
+    for method, est in estimates.items():
+      track.setdefault(method, []).append((est, estimates.get("base")))
+  for track, by_method in est_by_track.items():
+    res["tracks"][track] = {}
+    for method, pairs in by_method.items():
+      if all(b is not None for _, b in pairs):
+        res["tracks"][track][method] = stats.relative_gain(
+          [m for m, _ in pairs], [b for _, b in pairs]
+        )
+  return res
+
+
+def write_outputs(workdir: pathlib.Path, results: dict, specs, cells) -> None:
+  if jax.process_index() != 0:
+    return
+  write_json(workdir / "results.json", results)
+  reporting.write_lines(workdir / "results.md", reporting.results_table(results))
+  preds = []
+  for spec in specs:
+    for cell, _, _ in cells:
+      data = json.loads((workdir / "cells" / spec.name / f"{cell}.json").read_text())
+      preds += [{**p, "method": cell, "task": spec.name} for p in data["predictions"]]
+  reporting.write_jsonl(workdir / "predictions.jsonl", preds)
+  reporting.plot_results(workdir / "results.png", results)
+  print("\n".join(reporting.results_table(results)))

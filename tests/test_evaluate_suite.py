@@ -1,0 +1,119 @@
+"""The evaluation stage end to end on the tiny model: two tasks (the demo corpus's label and
+generated rows, and a user's MCQA file with bad lines) x every method -> results.json with
+intervals and paired differences, results.md, results.png, predictions.jsonl; a rerun skips
+finished cells; scored rows are never fitted on."""
+
+import json
+
+import pytest
+
+from configs import eval as eval_config
+from mdkif_jax import evaluate_suite
+from mdkif_jax.data import suite
+from mdkif_jax.data.example import LoadReport
+from mdkif_jax.model import loading
+from tests.test_router_run import write_skills
+
+pytestmark = pytest.mark.slow
+
+
+def mcqa_file(path):
+  """A MedQA-layout and a MedMCQA-layout row of each of 12 questions, plus 3 bad lines."""
+  lines = []
+  for i in range(12):
+    opts = {"A": f"alpha {i}", "B": f"beta {i}", "C": f"gamma {i}", "D": f"delta {i}"}
+    lines.append(
+      json.dumps({"question": f"Which {i}?", "options": opts, "answer_idx": "ABCD"[i % 4]})
+    )
+    row = {
+      "question": f"What {i}?",
+      "opa": "a",
+      "opb": "b",
+      "opc": "c",
+      "opd": "d",
+      "cop": 1 + i % 4,
+    }
+    lines.append(json.dumps(row))
+  lines.insert(3, '{"question": "cut off",')  # truncated JSON
+  lines.insert(7, json.dumps({"question": "q", "options": {"A": "x"}, "answer_idx": "E"}))
+  lines.insert(11, json.dumps([1, 2, 3]))  # not an object
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def test_bad_lines_of_a_task_file_are_counted_with_file_and_line(tmp_path):
+  path = mcqa_file(tmp_path / "mine.jsonl")
+  report = LoadReport()
+  rows = suite.read_task_file(path, report)
+  assert len(rows) == 24 and report.skipped[str(path)] == 3
+  assert {r.answer for r in rows} == set("ABCD")
+  assert rows[0].query.splitlines()[1:] == ["A. alpha 0", "B. beta 0", "C. gamma 0", "D. delta 0"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval")
+  write_skills(root / "skills", "tiny_smollm_vocab")
+  c = eval_config.get_config("tiny")
+  c.skills_from = str(root / "skills")
+  c.mesh.shape = (1, 1, 1)
+  c.tasks = ("demo", f"mine={mcqa_file(root / 'mine.jsonl')}")
+  c.max_fit_rows, c.max_scored_rows, c.fit_fraction = 12, 10, 0.5
+  base = loading.load_model("tiny_smollm_vocab")
+  results = evaluate_suite.train_and_evaluate(c, root / "run", base=base)
+  return c, base, root, results
+
+
+def test_every_task_and_method_has_a_score_an_interval_and_a_paired_difference(evaluated):
+  c, _, root, results = evaluated
+  want = {"base", "base_k2", "uniform", "best_single", "gd", "cmaes_k4", "gate", "adalora_task"}
+  assert set(results["tasks"]) == {"demo", "mine"}
+  for name, t in results["tasks"].items():
+    assert set(t["methods"]) == want, name
+    assert t["n_scored"] == 10 and 4 <= t["n_fit"] <= 12
+    for m, e in t["methods"].items():
+      assert e["ci"][0] <= e["score"] <= e["ci"][1], (name, m, e)
+      assert e["n"] == 10 and e["seconds"] > 0
+      d = e["delta_vs_base"]
+      assert d["ci"][0] <= d["mean"] <= d["ci"][1] and 0 <= d["p_le_0"] <= 1
+    assert t["methods"]["base"]["delta_vs_base"]["mean"] == 0
+    assert set(t["methods"]["cmaes_k4"]["seeds"]) == {"cmaes_k4_s0", "cmaes_k4_s1"}
+    assert t["methods"]["best_single"]["chosen"] in ("qa", "ner")
+  assert results["tasks"]["mine"]["track"] == "custom"
+  assert "gd" in results["tracks"]["custom"]
+  on_disk = json.loads((root / "run" / "results.json").read_text())
+  assert (
+    on_disk["tasks"]["mine"]["methods"]["gd"]["score"]
+    == results["tasks"]["mine"]["methods"]["gd"]["score"]
+  )
+  table = (root / "run" / "results.md").read_text()
+  assert "adalora_task" in table and "**" in table and "Δ" in table
+  assert (root / "run" / "results.png").stat().st_size > 0
+  preds = [json.loads(x) for x in (root / "run" / "predictions.jsonl").read_text().splitlines()]
+  assert {p["method"] for p in preds} >= {"base", "cmaes_k4_s1"} and {p["task"] for p in preds} == {
+    "demo",
+    "mine",
+  }
+
+
+def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
+  c, base, root, results = evaluated
+  cells = root / "run" / "cells"
+  kept = {p: p.stat().st_mtime_ns for p in cells.rglob("*.json")}
+  (cells / "mine" / "gd.json").unlink()
+  again = evaluate_suite.train_and_evaluate(c, root / "run", base=base)
+  for p, t in kept.items():
+    if p.name != "gd.json" or p.parent.name != "mine":
+      assert p.stat().st_mtime_ns == t, p  # never recomputed
+  assert (cells / "mine" / "gd.json").exists()
+  assert again["tasks"]["demo"] == results["tasks"]["demo"]
+
+
+def test_scored_rows_are_never_fit_rows_or_in_context_examples(evaluated):
+  c, _, root, _ = evaluated
+  rows = evaluate_suite.load_rows(c, [suite.resolve(e) for e in c.tasks], LoadReport())
+  for name, (fit, scored) in rows.items():
+    assert not {r.id for r in fit} & {r.id for r in scored}, name
+  # the in-context examples of base_k2 come from the fit rows
+  preds = json.loads((root / "run" / "cells" / "mine" / "base_k2.json").read_text())["predictions"]
+  assert len(preds) == 10
