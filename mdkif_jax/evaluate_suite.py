@@ -176,9 +176,20 @@ def build_task(sh: Shared, spec: suite.TaskSpec, fit_rows, score_rows) -> fit_ro
   with config.unlocked():
     config.task = spec.name
   t = fit_router.Task(
-    config, sh.graphdef, sh.frozen, sh.served, sh.packed_params, sh.packed, sh.scale, sh.skills,
-    sh.tok, sh.mesh, fit_rows, score_rows, None,
-  )  # fmt: skip
+    config=config,
+    graphdef=sh.graphdef,
+    frozen=sh.frozen,
+    served=sh.served,
+    packed_params=sh.packed_params,
+    packed=sh.packed,
+    scale=sh.scale,
+    skills=sh.skills,
+    tok=sh.tok,
+    mesh=sh.mesh,
+    fit_rows=fit_rows,
+    score_rows=score_rows,
+    scorer=None,
+  )
   t.scorer = make_scorer(t, score_rows)
   return t
 

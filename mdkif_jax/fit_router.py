@@ -34,6 +34,7 @@ from flax import nnx
 
 from mdkif_jax import checkpoint, evaluate, metrics, reporting, router, sharding
 from mdkif_jax.data import batches, task
+from mdkif_jax.errors import ConfigError
 from mdkif_jax.model import loading, tokenizer
 from mdkif_jax.model.config import numerics_from
 from mdkif_jax.peft import serving
@@ -62,7 +63,7 @@ def choose_method(config, n_fit: int) -> str:
   if m == "auto":
     return "cmaes" if n_fit < config.router.cmaes_threshold else "gd"
   if m not in ("gd", "cmaes", "gate"):
-    raise ValueError(f"router.method must be auto | gd | cmaes | gate, got {m!r}")
+    raise ConfigError(f"--config.router.method must be auto | gd | cmaes | gate, got {m!r}")
   return m
 
 
@@ -183,7 +184,7 @@ BASELINES = ("none", "cheap", "all")
 
 def check_baselines(name: str) -> str:
   if name not in BASELINES:
-    raise ValueError(f"router.baselines must be one of {BASELINES}, got {name!r}")
+    raise ConfigError(f"--config.router.baselines must be one of {BASELINES}, got {name!r}")
   return name
 
 
@@ -223,7 +224,7 @@ def prepare_task(config, base, mesh) -> Task:
   # adapted kernels, the up-products inside the base GEMMs; merged scoring and the base keep
   # the plain kernels.
   packed_params, packed = serving.packed_params(frozen, served)
-  tok = tokenizer.load_tokenizer(config.model.tokenizer or config.model.source)
+  tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))
   fit_rows, score_rows = task.task_examples(config)
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   put = lambda batch: batches.to_global(batch, mesh, per_process=False)  # noqa: E731

@@ -39,6 +39,7 @@ from mdkif_jax.data import unseen
 from mdkif_jax.data.example import Example
 from mdkif_jax.data.skills import get_skill, parse_list
 from mdkif_jax.data.sources.text import CHEMPROT_LABELS
+from mdkif_jax.errors import ConfigError
 
 CHOICE, ROUGE, SETS, EXACT = "choice", "rouge", "sets", "exact"
 KINDS = (CHOICE, ROUGE, SETS, EXACT)
@@ -85,7 +86,7 @@ GENERATED = (ROUGE, SETS)
 
 def check_metric(name: str) -> str:
   if name != "auto" and name not in KINDS:
-    raise ValueError(f"metric must be 'auto' or one of {KINDS}, got {name!r}")
+    raise ConfigError(f"--config.metric must be 'auto' or one of {KINDS}, got {name!r}")
   return name
 
 
