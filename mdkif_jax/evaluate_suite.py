@@ -5,8 +5,9 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
 1. loads the frozen base and the stage-1 skills once (checkpoint.load_skills; rows are built
    with stage 1's template and max_len), in the merged and packed serving layouts;
 2. for each task of `config.tasks` (data/suite.py): its rows, split into a fit part and a
-   scored part by a hash of (task, row id); nothing is ever fitted or selected on scored rows;
-3. for each method of `config.methods` (`METHODS`): fits it on the fit part, if it fits
+   scored part by a hash of (task, the row's input); nothing is fitted or selected on scored
+   rows;
+3. for each method of `config.methods` (`method_table`): fits it on the fit part, if it fits
    anything, scores the scored part and writes one cell `cells/<task>/<method>.json`
    atomically (scores, per-row outcomes, predictions, seconds). A rerun of a killed
    evaluation skips every finished cell;

@@ -59,6 +59,8 @@ def evaluated(tmp_path_factory):
   c.mesh.shape = (1, 1, 1)
   c.tasks = ("demo", f"mine={mcqa_file(root / 'mine.jsonl')}")
   c.max_fit_rows, c.max_scored_rows, c.fit_fraction = 12, 10, 0.5
+  c.gen.max_new_tokens = 4  # generation is exercised, not measured: keep it short
+  c.router.steps = c.gate.steps = 6  # also the task adapter's budget
   base = loading.load_model("tiny_smollm_vocab")
   results = evaluate_suite.train_and_evaluate(c, root / "run", base=base)
   return c, base, root, results

@@ -3,9 +3,9 @@ which are scored, and the metrics that score it.
 
 A task is a registered name (`TASKS`: the paper's 9, every reserved source of the split
 registry, and the unseen-task datasets) or a user's file (`name=path.jsonl`). Its rows are
-split once, by a hash of the task name and row id, into a fit part (rows that may fit a router
-or an adapter, or give in-context examples) and a scored part (never used for fitting or
-selection); the split does not depend on the seed, the config or the other tasks.
+split once, by a hash of the task name and the row's input, into a fit part (rows that may
+fit a router or an adapter, or give in-context examples) and a scored part (never used for
+fitting or selection); the split does not depend on the seed, the config or other tasks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import pathlib
 
 from mdkif_jax.data import splits, unseen
-from mdkif_jax.data.example import Example, LoadReport, check_example
+from mdkif_jax.data.example import Example, LoadReport, check_example, content_key
 from mdkif_jax.data.sources.qa import format_options
 
 UNSEEN_DATA, UNSEEN_TASK, CUSTOM = "unseen_data", "unseen_task", "custom"
@@ -86,10 +86,12 @@ def task_rows(spec: TaskSpec, data_cfg, report: LoadReport) -> list[Example]:
 def split_rows(
   spec: TaskSpec, rows: list[Example], fit_fraction: float, max_fit: int = 0, max_scored: int = 0
 ) -> tuple[list[Example], list[Example]]:
-  """(fit rows, scored rows), by a hash of (task, row id): a row's part never changes."""
+  """(fit rows, scored rows), by a hash of (task, the row's model-visible input): a row's part
+  never changes, and rows with the same input (ChemProt repeats sentences under several ids)
+  always share a part, so no scored input is ever fitted on."""
   fit, scored = [], []
   for ex in rows:
-    part = fit if splits.hash_unit("suite/" + spec.name, ex.id) < fit_fraction else scored
+    part = fit if splits.hash_unit("suite/" + spec.name, content_key(ex)) < fit_fraction else scored
     part.append(ex)
   return fit[: max_fit or None], scored[: max_scored or None]
 
