@@ -30,7 +30,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import checkpoint, evaluate, fit_router, metrics, reporting, sharding, stats
+from mdkif_jax import (
+  checkpoint,
+  evaluate,
+  fit_router,
+  metrics,
+  reporting,
+  sharding,
+  stats,
+  task_adapter,
+)
 from mdkif_jax.data import batches, suite, task
 from mdkif_jax.data.example import LoadReport
 from mdkif_jax.errors import ConfigError
@@ -84,8 +93,6 @@ def adalora_task(t: fit_router.Task) -> fit_router.Fitted:
   """A task-specific AdaLoRA adapter trained on the fit part with the budget of the GD
   router: router.steps forward/backward passes of router.batch_size rows (what a PEFT user
   would do instead of routing), merged into the kernels and scored."""
-  from mdkif_jax import task_adapter
-
   return task_adapter.train_and_score(t)
 
 
@@ -243,11 +250,18 @@ def read_outcomes(cell: dict) -> metrics.Outcomes:
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-  """Through a temporary file: a killed run leaves the old file or the new one."""
+  """Atomically (reporting.write_lines): a killed run leaves the old file or the new one."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, ensure_ascii=False))
-  tmp.replace(path)
+  reporting.write_lines(path, [json.dumps(obj, ensure_ascii=False)])
+
+
+def read_cells(workdir: pathlib.Path, specs, cells) -> dict[tuple[str, str], dict]:
+  """Every finished cell, read once: {(task, cell): its JSON}."""
+  return {
+    (spec.name, cell): json.loads((workdir / "cells" / spec.name / f"{cell}.json").read_text())
+    for spec in specs
+    for cell, _, _ in cells
+  }
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
@@ -292,17 +306,18 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
         run = fit_router.fixed(np.full(S, 1.0 / S, np.float32))
       write_json(workdir / "cells" / spec.name / f"{cell}.json", run_cell(t, run))
       bar.update()
-  results = assemble(config, sh, specs, cells, rows, workdir)
-  write_outputs(workdir, results, specs, cells)
+  done = read_cells(workdir, specs, cells)
+  results = assemble(config, sh, specs, cells, rows, done)
+  write_outputs(workdir, results, done)
   return results
 
 
 # ---- assembling the table ---------------------------------------------------------------------
-def _estimate(spec, out: metrics.Outcomes, idx: np.ndarray, name: str) -> stats.Estimate:
+def _estimate(out: metrics.Outcomes, idx: np.ndarray, name: str) -> stats.Estimate:
   return stats.bootstrap(lambda i: metrics.metric_on(name, out, i), out.n, idx)
 
 
-def assemble(config, sh: Shared, specs, cells, rows, workdir: pathlib.Path) -> dict:
+def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
   """results.json's dict from the cells on disk (see the issue's schema)."""
   res = {"model": config.model.source, "skills": list(sh.skills), "tasks": {}, "tracks": {}}
   est_by_track: dict[str, dict[str, list]] = {}
@@ -311,15 +326,12 @@ def assemble(config, sh: Shared, specs, cells, rows, workdir: pathlib.Path) -> d
     headline = spec.metrics[0]
     idx = stats.resample_indices(len(scored), config.bootstrap.resamples, config.bootstrap.seed)
     per_method: dict[str, list] = {}
-    loaded = {}
     for cell, method, _ in cells:
-      data = json.loads((workdir / "cells" / spec.name / f"{cell}.json").read_text())
-      loaded[cell] = data
-      per_method.setdefault(method, []).append((cell, data))
+      per_method.setdefault(method, []).append((cell, done[(spec.name, cell)]))
     methods_out, estimates = {}, {}
     for method, entries in per_method.items():
       outs = [read_outcomes(d) for _, d in entries]
-      ests = [_estimate(spec, o, idx, headline) for o in outs]
+      ests = [_estimate(o, idx, headline) for o in outs]
       boot = np.mean([e.boot for e in ests], axis=0)
       score = float(np.mean([e.score for e in ests]))
       est = stats.Estimate(score, stats.interval(boot), len(scored), boot)
@@ -362,16 +374,16 @@ def assemble(config, sh: Shared, specs, cells, rows, workdir: pathlib.Path) -> d
   return res
 
 
-def write_outputs(workdir: pathlib.Path, results: dict, specs, cells) -> None:
+def write_outputs(workdir: pathlib.Path, results: dict, done: dict) -> None:
   if jax.process_index() != 0:
     return
   write_json(workdir / "results.json", results)
   reporting.write_lines(workdir / "results.md", reporting.results_table(results))
-  preds = []
-  for spec in specs:
-    for cell, _, _ in cells:
-      data = json.loads((workdir / "cells" / spec.name / f"{cell}.json").read_text())
-      preds += [{**p, "method": cell, "task": spec.name} for p in data["predictions"]]
+  preds = [
+    {**p, "method": cell, "task": task_name}
+    for (task_name, cell), data in done.items()
+    for p in data["predictions"]
+  ]
   reporting.write_jsonl(workdir / "predictions.jsonl", preds)
   reporting.plot_results(workdir / "results.png", results)
   print("\n".join(reporting.results_table(results)))

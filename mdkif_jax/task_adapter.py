@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import evaluate, train
+from mdkif_jax import evaluate, fit_router, train
 from mdkif_jax.data import batches, task
 from mdkif_jax.data.skills import skill_id
 from mdkif_jax.peft import serving
@@ -42,8 +42,6 @@ def train_adapter(t) -> tuple[dict, float, list[float]]:
 
 
 def train_and_score(t):
-  from mdkif_jax import fit_router
-
   adapters, scale, curve = train_adapter(t)
   params = serving.merged_params(t.frozen, adapters, np.ones(1, np.float32), scale)
   stats_fn = lambda batch: evaluate.merged_stats(params, batch, graphdef=t.graphdef)  # noqa: E731
