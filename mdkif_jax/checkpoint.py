@@ -290,18 +290,30 @@ def stage1_runs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_skills(config, base_cfg, mesh) -> Skills:
-  """The skills of every workdir in `config.skills_from`, stacked; they must agree on the
+  """The skills of every entry in `config.skills_from`, stacked: stage-1 workdirs, and PEFT
+  adapter directories as `peft:PATH` (peft/import_peft.py). The workdirs must agree on the
   prompt template and max_len (stage 2 builds its rows with them)."""
+  from mdkif_jax.peft import import_peft
+
   dirs = [d.strip() for d in (config.skills_from or "").split(",") if d.strip()]
   if not dirs:
     raise SkillsMismatchError("config.skills_from is not set: give the stage-1 workdir(s)")
-  dirs = [run for d in dirs for run in stage1_runs(d)]
+  peft = import_peft.PEFT_PREFIX
+  dirs = [run for d in dirs for run in ([d] if d.startswith(peft) else stage1_runs(d))]
   step = config.skills_step if len(dirs) == 1 else None
-  runs = [load_one(d, base_cfg, mesh, step) for d in dirs]
+  runs = [
+    import_peft.load_peft_skill(str(d), base_cfg, mesh)
+    if str(d).startswith(peft)
+    else load_one(d, base_cfg, mesh, step)
+    for d in dirs
+  ]
+  runs = import_peft.align_targets(runs)  # a PEFT adapter often adapts only q and v
   names = [s for _, meta, _ in runs for s in meta["skills"]]
   if len(set(names)) != len(names):
     raise SkillsMismatchError(f"skills_from={config.skills_from!r} names a skill twice: {names}")
-  served = {json.dumps(meta.get("serving"), sort_keys=True) for _, meta, _ in runs}
+  # An imported adapter carries no prompt template: stage 1's workdirs decide it
+  ours = [meta for _, meta, _ in runs if "imported" not in meta]
+  served = {json.dumps(meta.get("serving"), sort_keys=True) for meta in ours}
   if len(served) > 1:
     raise SkillsMismatchError(
       f"skills_from={config.skills_from!r}: the runs were trained with different prompt "
@@ -314,7 +326,7 @@ def load_skills(config, base_cfg, mesh) -> Skills:
       ratio = run_scale / scale
       skills = {t: {**leaf, "B": leaf["B"] * ratio} for t, leaf in skills.items()}
     stacked = skills if stacked is None else serving.add_skills(stacked, skills)
-  return Skills(stacked, tuple(names), scale, runs[0][1].get("serving"))
+  return Skills(stacked, tuple(names), scale, ours[0].get("serving") if ours else None)
 
 
 # ---- routers -------------------------------------------------------------------------------
