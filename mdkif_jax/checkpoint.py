@@ -258,7 +258,14 @@ def load_one(workdir, base_cfg, mesh, step=None) -> tuple[dict, dict, float]:
     }
     for t in meta["targets"]
   }
-  restore = ocp.args.PyTreeRestore({"adapters": abstract}, partial_restore=True)
+  # restore_args carry the target sharding: without them Orbax places the arrays as they were
+  # saved (one device), and a run on a larger mesh then mixes device sets
+  target = {"adapters": abstract}
+  restore = ocp.args.PyTreeRestore(
+    target,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    partial_restore=True,
+  )
   restored = mngr.restore(latest, args=ocp.args.Composite(state=restore))
   return restored["state"]["adapters"], meta, float(meta["scale"])
 

@@ -1,9 +1,14 @@
 """The evaluation stage end to end on the tiny model: two tasks (the demo corpus's label and
 generated rows, and a user's MCQA file with bad lines) x every method -> results.json with
 intervals and paired differences, results.md, results.png, predictions.jsonl; a rerun skips
-finished cells; scored rows are never fitted on."""
+finished cells, also after a SIGKILL of the real entry point; scored rows are never fitted
+on."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,6 +18,7 @@ from mdkif_jax.data import suite
 from mdkif_jax.data.example import LoadReport
 from mdkif_jax.model import loading
 from tests.test_router_run import write_skills
+from tests.test_train_kill import REPO, RUN_TIMEOUT_S, subprocess_env, tail
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +125,71 @@ def test_scored_rows_are_never_fit_rows_or_in_context_examples(evaluated):
   # the in-context examples of base_k2 come from the fit rows
   preds = json.loads((root / "run" / "cells" / "mine" / "base_k2.json").read_text())["predictions"]
   assert len(preds) == 10
+
+
+def test_sigkill_mid_suite_then_rerun_equals_the_uninterrupted_cells(evaluated, tmp_path):
+  """The real entry point is SIGKILLed once two cells are on disk; the rerun (in process, the
+  same config) recomputes only the rest, and every cell equals the uninterrupted run's."""
+  c, base, root, results = evaluated
+  methods = ("base", "uniform", "gd")
+  run = tmp_path / "run"
+  cmd = [
+    sys.executable,
+    "-m",
+    "mdkif_jax.main",
+    "--config=configs/eval.py:tiny",
+    f"--workdir={run}",
+    f"--config.skills_from={c.skills_from}",
+    "--config.mesh.shape=(1,1,1)",
+    f"--config.tasks={tuple(c.tasks)!r}",
+    f"--config.methods={methods!r}",
+    f"--config.max_fit_rows={c.max_fit_rows}",
+    f"--config.max_scored_rows={c.max_scored_rows}",
+    f"--config.fit_fraction={c.fit_fraction}",
+    f"--config.gen.max_new_tokens={c.gen.max_new_tokens}",
+    f"--config.router.steps={c.router.steps}",
+  ]
+  cells = run / "cells"
+  done = lambda: sorted(cells.rglob("*.json")) if cells.is_dir() else []  # noqa: E731
+  with open(tmp_path / "killed.log", "w") as log:
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=log, stderr=log)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while proc.poll() is None and len(done()) < 2 and time.monotonic() < deadline:
+      time.sleep(0.02)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert alive, f"the evaluation ended before the kill:\n{tail(tmp_path / 'killed.log')}"
+  kept = {p: p.stat().st_mtime_ns for p in done()}
+  assert 2 <= len(kept) < 2 * len(methods), kept
+
+  c2 = c.copy_and_resolve_references()
+  c2.methods = methods
+  again = evaluate_suite.train_and_evaluate(c2, run, base=base)
+  assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # never recomputed
+  for task_name in ("demo", "mine"):
+    for m in methods:
+      ours = json.loads((cells / task_name / f"{m}.json").read_text())
+      ref = json.loads((root / "run" / "cells" / task_name / f"{m}.json").read_text())
+      assert ours["outcomes"] == ref["outcomes"] and ours["scores"] == ref["scores"], (task_name, m)
+      got = {k: v for k, v in again["tasks"][task_name]["methods"][m].items() if k != "seconds"}
+      want = {k: v for k, v in results["tasks"][task_name]["methods"][m].items() if k != "seconds"}
+      assert got == want, (task_name, m)
+
+
+def test_scoring_rows_sharded_over_8_devices_equals_one_device(evaluated, tmp_path):
+  """The scored rows are split over the mesh's data axis (padded to a multiple of 8): the
+  same choices, generations and scores as the one-device run."""
+  c, _, root, _ = evaluated
+  c8 = c.copy_and_resolve_references()
+  c8.mesh.shape = (8, 1, 1)
+  c8.methods = ("base", "uniform")
+  evaluate_suite.train_and_evaluate(c8, tmp_path / "run")  # loads its base on the 8-device mesh
+  for task_name in ("demo", "mine"):
+    for m in c8.methods:
+      ours = json.loads((tmp_path / "run" / "cells" / task_name / f"{m}.json").read_text())
+      ref = json.loads((root / "run" / "cells" / task_name / f"{m}.json").read_text())
+      assert ours["outcomes"] == ref["outcomes"], (task_name, m)
+      assert ours["predictions"] == ref["predictions"], (task_name, m)
+      for k, v in ref["scores"].items():
+        assert ours["scores"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (task_name, m, k)
