@@ -93,7 +93,7 @@ ADALORA = dict(
 LR, WEIGHT_DECAY = 1e-4, 0.01
 
 
-def batches(n: int, batch: int, seq: int, seed: int = 0) -> list[np.ndarray]:
+def random_tokens(n: int, batch: int, seq: int, seed: int = 0) -> list[np.ndarray]:
   rng = np.random.default_rng(seed)
   return [rng.integers(0, VOCAB, (batch, seq), dtype=np.int64) for _ in range(n)]
 
@@ -101,6 +101,7 @@ def batches(n: int, batch: int, seq: int, seed: int = 0) -> list[np.ndarray]:
 # ---- ours -------------------------------------------------------------------------------------
 def our_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
   """labels = inputs, shifted as transformers does: targets[t] = tokens[t+1], last masked."""
+  from mdkif_jax.data import batches
 
   B, T = tokens.shape
   tok = tokens.astype(np.int32)
@@ -148,6 +149,7 @@ def real_batches(n: int, seq: int, path: str, pack: bool = False) -> dict:
   """`n` stage-1 batches of all 12 skills (one row each, packed or one example per row) from
   ../shared/data, saved to `path`."""
   from mdkif_jax import data
+  from mdkif_jax.data import batches
   from mdkif_jax.model import tokenizer
 
   cfg = bench_config("float32", seq=seq)
@@ -189,12 +191,16 @@ def child_ours(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from mdkif_jax.data import batches
+
   t0 = time.perf_counter()
   real = load_batches(args.batches) if args.batches else None
   num_skills = 12 if real else 1
   step, state, frozen, mesh, mcfg = setup_ours(args.dtype, num_skills, args.remat, args.accum)
   load_s = time.perf_counter() - t0
-  host = real or [our_batch(t) for t in batches(args.warmup + args.steps, args.batch, args.seq)]
+  host = real or [
+    our_batch(t) for t in random_tokens(args.warmup + args.steps, args.batch, args.seq)
+  ]
   data = [batches.to_global(b, mesh) for b in host]
   times, losses, others = [], [], []
   for i, b in enumerate(data):
@@ -251,7 +257,7 @@ def child_peft(args) -> dict:
   else:
     inputs = [
       [({"input_ids": torch.from_numpy(t), "labels": torch.from_numpy(t)}, 1.0)]
-      for t in batches(args.warmup + args.steps, args.batch, args.seq)
+      for t in random_tokens(args.warmup + args.steps, args.batch, args.seq)
     ]
   update = 0
   for i, micro in enumerate(inputs):
