@@ -144,6 +144,11 @@ def data_config() -> ml_collections.ConfigDict:
   # Which end of an over-long context is cut: "end" keeps its beginning (documents),
   # "start" keeps its end (dialogue histories). Query and answer are never cut.
   c.template.truncate = "end"
+  # "sections" (the above, blank lines between parts) | "lm_eval": lm-evaluation-harness's
+  # multiple-choice prompt and tokenisation (needs chat=False; see template.py).
+  c.template.layout = "sections"
+  c.template.instruction = True  # Start the prompt with the skill's instruction.
+  c.template.answer_prefix = ""  # Text between the prompt and the answer (lm-eval's " ").
 
   # Longest row in tokens (prompt + answer); longer contexts are cut, see `template.truncate`.
   c.max_len = 512

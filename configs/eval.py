@@ -9,6 +9,7 @@ Presets after a colon, comma-separated, then `key=value` overrides:
 
   --config=configs/eval.py:paper      # the paper's 9 tasks on ../shared/data, every method
   --config=configs/eval.py:tiny       # random tiny model (tests, smoke runs)
+  --config=configs/eval.py:lm_eval_mcqa  # lm-evaluation-harness's MCQA prompt, the base only
 
 A task of your own: --config.tasks="('mytask=/path/rows.jsonl',)" (our Example JSONL, or MCQA
 in the MedQA or MedMCQA layout). The fitting methods read the router, cmaes and gate sections
@@ -32,6 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # one cell per cmaes.seeds), gate, adalora_task (an AdaLoRA adapter trained on the fit part
   # with the GD router's budget of forward/backward passes).
   c.methods = ("base", "uniform", "gd")
+  # How task rows are prompted: "stage1" = the template and max_len stage 1 trained with (read
+  # from its checkpoint: the rows the skills saw); "config" = data.template and data.max_len
+  # as set here (the lm_eval_mcqa preset).
+  c.prompting = "stage1"
   c.fit_fraction = 0.3  # share of a task's rows (by id hash) that may be fitted on
   c.max_fit_rows = 0  # at most this many fit rows per task (0 = all)
   c.max_scored_rows = 0  # at most this many scored rows per task (0 = all)
@@ -97,4 +102,19 @@ def _paper(c):
   c.data.buckets = (128, 256, 512)
 
 
-PRESETS = {"tiny": _tiny, "paper": _paper}
+def _lm_eval_mcqa(c):
+  """lm-evaluation-harness's multiple-choice prompt (MMLU's template) and tokenisation, so the
+  base's label accuracy is comparable with lm-eval's `hf` backend (tests/test_lm_eval_agreement.py):
+  "{question}\nA. ..\nD. ..\nAnswer:" and candidates " A".." D", no instruction, no chat template.
+  E.g. --config=configs/eval.py:lm_eval_mcqa --config.tasks="('mine=rows.jsonl',)"."""
+  c.data.template.chat = False
+  c.data.template.layout = "lm_eval"
+  c.data.template.instruction = False
+  c.data.template.query_header = ""
+  c.data.template.answer_header = "Answer:"
+  c.data.template.answer_prefix = " "
+  c.prompting = "config"  # this template, not the one stage 1 trained with
+  c.methods = ("base",)
+
+
+PRESETS = {"tiny": _tiny, "paper": _paper, "lm_eval_mcqa": _lm_eval_mcqa}

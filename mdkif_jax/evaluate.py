@@ -18,6 +18,8 @@ from flax import nnx
 
 from mdkif_jax import metrics, reporting, router
 from mdkif_jax.data import batches, task
+from mdkif_jax.data.template import Template
+from mdkif_jax.data.tokenize import answer_ids
 from mdkif_jax.model import generate
 from mdkif_jax.peft import serving
 from mdkif_jax.peft.adapters import AdapterCtx
@@ -75,8 +77,14 @@ class TaskScorer:
     enc = task.encode_rows(rows, tok, dcfg)
     eos = tok.eos_token or ""
     fast, slow = {}, []
+    # each candidate's tokens as they follow the row's prompt (the template's answer prefix and
+    # tokenisation: lm-eval's for layout "lm_eval"), without the final EOS
+    cand_rows = [
+      dataclasses.replace(rows[i], answer=c) for i, cs in self.plan.choices.items() for c in cs
+    ]
+    cand_ids = iter(answer_ids(cand_rows, tok, Template.from_config(dcfg.template)))
     for i, cands in self.plan.choices.items():
-      ids = [tok(c + eos, add_special_tokens=False)["input_ids"] for c in cands]
+      ids = [next(cand_ids) for _ in cands]
       ids = [x[:-1] if eos and x and x[-1] == tok.eos_token_id else x for x in ids]
       if one_token_fast and all(len(x) == 1 for x in ids) and len({x[0] for x in ids}) == len(ids):
         fast[i] = [x[0] for x in ids]

@@ -161,10 +161,20 @@ class Shared:
   mesh: object
 
 
+def with_prompting(config, stage1_serving: dict | None):
+  """The config the rows are built with: stage 1's template and max_len (`prompting="stage1"`,
+  the rows the skills saw), or the config's own (`"config"`, e.g. lm-eval's MCQA prompt)."""
+  if config.prompting not in ("stage1", "config"):
+    raise ConfigError(f"--config.prompting must be 'stage1' or 'config', not {config.prompting!r}")
+  if config.prompting == "config":
+    return config.copy_and_resolve_references()
+  return fit_router.with_stage1_prompting(config, stage1_serving)
+
+
 def load_shared(config, base, mesh) -> Shared:
   graphdef, frozen = nnx.split(base)
   skills = checkpoint.load_skills(config, base.cfg, mesh)
-  config = fit_router.with_stage1_prompting(config, skills.serving)
+  config = with_prompting(config, skills.serving)
   served = serving.serving_stack(skills.stacked)
   packed_params, packed = serving.packed_params(frozen, served)
   tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))

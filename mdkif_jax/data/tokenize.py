@@ -5,6 +5,11 @@ concatenated, so the answer's first token index is known exactly and the context
 without re-tokenising. The ids can differ from tokenising the joined string at the three
 joins; `--show` in the stats tool decodes the real ids, so what it prints is what trains.
 
+A `Template.joint` template (layout "lm_eval") is tokenised as lm-evaluation-harness's hf backend
+does instead: trailing whitespace of the prompt moves to the answer, the prompt is encoded
+whole, and the answer's tokens are those of (prompt + answer) after the prompt's length. An
+example too long for that falls back to the pieces and the rule below.
+
 Truncation rule: an example longer than `max_len` loses context tokens only, from the end of
 the context (`template.truncate="end"`, the default: abstracts and documents lead with their
 topic) or from its start ("start": dialogue histories, where the latest turns matter). The
@@ -49,18 +54,52 @@ def _bos(tokenizer, template: Template) -> list[int]:
   return [tokenizer.bos_token_id] if probe and probe[0] == tokenizer.bos_token_id else []
 
 
+def _joint(parts, answers, tokenizer):
+  """lm-eval's `_encode_pair` for a joint template: the prompt's trailing whitespace starts the
+  answer, and the answer's ids are what tokenising prompt + answer adds after the prompt's.
+  Returns (the pieces without that whitespace, answer ids, whole-prompt ids)."""
+  kept, texts = [], []
+  for (b, c, a), ans in zip(parts, answers, strict=True):
+    last = a if (c or a) else b
+    tail = last[len(last.rstrip()) :]
+    kept.append((b, c, a.rstrip()) if (c or a) else (b.rstrip(), "", ""))
+    texts.append("".join(kept[-1]) + tail + ans)
+  prompts = _ids(tokenizer, ["".join(p) for p in kept])
+  whole = _ids(tokenizer, texts)
+  return kept, [w[len(p) :] for w, p in zip(whole, prompts, strict=True)], prompts
+
+
+def answer_ids(examples: Sequence[Example], tokenizer, template: Template) -> list[list[int]]:
+  """Each example's answer tokens (EOS included) as `encode_many` puts them after its prompt
+  (when the whole prompt fits): the candidates' ids of label scoring (evaluate.py)."""
+  answers = [template.answer_text(ex, tokenizer) for ex in examples]
+  if not template.joint:
+    return _ids(tokenizer, answers)
+  return _joint([template.prompt_parts(ex, tokenizer) for ex in examples], answers, tokenizer)[1]
+
+
 def encode_many(
   examples: Sequence[Example], tokenizer, template: Template, max_len: int
 ) -> list[Encoded | None]:
-  """Encode examples (None for those too long even without context), four batched calls."""
+  """Encode examples (None for those too long even without context), four batched calls
+  (six for a joint template)."""
   parts = [template.prompt_parts(ex, tokenizer) for ex in examples]
+  answers = [template.answer_text(ex, tokenizer) for ex in examples]
+  prompts = None
+  if template.joint:
+    parts, answer, prompts = _joint(parts, answers, tokenizer)
+  else:
+    answer = _ids(tokenizer, answers)
   before = _ids(tokenizer, [p[0] for p in parts])
   context = _ids(tokenizer, [p[1] for p in parts])
   after = _ids(tokenizer, [p[2] for p in parts])
-  answer = _ids(tokenizer, [template.answer_text(ex, tokenizer) for ex in examples])
   bos = _bos(tokenizer, template)
   out: list[Encoded | None] = []
-  for b, c, a, ans in zip(before, context, after, answer, strict=True):
+  for k, (b, c, a, ans) in enumerate(zip(before, context, after, answer, strict=True)):
+    if prompts is not None and ans and len(bos) + len(prompts[k]) + len(ans) <= max_len:
+      prompt = bos + prompts[k]
+      out.append(Encoded(np.asarray(prompt + ans, dtype=np.int32), len(prompt), 0))
+      continue
     fixed = len(bos) + len(b) + len(a) + len(ans)
     room = max_len - fixed
     if room < 0 or not ans:
