@@ -26,8 +26,10 @@ from mdkif_jax.data.template import Template
 from mdkif_jax.data.tokenize import encode
 from mdkif_jax.model import loading, tokenizer
 from mdkif_jax.model.config import numerics_from
+from mdkif_jax.peft import adapters, serving
 from tests import hf_fixtures
 from tests.conftest import load_benchmark
+from tests.test_export import ALPHA, INIT_R, write_stage1
 
 BENCH = load_benchmark("eval")  # its lm-eval task: MMLU's template over MedQA-layout rows
 TASK = BENCH.TASK
@@ -126,14 +128,15 @@ def files(tmp_path_factory):
   return models, data, root / "tasks"
 
 
-def lm_eval_hf(model_dir, task_dir) -> tuple[dict, list[dict]]:
-  """lm-eval's results and per-doc samples (in file order) through its hf backend, f32 CPU."""
+def lm_eval_hf(model_dir, task_dir, peft=None) -> tuple[dict, list[dict]]:
+  """lm-eval's results and per-doc samples (in file order) through its hf backend, f32 CPU;
+  with `peft`, an adapter directory loaded on the model (`--model_args ...,peft=DIR`)."""
   import lm_eval
   from lm_eval.tasks import TaskManager
 
   out = lm_eval.simple_evaluate(
     model="hf",
-    model_args=f"pretrained={model_dir},dtype=float32",
+    model_args=f"pretrained={model_dir},dtype=float32" + (f",peft={peft}" if peft else ""),
     tasks=[TASK],
     task_manager=TaskManager(include_path=str(task_dir)),
     batch_size=16,
@@ -144,14 +147,17 @@ def lm_eval_hf(model_dir, task_dir) -> tuple[dict, list[dict]]:
   return out["results"][TASK], sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
 
 
-def ours(model_dir, data):
-  """Our base scoring of the file's rows with configs/eval.py:lm_eval_mcqa."""
+def ours(model_dir, data, skill=None):
+  """Our scoring of the file's rows with configs/eval.py:lm_eval_mcqa: the base, or with
+  `skill` = (stacked adapters, weights, scale) merged into its kernels."""
   c = eval_config.get_config("lm_eval_mcqa")
   c.model.source = str(model_dir)
   rows = suite.read_task_file(data, LoadReport())
   tok = tokenizer.load_tokenizer(str(model_dir))
   base = loading.load_model(str(model_dir), numerics=numerics_from(c), progress=False)
   graphdef, frozen = nnx.split(base)
+  if skill is not None:
+    frozen = serving.merged_params(frozen, *skill)
   scorer = evaluate.TaskScorer(rows, rows, tok, c, put=lambda batch: batch)
   scores = scorer(functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef))
   return c, rows, tok, scorer, scores
@@ -193,3 +199,33 @@ def test_the_preset_prompts_with_its_own_template_not_stage_ones():
   assert kept.data.max_len != 96
   default = evaluate_suite.with_prompting(eval_config.get_config(), stage1)
   assert default.data.template.chat and default.data.max_len == 96  # rows as the skills saw
+
+
+def test_a_peft_export_under_lm_eval_agrees_with_our_evaluation_of_the_skill(files, tmp_path):
+  """Issue 20: `lm_eval --model hf --model_args pretrained=BASE,peft=EXPORT` on the same rows
+  makes the same choices as our scoring of the skill merged into the base."""
+  from mdkif_jax import export
+
+  models, data, task_dir = files
+  base_dir = models[False]
+  cfg = loading.load_model(str(base_dir), progress=False).cfg
+  stacked = write_stage1(tmp_path / "skills", cfg)  # qa, ner, sum with pruned ranks
+  out = tmp_path / "peft"
+  argv = ["--base", str(base_dir), "--from", str(tmp_path / "skills"), "--format", "peft"]
+  argv += ["--out", str(out), "--skills", "qa"]
+  export.export(export.parse_args(argv), "python -m mdkif_jax.export " + " ".join(argv))
+  results, samples = lm_eval_hf(base_dir, task_dir, peft=out / "qa")
+  w = np.array([1.0, 0.0, 0.0], np.float32)  # the qa skill alone
+  _, rows, _, scorer, scores = ours(
+    base_dir, data, (stacked, w, adapters.adapter_scale(ALPHA, INIT_R))
+  )
+  _, _, _, base_scorer, _ = ours(base_dir, data)
+  moved = 0
+  for i, s in enumerate(samples):
+    theirs = np.asarray([r[0] for r in s["filtered_resps"]])
+    mine = np.asarray(scorer.last["choice"][i])
+    np.testing.assert_allclose(mine, theirs, atol=2e-4, err_msg=f"row {i}")
+    assert np.argmax(mine) == np.argmax(theirs), i
+    moved += np.argmax(mine) != np.argmax(base_scorer.last["choice"][i])
+  assert scores["accuracy"] == pytest.approx(results["acc,none"])
+  assert moved > 0  # the skill changes choices: the adapter was really applied on both sides
