@@ -84,7 +84,7 @@ EOF
 tests_rc=0
 if [[ ${DEVICE_CHECK_SKIP_TESTS:-0} != 1 ]]; then
   echo "== gpu tests (tests/test_gpu.py)"
-  timeout 240 "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE -p no:cacheprovider \
+  timeout 240 "$PY" -m pytest -o addopts="" -m gpu tests/test_gpu.py -q -rfE -p no:cacheprovider \
     --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
   tests_rc=${PIPESTATUS[0]}
 fi
