@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.loss_chunk = 256  # answer positions per chunk of its fused loss (as stage 1)
   c.train.progress = False  # no stage-1 progress bar inside a cell
   c.router.baselines = "none"  # stage 2's own baselines are the methods above, not extra cells
+  # GD router steps (also the task adapter's budget): 30 fit the demo task's few fit rows and
+  # keep the default run to minutes on a CPU; the paper preset sets its own.
+  c.router.steps = 30
   return common.apply_presets(c, arg, PRESETS, "configs/eval.py")
 
 
@@ -98,6 +101,7 @@ def _paper(c):
     "adalora_task",
   )
   c.max_fit_rows = 200  # the GD router's and the task adapter's fit rows (the issue's cap)
+  c.router.steps = 100  # GD steps over the fit rows (also the task adapter's budget)
   c.max_scored_rows = 300  # >= 200 scored rows where a task has them
   c.data.buckets = (128, 256, 512)
 
