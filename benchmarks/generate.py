@@ -54,7 +54,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
-HF = "transformers f32"
 TAG = "@@bench "  # prefix of protocol lines on a worker's stdout (anything else is ignored)
 PAUSE_S = 0.5  # between calls, so one framework's spinning threads have gone idle
 
@@ -90,7 +89,7 @@ def hf_runner(dtype: str, threads: int):
   hf_logging.disable_progress_bar()
   path = loading.smollm2_gguf_path()
   model = AutoModelForCausalLM.from_pretrained(
-    str(path.parent), gguf_file=path.name, dtype=torch.float32
+    str(path.parent), gguf_file=path.name, dtype=getattr(torch, DTYPES[dtype])
   ).eval()
   pad_id = model.generation_config.pad_token_id
   pad_id = model.config.eos_token_id if pad_id is None else pad_id
@@ -226,6 +225,13 @@ def main(argv=None):
     default=["f32"],
     help="our weight+compute dtypes to time (bf16 accumulates in f32); transformers is f32",
   )
+  ap.add_argument(
+    "--hf-dtypes",
+    nargs="+",
+    choices=sorted(DTYPES),
+    default=["f32"],
+    help="transformers' weight+compute dtypes to time; ratios are against transformers f32",
+  )
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   ap.add_argument("--skip-hf", action="store_true", help="only time ours")
   ap.add_argument(
@@ -256,7 +262,9 @@ def main(argv=None):
   for d in args.ours_dtypes:
     workers[f"mdkif_jax {d}"] = Worker(f"mdkif_jax {d}", "ours", d, args.threads)
   if not args.skip_hf:
-    workers[HF] = Worker(HF, "hf", "f32", args.threads)
+    for d in args.hf_dtypes:
+      name = f"transformers {d}"
+      workers[name] = Worker(name, "hf", d, args.threads)
   for name, w in workers.items():
     log(f"  {name}: {w.info}")
   prompt = make_prompt(P)
@@ -308,25 +316,27 @@ def main(argv=None):
   if args.skip_hf:
     return
   log("")
-  log("ratios ours / transformers f32 (tokens/s; > 1 means ours is faster)")
+  refs = [name for name in workers if name.startswith("transformers")]
+  log("ratios ours / transformers (tokens/s; > 1 means ours is faster)")
   log("targets: prefill >= 1.5x; decode >= 2x at B=1. [in brackets: from the best run of each]")
-  for name in workers:
-    if name == HF:
-      continue
-    for B in args.batch_sizes:
-      o, h = results[name][B], results[HF][B]
-      po, do, _ = rates(*o[:2], B, P, N)
-      ph, dh, _ = rates(*h[:2], B, P, N)
-      po_b, do_b, _ = rates(*o[2:], B, P, N)
-      ph_b, dh_b, _ = rates(*h[2:], B, P, N)
-      same = min(
-        common_prefix(a, b) for a, b in zip(outputs[(name, B)], outputs[(HF, B)], strict=True)
-      )
-      log(
-        f"  {name:<16} B={B}: prefill {po / ph:.2f}x [{po_b / ph_b:.2f}x], decode "
-        f"{do / dh:.2f}x [{do_b / dh_b:.2f}x]; greedy tokens equal to transformers' for the "
-        f"first {same}/{N} (worst row)"
-      )
+  for ref in refs:
+    for name in workers:
+      if name in refs:
+        continue
+      for B in args.batch_sizes:
+        o, h = results[name][B], results[ref][B]
+        po, do, _ = rates(*o[:2], B, P, N)
+        ph, dh, _ = rates(*h[:2], B, P, N)
+        po_b, do_b, _ = rates(*o[2:], B, P, N)
+        ph_b, dh_b, _ = rates(*h[2:], B, P, N)
+        same = min(
+          common_prefix(a, b) for a, b in zip(outputs[(name, B)], outputs[(ref, B)], strict=True)
+        )
+        log(
+          f"  {name:<16} / {ref:<17} B={B}: prefill {po / ph:.2f}x [{po_b / ph_b:.2f}x], "
+          f"decode {do / dh:.2f}x [{do_b / dh_b:.2f}x]; greedy tokens equal for the first "
+          f"{same}/{N} (worst row)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
 3. for each method of `config.methods` (`method_table`): fits it on the fit part, if it fits
    anything, scores the scored part and writes one cell `cells/<task>/<method>.json`
    atomically (scores, per-row outcomes, predictions, seconds). A rerun of a killed
-   evaluation skips every finished cell;
+   evaluation skips every finished cell; one under another config (`cell_identity`: every
+   field but the task and method lists, progress and bootstrap) is refused;
 4. assembles the cells: per (task, method) the headline metric with its 95% bootstrap
    interval over scored rows and the paired difference to the base; per track the mean
    relative gain over the base (stats.py). Writes results.json, results.md, results.png and
@@ -274,11 +275,51 @@ def read_cells(workdir: pathlib.Path, specs, cells) -> dict[tuple[str, str], dic
   }
 
 
+# Fields that only choose which cells exist or how they are assembled: a rerun may change them
+# (add a task or a method, more bootstrap resamples) and keep the finished cells.
+NOT_IN_CELLS = ("stage", "tasks", "methods", "progress", "bootstrap")
+
+
+def cell_identity(config) -> dict:
+  """Every config field a cell's numbers depend on, flattened to dotted keys."""
+  flat = {}
+
+  def walk(prefix: str, d: dict) -> None:
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(f"{prefix}{k}.", v)
+      elif f"{prefix}{k}".split(".")[0] not in NOT_IN_CELLS:
+        flat[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))
+
+  walk("", config.copy_and_resolve_references().to_dict())
+  return flat
+
+
+def check_cells_identity(workdir: pathlib.Path, config) -> None:
+  """Refuse to resume cells computed under another config (naming the fields); record it."""
+  path, want = workdir / "cells_identity.json", cell_identity(config)
+  if path.exists():
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in {*saved, *want} if saved.get(k) != want.get(k))
+    if changed:
+      detail = "; ".join(
+        f"{k}: cells have {json.dumps(saved.get(k))}, this run {json.dumps(want.get(k))}"
+        for k in changed
+      )
+      raise checkpoint.CheckpointMismatchError(
+        f"{workdir}: its finished cells were computed under another config ({detail}); use "
+        f"another --workdir, or delete {workdir / 'cells'} to start over"
+      )
+  elif jax.process_index() == 0:
+    write_json(path, want)
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   """Evaluation stage entry point (see the module docstring); returns results.json's dict."""
   workdir = pathlib.Path(workdir)
   specs = [suite.resolve(e) for e in config.tasks]  # bad names fail before anything loads
   table = method_table(config.methods)
+  check_cells_identity(workdir, config)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   if base is None:
     rules = tuple(tuple(r) for r in config.mesh.rules)

@@ -14,6 +14,7 @@ import pytest
 
 from configs import eval as eval_config
 from mdkif_jax import evaluate_suite
+from mdkif_jax.checkpoint import CheckpointMismatchError
 from mdkif_jax.data import suite
 from mdkif_jax.data.example import LoadReport
 from mdkif_jax.model import loading
@@ -148,6 +149,7 @@ def test_sigkill_mid_suite_then_rerun_equals_the_uninterrupted_cells(evaluated, 
     f"--config.fit_fraction={c.fit_fraction}",
     f"--config.gen.max_new_tokens={c.gen.max_new_tokens}",
     f"--config.router.steps={c.router.steps}",
+    f"--config.gate.steps={c.gate.steps}",
   ]
   cells = run / "cells"
   done = lambda: sorted(cells.rglob("*.json")) if cells.is_dir() else []  # noqa: E731
@@ -193,3 +195,11 @@ def test_scoring_rows_sharded_over_8_devices_equals_one_device(evaluated, tmp_pa
       assert ours["predictions"] == ref["predictions"], (task_name, m)
       for k, v in ref["scores"].items():
         assert ours["scores"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (task_name, m, k)
+
+
+def test_a_rerun_under_another_config_is_refused_naming_the_field(evaluated):
+  c, base, root, _ = evaluated
+  changed = c.copy_and_resolve_references()
+  changed.router.steps = c.router.steps + 1
+  with pytest.raises(CheckpointMismatchError, match=r"router\.steps: cells have 6, this run 7"):
+    evaluate_suite.train_and_evaluate(changed, root / "run", base=base)

@@ -3,6 +3,10 @@
 Prompts are left-padded to a length bucket, so a batch of prompts of different lengths is one
 program; positions come from the padding mask, so a padded row computes exactly what it would
 alone. Decoding stops early once every row has produced an end-of-sequence token.
+
+The layers run unrolled on per-layer weights sliced once per call, before the token loop
+(`_hidden`): the model's own layer scan slices (i.e. copies) every layer's weights on every
+decode step, which doubled the memory traffic of a memory-bound batch-1 step.
 """
 
 from __future__ import annotations
@@ -17,6 +21,11 @@ import numpy as np
 from flax import nnx
 
 from mdkif_jax.model import llama
+from mdkif_jax.ops.layers import rms_norm, rope_inv_freq, rope_tables
+
+# Above this many bytes of layer weights, generation runs the model's layer scan instead of
+# holding a second, per-layer copy of the weights for the duration of a call.
+UNROLL_MAX_BYTES = 4 << 30
 
 
 class ContextLengthError(ValueError):
@@ -68,6 +77,44 @@ def sample(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _split_layers(model: llama.Llama, adapters, adapter_ctx) -> list | None:
+  """Per-layer (weights, adapter inputs) when generation unrolls the layers, else None."""
+  weights = model.layer_weights()
+  if sum(w.nbytes for w in weights.values()) > UNROLL_MAX_BYTES:
+    return None
+  scanned = None if adapters is None else adapter_ctx.scan_inputs(adapters)
+  return [
+    jax.tree.map(lambda a, i=i: a[i], (weights, scanned))
+    for i in range(model.cfg.num_hidden_layers)
+  ]
+
+
+def _hidden(model: llama.Llama, layers, tokens_BT, positions_BT, mask_BT, cache, cache_index, kw):
+  """`model.hidden` against the cache, over the per-layer weights of `_split_layers`: the
+  same ops in the same order as the model's scan (identical results), without slicing."""
+  if layers is None:
+    return model.hidden(
+      tokens_BT,
+      positions_BT=positions_BT,
+      mask_BT=mask_BT,
+      cache=cache,
+      cache_index=cache_index,
+      **kw,
+    )
+  cfg, ctx = model.cfg, kw["adapter_ctx"]
+  x = jnp.take(model.embed[...], tokens_BT, axis=0).astype(model.numerics.compute_dtype)
+  x = model._constrain(x, ("batch", "length", "act_embed"))
+  inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict())
+  sin, cos = rope_tables(positions_BT, inv_freq)
+  bias_BTS, k_mask, k_pos = model._attention_bias(positions_BT, mask_BT, cache, cache_index)
+  kv = (cache["k"], cache["v"])
+  for layer, (weights, inputs) in enumerate(layers):
+    layer_ctx = None if inputs is None else ctx.at_layer(inputs)
+    x, kv = model._block(x, weights, layer_ctx, inputs, sin, cos, bias_BTS, kv, layer, cache_index)
+  x = rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
+  return x, {"k": kv[0], "v": kv[1], "mask": k_mask, "pos": k_pos}
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sampling", "eos_ids"))
 def _generate(
   graphdef,
@@ -88,6 +135,8 @@ def _generate(
   cache = llama.init_cache(model.cfg, B, P + max_new, model.numerics.compute_dtype)
   positions = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
   kw = dict(adapters=adapters, adapter_ctx=adapter_ctx)
+  layers = _split_layers(model, adapters, adapter_ctx) if max_new > 1 else None
+  # the prefill is compute-bound: the model's scan (cheap to compile) slices each layer once
   h, cache = model.hidden(
     tokens_BP, positions_BT=positions, mask_BT=mask_BP, cache=cache, cache_index=0, **kw
   )
@@ -97,6 +146,7 @@ def _generate(
   out = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
   done = jnp.isin(tok, eos)
   next_pos = positions[:, -1] + 1
+  ones = jnp.ones((B, 1), jnp.int32)
 
   def cond(carry):
     i, _, _, done, _, _ = carry
@@ -104,14 +154,8 @@ def _generate(
 
   def body(carry):
     i, tok, cache, done, out, rng = carry
-    h, cache = model.hidden(
-      tok[:, None],
-      positions_BT=(next_pos + i - 1)[:, None],
-      mask_BT=jnp.ones((B, 1), jnp.int32),
-      cache=cache,
-      cache_index=P + i - 1,
-      **kw,
-    )
+    pos = (next_pos + i - 1)[:, None]
+    h, cache = _hidden(model, layers, tok[:, None], pos, ones, cache, P + i - 1, kw)
     rng, sub = jax.random.split(rng)
     new = sample(model.logits(h)[:, 0], sub, sampling)
     new = jnp.where(done, pad_id, new)

@@ -48,7 +48,19 @@ def _parse(spec: str) -> tuple[str, str, str]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _einsum(parsed, out_dtype, a, b):
   lhs, rhs, out = parsed
-  return jnp.einsum(f"{lhs},{rhs}->{out}", a, b, preferred_element_type=F32).astype(out_dtype)
+  spec = f"{lhs},{rhs}->{out}"
+  free = [i for i, d in enumerate(lhs) if d in out and d not in rhs]
+  batched = any(d in rhs and d in out for d in lhs)
+  one_row = free and not batched and math.prod(a.shape[i] for i in free) == 1
+  if one_row and a.dtype != F32 and jax.default_backend() == "cpu":
+    # One row (batch-1 decoding): XLA:CPU runs a one-row product as Eigen's matrix-vector
+    # product, which has no fast bf16 kernel (~10x slower than f32 on a [1, 576] x [576,
+    # 49152] head); two rows go through its GEMM library. Pad a zero row, drop its output.
+    a = jnp.concatenate([a, jnp.zeros_like(a)], axis=free[0])
+    y = jnp.einsum(spec, a, b, preferred_element_type=F32)
+    y = jax.lax.slice_in_dim(y, 0, 1, axis=out.index(lhs[free[0]]))
+    return y.astype(out_dtype)
+  return jnp.einsum(spec, a, b, preferred_element_type=F32).astype(out_dtype)
 
 
 def pack(x: jax.Array) -> jax.Array:
