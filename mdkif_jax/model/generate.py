@@ -4,9 +4,10 @@ Prompts are left-padded to a length bucket, so a batch of prompts of different l
 program; positions come from the padding mask, so a padded row computes exactly what it would
 alone. Decoding stops early once every row has produced an end-of-sequence token.
 
-The layers run unrolled on per-layer weights sliced once per call, before the token loop
-(`_hidden`): the model's own layer scan slices (i.e. copies) every layer's weights on every
-decode step, which doubled the memory traffic of a memory-bound batch-1 step.
+The decode steps run the layers unrolled on per-layer weights sliced once per call, before the
+token loop (`Llama.hidden(layers=...)`): the model's own layer scan slices (i.e. copies) every
+layer's weights on every decode step, which doubled the memory traffic of a memory-bound
+batch-1 step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from mdkif_jax.model import llama
-from mdkif_jax.ops.layers import rms_norm, rope_inv_freq, rope_tables
 
 # Above this many bytes of layer weights, generation runs the model's layer scan instead of
 # holding a second, per-layer copy of the weights for the duration of a call.
@@ -89,32 +89,6 @@ def _split_layers(model: llama.Llama, adapters, adapter_ctx) -> list | None:
   ]
 
 
-def _hidden(model: llama.Llama, layers, tokens_BT, positions_BT, mask_BT, cache, cache_index, kw):
-  """`model.hidden` against the cache, over the per-layer weights of `_split_layers`: the
-  same ops in the same order as the model's scan (identical results), without slicing."""
-  if layers is None:
-    return model.hidden(
-      tokens_BT,
-      positions_BT=positions_BT,
-      mask_BT=mask_BT,
-      cache=cache,
-      cache_index=cache_index,
-      **kw,
-    )
-  cfg, ctx = model.cfg, kw["adapter_ctx"]
-  x = jnp.take(model.embed[...], tokens_BT, axis=0).astype(model.numerics.compute_dtype)
-  x = model._constrain(x, ("batch", "length", "act_embed"))
-  inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict())
-  sin, cos = rope_tables(positions_BT, inv_freq)
-  bias_BTS, k_mask, k_pos = model._attention_bias(positions_BT, mask_BT, cache, cache_index)
-  kv = (cache["k"], cache["v"])
-  for layer, (weights, inputs) in enumerate(layers):
-    layer_ctx = None if inputs is None else ctx.at_layer(inputs)
-    x, kv = model._block(x, weights, layer_ctx, inputs, sin, cos, bias_BTS, kv, layer, cache_index)
-  x = rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
-  return x, {"k": kv[0], "v": kv[1], "mask": k_mask, "pos": k_pos}
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "sampling", "eos_ids"))
 def _generate(
   graphdef,
@@ -155,7 +129,15 @@ def _generate(
   def body(carry):
     i, tok, cache, done, out, rng = carry
     pos = (next_pos + i - 1)[:, None]
-    h, cache = _hidden(model, layers, tok[:, None], pos, ones, cache, P + i - 1, kw)
+    h, cache = model.hidden(
+      tok[:, None],
+      positions_BT=pos,
+      mask_BT=ones,
+      cache=cache,
+      cache_index=P + i - 1,
+      layers=layers,
+      **kw,
+    )
     rng, sub = jax.random.split(rng)
     new = sample(model.logits(h)[:, 0], sub, sampling)
     new = jnp.where(done, pad_id, new)

@@ -114,6 +114,7 @@ class Llama(nnx.Module):
     adapter_ctx: AdapterContext | None = None,
     cache: dict | None = None,
     cache_index: jax.Array | None = None,
+    layers: list | None = None,
   ) -> tuple[jax.Array, dict | None]:
     """Final-norm hidden states [B, T, D] (and the updated KV cache when one is given).
 
@@ -124,6 +125,10 @@ class Llama(nnx.Module):
       (both or neither).
     cache: {"k": [L, B, S, K, Dh], "v": ..., "mask": [B, S]} with S >= the context length; the
       new keys/values are written at [cache_index, cache_index + T).
+    layers: per layer (its weights, its adapter scan inputs or None), already sliced: the
+      layers then run unrolled on them (the same ops in the same order as the scan). The scan
+      slices, i.e. copies, every layer's weights on each call, which doubles the memory
+      traffic of a memory-bound decode step; generation slices once per call instead.
     """
     cfg, num = self.cfg, self.numerics
     B, T = tokens_BT.shape
@@ -152,8 +157,12 @@ class Llama(nnx.Module):
     # The whole KV cache rides in the scan carry and each layer writes only its new [B, T]
     # slots in place. (Scanned as xs/ys it was rebuilt, i.e. copied, on every decode step.)
     kv = None if cache is None else (cache["k"], cache["v"])
-    layers = jnp.arange(cfg.num_hidden_layers)
-    (x, kv), _ = jax.lax.scan(block, (x, kv), (self.layer_weights(), scanned, layers))
+    if layers is None:
+      xs = (self.layer_weights(), scanned, jnp.arange(cfg.num_hidden_layers))
+      (x, kv), _ = jax.lax.scan(block, (x, kv), xs)
+    else:
+      for layer, (weights, layer_inputs) in enumerate(layers):
+        (x, kv), _ = block((x, kv), (weights, layer_inputs, layer))
     x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     new_cache = None
     if cache is not None:
