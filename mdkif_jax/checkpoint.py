@@ -25,21 +25,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mdkif_jax.peft import serving
+from mdkif_jax.errors import CheckpointMismatchError, SkillsMismatchError
+from mdkif_jax.peft import import_peft, serving
 
 log = logging.getLogger(__name__)
 
 # Test-only: SIGKILL this process right after the save of this step has started (Orbax's
 # temporary directory exists, nothing is committed), so a test can kill inside a save.
 KILL_IN_SAVE_ENV = "MDKIF_TEST_KILL_IN_SAVE"
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint in the workdir belongs to another model, skill set or adapter shape."""
-
-
-class SkillsMismatchError(CheckpointMismatchError):
-  """A skills checkpoint that belongs to another base model (or is missing)."""
 
 
 class DamagedCheckpointError(RuntimeError):
@@ -300,8 +293,6 @@ def load_skills(config, base_cfg, mesh) -> Skills:
   """The skills of every entry in `config.skills_from`, stacked: stage-1 workdirs, and PEFT
   adapter directories as `peft:PATH` (peft/import_peft.py). The workdirs must agree on the
   prompt template and max_len (stage 2 builds its rows with them)."""
-  from mdkif_jax.peft import import_peft
-
   dirs = [d.strip() for d in (config.skills_from or "").split(",") if d.strip()]
   if not dirs:
     raise SkillsMismatchError("config.skills_from is not set: give the stage-1 workdir(s)")

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdkif_jax.checkpoint import SkillsMismatchError
+from mdkif_jax.errors import SkillsMismatchError
 from mdkif_jax.peft.adapters import TARGETS
 from mdkif_jax.peft.export import MODULE_TARGET, module_name, parse_peft_key
 
