@@ -10,6 +10,8 @@ Presets after a colon, comma-separated, then `key=value` overrides:
   --config=configs/eval.py:paper      # the paper's 9 tasks on ../shared/data, every method
   --config=configs/eval.py:tiny       # random tiny model (tests, smoke runs)
   --config=configs/eval.py:lm_eval_mcqa  # lm-evaluation-harness's MCQA prompt, the base only
+  --config=configs/eval.py:paper,curve --config.skills_step=75  # a learning-curve point
+  --config=configs/eval.py:paper,control  # a control's skills (docs/results.md)
 
 A task of your own: --config.tasks="('mytask=/path/rows.jsonl',)" (our Example JSONL, or MCQA
 in the MedQA or MedMCQA layout). The fitting methods read the router, cmaes and gate sections
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common, router, skill
+from mdkif_jax.data import suite
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -121,4 +124,23 @@ def _lm_eval_mcqa(c):
   c.methods = ("base",)
 
 
-PRESETS = {"tiny": _tiny, "paper": _paper, "lm_eval_mcqa": _lm_eval_mcqa}
+def _curve(c):
+  """After :paper, a learning-curve point (docs/results.md): the unseen-data track with the
+  base, the uniform mixture and the GD router, on the checkpoint --config.skills_step names."""
+  c.tasks = tuple(t for t in c.tasks if suite.TASKS[t].track == suite.UNSEEN_DATA)
+  c.methods = ("base", "uniform", "gd")
+
+
+def _control(c):
+  """After :paper, a control's skills (docs/results.md): the multi-task adapter (one skill:
+  gd fits its scalar weight) or the plain-LoRA skills, scored like the AdaLoRA skills."""
+  c.methods = ("base", "uniform", "best_single", "gd")
+
+
+PRESETS = {
+  "tiny": _tiny,
+  "paper": _paper,
+  "lm_eval_mcqa": _lm_eval_mcqa,
+  "curve": _curve,
+  "control": _control,
+}

@@ -42,11 +42,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # `rows_per_skill` rows of every skill); "separate": one run per skill, one after another.
   c.train.mode = "joint"
   c.train.rows_per_skill = 1  # rows of each skill in every batch (per host)
+  # "adalora": AdaLoRA adapters (the paper); "lora": plain LoRA at rank adalora.target_r (the
+  # parameter count AdaLoRA ends with), B = 0 at init, no pruning, no orthogonal regulariser.
+  c.train.adapter = "adalora"
+  # True: ONE adapter ("union") trained on the union of the skills' data, the same rows in the
+  # same order as the per-skill run (the multi-task control of docs/results.md).
+  c.train.union = False
   c.train.steps = 40  # optimizer updates per skill (= AdaLoRA total_step)
   c.train.seed = 0  # seed of the adapter init
   c.train.log_every = 5  # steps between metric writes (JSONL + TensorBoard)
   c.train.checkpoint_every = 20  # steps between checkpoints (one is always written at the end)
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+  c.train.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
   c.train.async_checkpoint = True  # write checkpoints in the background
   # Reserved (eval) rows per skill scored before and after training (0 = no evaluation).
   c.train.eval_rows_per_skill = 2
@@ -118,6 +125,7 @@ def _paper(c):
   c.adalora.tfinal = 60
   c.adalora.delta_t = 10
   c.train.checkpoint_every = 25
+  c.train.keep_period = 75  # steps 75, 150, 225, 300 stay: the learning curve's points
   c.train.log_every = 10
   c.train.eval_rows_per_skill = 8
 

@@ -66,9 +66,16 @@ def serving_meta(data_cfg) -> dict:
   return {"template": data_cfg.template.to_dict(), "max_len": int(data_cfg.max_len)}
 
 
-def manager(directory: str | pathlib.Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+def manager(
+  directory: str | pathlib.Path, keep: int, async_save: bool, keep_period: int | None = None
+) -> ocp.CheckpointManager:
+  """keep: the newest checkpoints kept; keep_period: steps that are its multiples are never
+  deleted either (the learning curve's points)."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    max_to_keep=keep,
+    keep_period=keep_period or None,
+    create=True,
+    enable_async_checkpointing=async_save,
   )
   return ocp.CheckpointManager(
     pathlib.Path(directory).absolute(), options=options, item_names=("state", "data", "meta")

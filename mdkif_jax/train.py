@@ -71,8 +71,11 @@ def make_step(
   mesh,
   state_example,
   loss_chunk: int = 256,
+  freeze_e: bool = False,
 ):
-  """The jitted `(state, frozen, batch) -> (state, metrics)`; the frozen base is an input."""
+  """The jitted `(state, frozen, batch) -> (state, metrics)`; the frozen base is an input.
+
+  freeze_e: keep every E as it is (plain LoRA stored in the SVD form with E = 1)."""
   lookup = jnp.asarray(registry_to_local, jnp.int32)
 
   def loss_fn(adapter_tree, frozen, batch):
@@ -113,6 +116,10 @@ def make_step(
       "opt_state": opt_state,
       "step": state["step"] + 1,
     }
+    if freeze_e:  # whatever the optimizer did to E (weight decay, say) is undone
+      new["adapters"] = {
+        t: {**leaf, "E": state["adapters"][t]["E"]} for t, leaf in new["adapters"].items()
+      }
     # a non-finite step never reaches the weights: keep the old adapters and optimizer state
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     kept["step"] = state["step"] + 1
@@ -167,9 +174,55 @@ def load_base(config, mesh, progress: bool = False):
   )
 
 
+ADAPTER_KINDS = ("adalora", "lora")
+UNION = "union"  # the one adapter's name under train.union
+
+
+def adapter_names(config, skills: tuple[str, ...]) -> tuple[str, ...]:
+  """The adapters a run trains: one per skill, or one on the union of their data."""
+  return (UNION,) if config.train.get("union", False) else tuple(skills)
+
+
+def as_trained(config):
+  """The config the optimizer and adapters are built from: under train.adapter="lora", plain
+  LoRA at rank adalora.target_r (init_r = target_r: the allocator's budget is every rank, so it
+  never prunes) without the orthogonal regulariser."""
+  kind = config.train.get("adapter", "adalora")
+  if kind not in ADAPTER_KINDS:
+    raise ConfigError(
+      f"--config.train.adapter must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}"
+    )
+  if kind == "adalora":
+    return config
+  config = config.copy_and_resolve_references()
+  config.adalora.init_r = config.adalora.target_r
+  config.adalora.orth_reg_weight = 0.0
+  return config
+
+
+def _init_adapters(config, skills, dims, num_layers: int, r: int) -> dict:
+  """Stacked adapters [S, ...]: AdaLoRA's init, or plain LoRA's (A kaiming-uniform, B = 0)
+  with E = 1 so the SVD form B·diag(E)·A is B·A and every later stage reads it unchanged."""
+  key = jax.random.key(config.train.seed)
+  # an adapter's init depends only on (seed, its registry id): joint == separate runs
+  ids = [len(data.SKILLS) if s == UNION else data.skill_id(s) for s in skills]
+  if config.train.get("adapter", "adalora") == "lora":
+    per = [adapters.init_lora(jax.random.fold_in(key, i), dims, num_layers, r) for i in ids]
+    per = [{t: {**leaf, "E": jnp.ones((num_layers, r))} for t, leaf in p.items()} for p in per]
+  else:
+    per = [
+      adapters.init_adalora(
+        jax.random.fold_in(key, i), dims, num_layers, r, std=config.adalora.init_std
+      )
+      for i in ids
+    ]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *per)
+
+
 def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setup:
   """Load (or take) the frozen base and tokenizer, build the optimizer (validating the AdaLoRA
-  schedule before any compute), the per-skill adapters and the jitted steps."""
+  schedule before any compute), the adapters (`adapter_names`) and the jitted steps."""
+  config = as_trained(config)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   if tok is None:  # before the base: a preset without a tokenizer fails before any build
     tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))
@@ -184,23 +237,13 @@ def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setu
   tx, adalora_cfg = build_optimizer(config, int(config.train.steps))
   targets = adapters.select_targets([p.strip() for p in config.adalora.targets.split(",")])
   dims = {t: cfg.projection_dims()[t] for t in targets}
-  key = jax.random.key(config.train.seed)
-  # skill s's init depends only on (seed, its registry id): joint == separate runs
-  per_skill = [
-    adapters.init_adalora(
-      jax.random.fold_in(key, data.skill_id(s)),
-      dims,
-      cfg.num_hidden_layers,
-      adalora_cfg.init_r,
-      std=config.adalora.init_std,
-    )
-    for s in skills
-  ]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_skill)
+  names = adapter_names(config, skills)
+  stacked = _init_adapters(config, names, dims, cfg.num_hidden_layers, adalora_cfg.init_r)
   state = {"adapters": stacked, "opt_state": tx.init(stacked), "step": jnp.zeros([], jnp.int32)}
-  registry_to_local = np.full(len(data.SKILLS), 0, np.int32)
-  for i, s in enumerate(skills):
-    registry_to_local[data.skill_id(s)] = i
+  registry_to_local = np.full(len(data.SKILLS), 0, np.int32)  # union: every row to adapter 0
+  if names != (UNION,):
+    for i, s in enumerate(skills):
+      registry_to_local[data.skill_id(s)] = i
   scale = adapters.adapter_scale(
     adalora_cfg.lora_alpha, adalora_cfg.init_r, adalora_cfg.scale_convention
   )
@@ -209,11 +252,12 @@ def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setu
     tx,
     adalora_cfg,
     scale,
-    len(skills),
+    len(names),
     registry_to_local,
     mesh,
     state,
     loss_chunk=int(config.train.loss_chunk),
+    freeze_e=config.train.get("adapter", "adalora") == "lora",
   )
   state = jax.device_put(state, fns.state_sharding)
   return Setup(mesh, frozen, cfg, tok, adalora_cfg, targets, scale, fns, state)
@@ -363,14 +407,25 @@ def train_skills(
   workdir = pathlib.Path(workdir)
   run = setup_training(config, skills, base)
   steps = int(config.train.steps)
-  batches = make_batches(config, skills, run.tok)
+  batches = make_batches(config, skills, run.tok)  # every skill's stream, also under union
+  names = adapter_names(config, skills)
   identity = checkpoint.run_identity(
-    run.model_cfg, skills, run.targets, run.adalora_cfg.init_r, run.scale
+    run.model_cfg, names, run.targets, run.adalora_cfg.init_r, run.scale
   )
   identity.update(schedule_identity(config))  # a resume under another schedule is refused
+  # recorded only when not the default, so checkpoints written before these fields resume
+  if names == (UNION,):
+    identity["union_of"] = list(skills)
+  if config.train.get("adapter", "adalora") != "adalora":
+    identity["adapter"] = config.train.adapter
   meta = {**identity, "serving": checkpoint.serving_meta(config.data)}
   directory = workdir / "checkpoints"
-  mngr = checkpoint.manager(directory, config.train.keep_checkpoints, config.train.async_checkpoint)
+  mngr = checkpoint.manager(
+    directory,
+    config.train.keep_checkpoints,
+    config.train.async_checkpoint,
+    keep_period=config.train.get("keep_period", 0),
+  )
   start = 0
   restored = checkpoint.restore_latest(mngr, checkpoint.abstract_of(run.state), identity)
   if restored is not None:
@@ -387,7 +442,7 @@ def train_skills(
       return {}
     adapters_now = run.state["adapters"]
     rec = evaluate.reserved_losses(
-      run.fns.eval_step, adapters_now, run.frozen, eval_batch, run.mesh, skills
+      run.fns.eval_step, adapters_now, run.frozen, eval_batch, run.mesh, names
     )
     writer.write(step, rec)
     return rec
@@ -399,20 +454,20 @@ def train_skills(
   stop = steps if stop_after is None else min(steps, stop_after)
   try:
     ckpt = _Checkpoints(mngr, directory, meta)
-    progress = _loop(config, run, skills, batches, ckpt, writer, start, stop)
+    progress = _loop(config, run, names, batches, ckpt, writer, start, stop)
     eval_after = {} if finished else evaluate_now(int(run.state["step"]))
   finally:
     mngr.wait_until_finished()
     writer.close()
   if eval_before and eval_after and jax.process_index() == 0:
     print(reporting.eval_change(eval_before, eval_after, start, int(run.state["step"])))
-  masks, ranks = _write_rank_pattern(config, workdir, run, skills)
+  masks, ranks = _write_rank_pattern(config, workdir, run, names)
   return {
     "adapters": run.state["adapters"],
     "masks": masks,
     "history": progress.history,
     "ranks": ranks,
-    "skills": skills,
+    "skills": names,
     "skipped_steps": progress.bad_total,
     "eval_before": eval_before,
     "allocator_step": adalora.find_state(run.state["opt_state"]).count,
@@ -435,6 +490,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.train.mode == "joint":
     return train_skills(config, workdir, skills)
   if config.train.mode == "separate":
+    if config.train.union:
+      raise ConfigError("--config.train.union=True trains one adapter: use train.mode='joint'")
     base = load_base(config, sharding.make_mesh(tuple(config.mesh.shape)))
     return {s: train_skills(config, pathlib.Path(workdir) / s, (s,), base=base) for s in skills}
   raise ConfigError(f"--config.train.mode must be 'joint' or 'separate', got {config.train.mode!r}")

@@ -1,0 +1,134 @@
+"""The learning curve of docs/results.md: a track's mean relative gain over the base against the
+training examples each skill had seen, one point per evaluation of a stage-1 checkpoint.
+
+  python -m mdkif_jax.curve runs/paper/skill runs/paper/curve_75 runs/paper/curve_150 \
+    runs/paper/eval --out docs/results/learning_curve.png
+
+Each evaluation workdir's cells_identity.json names the stage-1 workdir and step it scored
+(`skills_step`; none = the latest); the examples come from that checkpoint's data position
+(read without restoring any array), so the x axis is what the skills saw, packing included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from mdkif_jax import inspect as inspect_run
+
+
+class CurveError(ValueError):
+  """An evaluation workdir that does not belong to the stage-1 run, or has no results."""
+
+
+def point(skill_dir: pathlib.Path, eval_dir: pathlib.Path, track: str) -> dict:
+  """One curve point: the checkpoint's step and examples per skill, each method's gain."""
+  results_path, ident_path = eval_dir / "results.json", eval_dir / "cells_identity.json"
+  for p in (results_path, ident_path):
+    if not p.is_file():
+      raise CurveError(f"{eval_dir}: no {p.name} (run the evaluation stage there first)")
+  results = json.loads(results_path.read_text())
+  ident = json.loads(ident_path.read_text())
+  source = ident.get("skills_from")
+  if source is None or pathlib.Path(source).resolve() != skill_dir.resolve():
+    raise CurveError(f"{eval_dir}: scored the skills of {source!r}, not of {skill_dir}")
+  if track not in results.get("tracks", {}):
+    have = ", ".join(results.get("tracks", {})) or "none"
+    raise CurveError(f"{eval_dir}: no {track!r} track in results.json (it has: {have})")
+  report = inspect_run.inspect(skill_dir, ident.get("skills_step"))
+  positions = report.get("data_position") or {}
+  seen = {s: int(st["position"]) for s, st in positions.items()}
+  if not seen:
+    raise CurveError(f"{skill_dir}: the checkpoint at step {report.get('step')} has no data state")
+  tasks = {
+    name: {m: e["score"] for m, e in t["methods"].items()}
+    for name, t in results["tasks"].items()
+    if t["track"] == track
+  }
+  return {
+    "eval_dir": str(eval_dir),
+    "step": int(report["optimizer_step"]),
+    "examples_per_skill": {"mean": float(np.mean(list(seen.values()))), **seen},
+    "gain": {
+      m: {"mean": g["mean_relative_gain"], "ci": g["ci"]}
+      for m, g in results["tracks"][track].items()
+    },
+    "scores": tasks,
+  }
+
+
+def curve(skill_dir, eval_dirs, track: str = "unseen_data") -> list[dict]:
+  points = [point(pathlib.Path(skill_dir), pathlib.Path(d), track) for d in eval_dirs]
+  return sorted(points, key=lambda p: p["step"])
+
+
+def plot(points: list[dict], out: pathlib.Path, track: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  x = [p["examples_per_skill"]["mean"] for p in points]
+  # the methods every point scored (the final point may be the full suite's evaluation)
+  methods = [m for m in points[0]["gain"] if m != "base" and all(m in p["gain"] for p in points)]
+  for i, m in enumerate(methods):
+    have = [(xi, p["gain"][m]) for xi, p in zip(x, points, strict=True)]
+    xs = np.asarray([h[0] for h in have]) * (1 + 0.01 * (i - len(methods) / 2))  # no overlap
+    mean = np.asarray([100 * h[1]["mean"] for h in have])
+    lo = mean - np.asarray([100 * h[1]["ci"][0] for h in have])
+    hi = np.asarray([100 * h[1]["ci"][1] for h in have]) - mean
+    ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=m)
+  ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+  for xi, p in zip(x, points, strict=True):
+    ax.annotate(
+      f"step {p['step']}",
+      (xi, 0),
+      textcoords="offset points",
+      xytext=(0, -14),
+      ha="center",
+      fontsize=7,
+      color="grey",
+    )
+  ax.set_xlabel("training examples per skill (mean over skills)")
+  ax.set_ylabel(f"mean relative gain over base, {track} (%)")
+  ax.set_title("gain over the base vs stage-1 training (95% bootstrap CI)")
+  ax.legend()
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m mdkif_jax.curve", description=__doc__.split("\n")[0])
+  ap.add_argument("skill_dir", help="the stage-1 workdir the evaluations scored")
+  ap.add_argument("eval_dirs", nargs="+", help="evaluation workdirs, one per checkpoint")
+  ap.add_argument("--track", default="unseen_data", help="the suite track (default unseen_data)")
+  ap.add_argument("--out", required=True, help="the plot (.png); the points go beside it (.json)")
+  args = ap.parse_args(argv)
+  try:
+    points = curve(args.skill_dir, args.eval_dirs, args.track)
+  except (CurveError, inspect_run.InspectError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 2
+  out = pathlib.Path(args.out)
+  plot(points, out, args.track)
+  out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+  for p in points:
+    gains = "  ".join(
+      f"{m} {100 * g['mean']:+.1f}% [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
+      for m, g in p["gain"].items()
+      if m != "base"
+    )
+    print(f"step {p['step']:>5}  {p['examples_per_skill']['mean']:>8.0f} examples/skill  {gains}")
+  print(f"wrote {out} and {out.with_suffix('.json')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
