@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# docs/results.md's experiment (issue 21), every piece in order, each one resumable: rerun the
+# script after an interruption and finished pieces are skipped (stage 1 resumes from its last
+# checkpoint, the evaluation from its finished cells).
+#
+#   launch/paper_experiment.sh                 # everything, ~10-15 h on 2 CPU cores
+#   PIECES="skill eval" launch/paper_experiment.sh   # some pieces only
+#
+# Pieces: skill (stage 1, configs/skill.py:paper), eval (the 9-task suite on its final
+# checkpoint), curve (the unseen-data track at steps 75 and 150, then the plot), union and
+# lora (the controls' stage 1), eval_union and eval_lora (their evaluation). Each piece's
+# wall, CPU and peak memory are appended to $RUNS/timings.tsv; the small outputs (results
+# JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
+#
+# Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON
+# (default .venv/bin/python if present, else python3), PIECES (default: all, in the order
+# above), NICE (default 0: the niceness every piece runs at).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-runs/paper}
+PUBLISH=${PUBLISH:-docs/results/paper}
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+PIECES=${PIECES:-skill eval curve union lora eval_union eval_lora}
+NICE=${NICE:-0}
+mkdir -p "$RUNS" "$PUBLISH"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+# run NAME ARGS...: one resumable piece, timed, its output in $RUNS/NAME.log
+run() {
+  local name=$1
+  shift
+  echo "== $name: $*" >&2
+  local t="$RUNS/.time_$name"
+  if ! nice -n "$NICE" /usr/bin/time -f "%e %U %S %M" -o "$t" "$@" >>"$RUNS/$name.log" 2>&1; then
+    echo "error: piece $name failed; see $RUNS/$name.log" >&2
+    exit 1
+  fi
+  read -r wall user sys rss <"$t"
+  awk -v n="$name" -v c="$commit" -v d="$(date -u +%FT%TZ)" -v w="$wall" -v u="$user" \
+    -v s="$sys" -v m="$rss" 'BEGIN { printf "%s\t%s\t%s\t%.1f\t%.1f\t%.2f\n", n, c, d, w, u + s, m / 1048576 }' \
+    >>"$RUNS/timings.tsv"
+}
+
+main() { run "$1" "$PYTHON" -m mdkif_jax.main "${@:2}"; }
+
+publish() {  # publish NAME: the evaluation's small outputs
+  mkdir -p "$PUBLISH/$1"
+  cp "$RUNS/$1"/results.{json,md,png} "$RUNS/$1/cells_identity.json" "$PUBLISH/$1/"
+}
+
+[[ -f $RUNS/timings.tsv ]] || printf 'piece\tcommit\tfinished\twall_s\tcpu_s\tpeak_rss_gb\n' >"$RUNS/timings.tsv"
+for piece in $PIECES; do
+  case $piece in
+    skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
+    eval)
+      main eval --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
+        --workdir="$RUNS/eval"
+      publish eval
+      ;;
+    curve)
+      for step in 75 150; do
+        main "curve_$step" --config=configs/eval.py:paper,curve \
+          --config.skills_from="$RUNS/skill" --config.skills_step=$step \
+          --workdir="$RUNS/curve_$step"
+        publish "curve_$step"
+      done
+      "$PYTHON" -m mdkif_jax.curve "$RUNS/skill" "$RUNS/curve_75" "$RUNS/curve_150" \
+        "$RUNS/eval" --out "$PUBLISH/learning_curve.png"
+      ;;
+    union | lora)
+      if [[ $piece == union ]]; then flag=--config.train.union=True; else flag=--config.train.adapter=lora; fi
+      main "$piece" --config=configs/skill.py:paper "$flag" --workdir="$RUNS/$piece"
+      ;;
+    eval_union | eval_lora)
+      main "$piece" --config=configs/eval.py:paper,control \
+        --config.skills_from="$RUNS/${piece#eval_}" --workdir="$RUNS/$piece"
+      publish "$piece"
+      ;;
+    *)
+      echo "error: unknown piece $piece (skill eval curve union lora eval_union eval_lora)" >&2
+      exit 2
+      ;;
+  esac
+done
+cp "$RUNS/timings.tsv" "$PUBLISH/timings.tsv"

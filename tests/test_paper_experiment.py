@@ -1,0 +1,101 @@
+"""launch/paper_experiment.sh runs docs/results.md's pieces in order with the right flags,
+times each one, publishes only the small outputs, and stops at the first failing piece."""
+
+import pathlib
+import subprocess
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "paper_experiment.sh"
+
+# A stand-in python: logs its arguments, writes what an evaluation leaves in its workdir, and
+# fails when the piece's workdir is named in $FAIL_ON.
+STUB = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+for a in "$@"; do
+  case $a in --workdir=*) w=${a#--workdir=} ;; esac
+done
+if [[ -n ${w:-} && -n ${FAIL_ON:-} && $w == *"$FAIL_ON" ]]; then echo boom >&2; exit 3; fi
+if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
+  mkdir -p "$w/cells"
+  for f in results.json results.md results.png cells_identity.json; do echo "$f" > "$w/$f"; done
+  echo big > "$w/cells/cell.json"
+fi
+if [[ $* == *"-m mdkif_jax.curve"* ]]; then
+  for a in "$@"; do last=$a; done
+  echo png > "$last"
+fi
+"""
+
+
+def _run(tmp_path, pieces=None, fail_on=""):
+  stub = tmp_path / "python"
+  stub.write_text(STUB)
+  stub.chmod(0o755)
+  env = {
+    "PATH": "/usr/bin:/bin",
+    "PYTHON": str(stub),
+    "CALLS": str(tmp_path / "calls.txt"),
+    "RUNS": str(tmp_path / "runs"),
+    "PUBLISH": str(tmp_path / "pub"),
+    "FAIL_ON": fail_on,
+  }
+  if pieces is not None:
+    env["PIECES"] = pieces
+  proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+  calls = (tmp_path / "calls.txt").read_text().splitlines() if proc.returncode != 2 else []
+  return proc, calls
+
+
+def test_every_piece_in_order_with_its_flags(tmp_path):
+  proc, calls = _run(tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  runs = tmp_path / "runs"
+  want = [
+    f"-m mdkif_jax.main --config=configs/skill.py:paper --workdir={runs}/skill",
+    f"-m mdkif_jax.main --config=configs/eval.py:paper --config.skills_from={runs}/skill "
+    f"--workdir={runs}/eval",
+    f"-m mdkif_jax.main --config=configs/eval.py:paper,curve --config.skills_from={runs}/skill "
+    f"--config.skills_step=75 --workdir={runs}/curve_75",
+    f"-m mdkif_jax.main --config=configs/eval.py:paper,curve --config.skills_from={runs}/skill "
+    f"--config.skills_step=150 --workdir={runs}/curve_150",
+    f"-m mdkif_jax.curve {runs}/skill {runs}/curve_75 {runs}/curve_150 {runs}/eval "
+    f"--out {tmp_path}/pub/learning_curve.png",
+    f"-m mdkif_jax.main --config=configs/skill.py:paper --config.train.union=True "
+    f"--workdir={runs}/union",
+    f"-m mdkif_jax.main --config=configs/skill.py:paper --config.train.adapter=lora "
+    f"--workdir={runs}/lora",
+    f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/union "
+    f"--workdir={runs}/eval_union",
+    f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/lora "
+    f"--workdir={runs}/eval_lora",
+  ]
+  assert calls == want
+  timings = (tmp_path / "pub" / "timings.tsv").read_text().splitlines()
+  assert timings[0].split("\t")[:4] == ["piece", "commit", "finished", "wall_s"]
+  assert [row.split("\t")[0] for row in timings[1:]] == [
+    "skill",
+    "eval",
+    "curve_75",
+    "curve_150",
+    "union",
+    "lora",
+    "eval_union",
+    "eval_lora",
+  ]
+  assert all(len(row.split("\t")) == 6 for row in timings)
+  published = sorted(str(p.relative_to(tmp_path / "pub")) for p in (tmp_path / "pub").rglob("*"))
+  assert "eval/results.json" in published and "eval_lora/cells_identity.json" in published
+  assert "learning_curve.png" in published
+  assert not any("cells/" in p for p in published)  # the cells stay in the run
+
+
+def test_a_failing_piece_stops_the_script_naming_its_log(tmp_path):
+  proc, calls = _run(tmp_path, pieces="union eval", fail_on="/union")
+  assert proc.returncode == 1
+  assert "piece union failed" in proc.stderr and "union.log" in proc.stderr
+  assert len(calls) == 1  # nothing after it
+  assert "boom" in (tmp_path / "runs" / "union.log").read_text()
+
+
+def test_an_unknown_piece_is_refused(tmp_path):
+  proc, _ = _run(tmp_path, pieces="skill evl")
+  assert proc.returncode == 2 and "unknown piece evl" in proc.stderr
