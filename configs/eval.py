@@ -133,8 +133,9 @@ def _curve(c):
 
 def _control(c):
   """After :paper, a control's skills (docs/results.md): the multi-task adapter (one skill:
-  gd fits its scalar weight) or the plain-LoRA skills, scored like the AdaLoRA skills."""
-  c.methods = ("base", "uniform", "best_single", "gd")
+  gd fits its scalar weight) or the plain-LoRA skills, by the GD router as the AdaLoRA skills
+  (the base again: each run's differences are paired with its own base cells)."""
+  c.methods = ("base", "gd")
 
 
 PRESETS = {
