@@ -364,6 +364,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
 
 
 # ---- assembling the table ---------------------------------------------------------------------
+ROUTER = "gd"  # the method the references below are compared with, row by row
+REFERENCES = ("uniform", "best_single", "adalora_task")  # what a router must beat or approach
+
+
 def _estimate(out: metrics.Outcomes, idx: np.ndarray, name: str) -> stats.Estimate:
   return stats.bootstrap(lambda i: metrics.metric_on(name, out, i), out.n, idx)
 
@@ -405,6 +409,11 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
     if "base" in estimates:
       for method, est in estimates.items():
         methods_out[method]["delta_vs_base"] = stats.paired_difference(est, estimates["base"])
+    refs = [r for r in REFERENCES if r in estimates and ROUTER in estimates]
+    if refs:  # the router minus each reference, on the same resamples (paired)
+      methods_out[ROUTER]["delta_vs"] = {
+        r: stats.paired_difference(estimates[ROUTER], estimates[r]) for r in refs
+      }
     res["tasks"][spec.name] = {
       "track": spec.track,
       "metric": headline,
@@ -422,6 +431,13 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
         res["tracks"][track][method] = stats.relative_gain(
           [m for m, _ in pairs], [b for _, b in pairs]
         )
+    # the router's mean relative gain over each reference (over adalora_task: its score share
+    # minus 1), for the tracks where every task scored both
+    router = [m for m, _ in by_method.get(ROUTER, [])]
+    for r in REFERENCES:
+      ref = [m for m, _ in by_method.get(r, [])]
+      if router and len(ref) == len(router):
+        res.setdefault("router_vs", {}).setdefault(track, {})[r] = stats.relative_gain(router, ref)
   return res
 
 

@@ -238,8 +238,39 @@ def results_table(results: dict) -> list[str]:
       )
       lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} |")
     lines.append("")
+    lines += _router_lines(results, track, tasks)
   lines.append("Intervals: 95% bootstrap over scored rows; Δ: the paired difference to the base.")
   return lines
+
+
+def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
+  """The GD router against the base (wins, intervals above 0) and, row by row, against each
+  reference it must beat or approach (evaluate_suite.REFERENCES)."""
+  gd = {n: results["tasks"][n]["methods"].get("gd") for n in tasks}
+  if not all(gd.values()):
+    return []
+  d = [e.get("delta_vs_base") for e in gd.values()]
+  out = []
+  if all(d):
+    wins = sum(x["mean"] > 0 for x in d)
+    sure = sum(x["ci"][0] > 0 for x in d)
+    out += [
+      f"gd vs base: higher on {wins} of {len(d)} tasks, the Δ interval above 0 on {sure}.",
+      "",
+    ]
+  vs = results.get("router_vs", {}).get(track, {})
+  if not vs:
+    return out
+  out += [f"| gd minus | {' | '.join(tasks)} | mean relative gain of gd over it |"]
+  out.append("|---" * (len(tasks) + 2) + "|")
+  for ref, g in vs.items():
+    cells = []
+    for e in gd.values():
+      x = e["delta_vs"][ref]
+      cells.append(f"{x['mean']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]")
+    gain = f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
+    out.append(f"| {ref} | " + " | ".join(cells) + f" | {gain} |")
+  return out + [""]
 
 
 def plot_results(path, results: dict) -> None:

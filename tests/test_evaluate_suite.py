@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import eval as eval_config
@@ -103,6 +104,29 @@ def test_every_task_and_method_has_a_score_an_interval_and_a_paired_difference(e
     "demo",
     "mine",
   }
+
+
+def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
+  _, _, root, results = evaluated
+  for track in ("custom", "unseen_data"):
+    tasks = [t for t in results["tasks"].values() if t["track"] == track]
+    vs = results["router_vs"][track]
+    assert set(vs) == {"uniform", "best_single", "adalora_task"}
+    for ref, g in vs.items():
+      gd = [t["methods"]["gd"]["score"] for t in tasks]
+      other = [t["methods"][ref]["score"] for t in tasks]
+      rel = [(a - b) / b for a, b in zip(gd, other, strict=True) if b > 0]
+      assert g["tasks"] == len(rel)
+      if rel:
+        np.testing.assert_allclose(g["mean_relative_gain"], np.mean(rel), rtol=1e-9)
+      for t in tasks:
+        d = t["methods"]["gd"]["delta_vs"][ref]
+        np.testing.assert_allclose(
+          d["mean"], t["methods"]["gd"]["score"] - t["methods"][ref]["score"], atol=1e-12
+        )
+        assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+  table = (root / "run" / "results.md").read_text()
+  assert table.count("| gd minus |") == 2 and "gd vs base: higher on" in table
 
 
 def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
