@@ -11,6 +11,8 @@ Presets after a colon, comma-separated, then `key=value` overrides of the preset
   --config=configs/skill.py:shared                     # the real datasets in ../shared/data
   --config=configs/skill.py:shared_small               # 60 steps (docs/results.md)
   --config=configs/skill.py:paper                      # the headline run, ~2 h (docs/results.md)
+  --config=configs/skill.py:paper,union                # its controls: one multi-task adapter,
+  --config=configs/skill.py:paper,lora                 # or plain-LoRA skills
 
 and any field from the command line: --config.adalora.init_r=12 --config.train.steps=200.
 """
@@ -130,11 +132,32 @@ def _paper(c):
   c.train.eval_rows_per_skill = 8
 
 
+def _union(c):
+  """The multi-task control (docs/results.md): one adapter on the union of the skills' rows
+  with the budget of all of them together (init_r, target_r and lora_alpha times the number of
+  skills, so the scale alpha / init_r stays the skills'). After a preset: paper,union."""
+  from mdkif_jax.data.skills import select_skills
+
+  n = len(select_skills(c.skills.replace("+", ",")))
+  c.train.union = True
+  c.adalora.init_r *= n
+  c.adalora.target_r *= n
+  c.adalora.lora_alpha *= n
+
+
+def _lora(c):
+  """The plain-LoRA control (docs/results.md): each skill a LoRA adapter of rank target_r, the
+  parameter count its AdaLoRA adapter ends with. After a preset: paper,lora."""
+  c.train.adapter = "lora"
+
+
 PRESETS = {
   "tiny": _tiny,
   "shared": _shared,
   "shared_small": _shared_small,
   "paper": _paper,
+  "union": _union,
+  "lora": _lora,
   "llama2_7b": _big("llama2_7b"),
   "llama3_8b": _big("llama3_8b"),
   "mistral_7b": _big("mistral_7b"),

@@ -70,10 +70,7 @@ for piece in $PIECES; do
       "$PYTHON" -m mdkif_jax.curve "$RUNS/skill" "$RUNS/curve_75" "$RUNS/curve_150" \
         "$RUNS/eval" --out "$PUBLISH/learning_curve.png"
       ;;
-    union | lora)
-      if [[ $piece == union ]]; then flag=--config.train.union=True; else flag=--config.train.adapter=lora; fi
-      main "$piece" --config=configs/skill.py:paper "$flag" --workdir="$RUNS/$piece"
-      ;;
+    union | lora) main "$piece" --config=configs/skill.py:paper,$piece --workdir="$RUNS/$piece" ;;
     eval_union | eval_lora)
       main "$piece" --config=configs/eval.py:paper,control \
         --config.skills_from="$RUNS/${piece#eval_}" --workdir="$RUNS/$piece"

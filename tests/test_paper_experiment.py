@@ -59,10 +59,8 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
     f"--config.skills_step=150 --workdir={runs}/curve_150",
     f"-m mdkif_jax.curve {runs}/skill {runs}/curve_75 {runs}/curve_150 {runs}/eval "
     f"--out {tmp_path}/pub/learning_curve.png",
-    f"-m mdkif_jax.main --config=configs/skill.py:paper --config.train.union=True "
-    f"--workdir={runs}/union",
-    f"-m mdkif_jax.main --config=configs/skill.py:paper --config.train.adapter=lora "
-    f"--workdir={runs}/lora",
+    f"-m mdkif_jax.main --config=configs/skill.py:paper,union --workdir={runs}/union",
+    f"-m mdkif_jax.main --config=configs/skill.py:paper,lora --workdir={runs}/lora",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/union "
     f"--workdir={runs}/eval_union",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/lora "
