@@ -484,8 +484,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f"--config.skills={config.skills}: {e.args[0]}") from None
   if not skills:
     raise ConfigError(f"--config.skills={config.skills!r} selects no skill")
+  what = "one union adapter on" if config.train.union else config.train.adapter
   log.info(
-    "stage 1: %d skill(s) %s, mode %s, workdir %s", len(skills), skills, config.train.mode, workdir
+    "stage 1: %s %d skill(s) %s, mode %s, workdir %s",
+    what,
+    len(skills),
+    skills,
+    config.train.mode,
+    workdir,
   )
   if config.train.mode == "joint":
     return train_skills(config, workdir, skills)
