@@ -127,7 +127,7 @@ def _lm_eval_mcqa(c):
 def _curve(c):
   """After :paper, a learning-curve point (docs/results.md): the unseen-data track with the
   base, the uniform mixture and the GD router, on the checkpoint --config.skills_step names."""
-  c.tasks = tuple(t for t in c.tasks if suite.TASKS[t].track == suite.UNSEEN_DATA)
+  c.tasks = tuple(t for t in c.tasks if suite.resolve(t).track == suite.UNSEEN_DATA)
   c.methods = ("base", "uniform", "gd")
 
 

@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # True: ONE adapter ("union") trained on the union of the skills' data, the same rows in the
   # same order as the per-skill run (the multi-task control of docs/results.md).
   c.train.union = False
+  # The union adapter's budget: "all_skills" = the selected skills' together (init_r, target_r
+  # and lora_alpha times their number: the same parameters and scale); "one_skill" = as set.
+  c.train.union_budget = "all_skills"
   c.train.steps = 40  # optimizer updates per skill (= AdaLoRA total_step)
   c.train.seed = 0  # seed of the adapter init
   c.train.log_every = 5  # steps between metric writes (JSONL + TensorBoard)
@@ -133,16 +136,9 @@ def _paper(c):
 
 
 def _union(c):
-  """The multi-task control (docs/results.md): one adapter on the union of the skills' rows
-  with the budget of all of them together (init_r, target_r and lora_alpha times the number of
-  skills, so the scale alpha / init_r stays the skills'). After a preset: paper,union."""
-  from mdkif_jax.data.skills import select_skills
-
-  n = len(select_skills(c.skills.replace("+", ",")))
+  """The multi-task control (docs/results.md): one adapter on the union of the skills' rows,
+  with the budget of all of them together (train.union_budget). After a preset: paper,union."""
   c.train.union = True
-  c.adalora.init_r *= n
-  c.adalora.target_r *= n
-  c.adalora.lora_alpha *= n
 
 
 def _lora(c):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # docs/results.md's experiment (issue 21), every piece in order, each one resumable: rerun the
-# script after an interruption and finished pieces are skipped (stage 1 resumes from its last
-# checkpoint, the evaluation from its finished cells).
+# script after an interruption (stage 1 resumes from its last checkpoint, the evaluation from
+# its finished cells).
 #
 #   launch/paper_experiment.sh                 # everything, ~10-15 h on 2 CPU cores
 #   PIECES="skill eval" launch/paper_experiment.sh   # some pieces only
@@ -11,6 +11,9 @@
 # lora (the controls' stage 1), eval_union and eval_lora (their evaluation). Each piece's
 # wall, CPU and peak memory are appended to $RUNS/timings.tsv; the small outputs (results
 # JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
+#
+# A piece is rerun after an interruption (it continues from its checkpoint or cells) and
+# skipped once it has finished; its timings.tsv rows add up to its total.
 #
 # Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON
 # (default .venv/bin/python if present, else python3), PIECES (default: all, in the order
@@ -28,10 +31,15 @@ NICE=${NICE:-0}
 mkdir -p "$RUNS" "$PUBLISH"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-# run NAME ARGS...: one resumable piece, timed, its output in $RUNS/NAME.log
+# run NAME ARGS...: one resumable piece, timed, its output in $RUNS/NAME.log; a piece that
+# finished ($RUNS/.done_NAME) is skipped
 run() {
   local name=$1
   shift
+  if [[ -f $RUNS/.done_$name ]]; then
+    echo "== $name: done (delete $RUNS/.done_$name to run it again)" >&2
+    return
+  fi
   echo "== $name: $*" >&2
   local t="$RUNS/.time_$name"
   if ! nice -n "$NICE" /usr/bin/time -f "%e %U %S %M" -o "$t" "$@" >>"$RUNS/$name.log" 2>&1; then
@@ -42,6 +50,7 @@ run() {
   awk -v n="$name" -v c="$commit" -v d="$(date -u +%FT%TZ)" -v w="$wall" -v u="$user" \
     -v s="$sys" -v m="$rss" 'BEGIN { printf "%s\t%s\t%s\t%.1f\t%.1f\t%.2f\n", n, c, d, w, u + s, m / 1048576 }' \
     >>"$RUNS/timings.tsv"
+  touch "$RUNS/.done_$name"
 }
 
 main() { run "$1" "$PYTHON" -m mdkif_jax.main "${@:2}"; }

@@ -80,8 +80,9 @@ def plot(points: list[dict], out: pathlib.Path, track: str) -> None:
     have = [(xi, p["gain"][m]) for xi, p in zip(x, points, strict=True)]
     xs = np.asarray([h[0] for h in have]) * (1 + 0.01 * (i - len(methods) / 2))  # no overlap
     mean = np.asarray([100 * h[1]["mean"] for h in have])
-    lo = mean - np.asarray([100 * h[1]["ci"][0] for h in have])
-    hi = np.asarray([100 * h[1]["ci"][1] for h in have]) - mean
+    # a mean can sit outside its percentile interval: bars never go negative
+    lo = np.maximum(mean - np.asarray([100 * h[1]["ci"][0] for h in have]), 0)
+    hi = np.maximum(np.asarray([100 * h[1]["ci"][1] for h in have]) - mean, 0)
     ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=m)
   ax.axhline(0.0, color="grey", lw=0.8, ls="--")
   for xi, p in zip(x, points, strict=True):

@@ -183,20 +183,38 @@ def adapter_names(config, skills: tuple[str, ...]) -> tuple[str, ...]:
   return (UNION,) if config.train.get("union", False) else tuple(skills)
 
 
-def as_trained(config):
-  """The config the optimizer and adapters are built from: under train.adapter="lora", plain
-  LoRA at rank adalora.target_r (init_r = target_r: the allocator's budget is every rank, so it
-  never prunes) without the orthogonal regulariser."""
+UNION_BUDGETS = ("all_skills", "one_skill")
+
+
+def as_trained(config, num_skills: int):
+  """The config the optimizer and adapters are built from.
+
+  train.adapter="lora": plain LoRA at rank adalora.target_r (init_r = target_r: the allocator's
+  budget is every rank, so it never prunes) without the orthogonal regulariser.
+  train.union with union_budget="all_skills": the one adapter gets the budget of the
+  `num_skills` adapters it stands for (init_r, target_r and lora_alpha times num_skills, so the
+  scale alpha / init_r stays a skill's)."""
   kind = config.train.get("adapter", "adalora")
   if kind not in ADAPTER_KINDS:
     raise ConfigError(
       f"--config.train.adapter must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}"
     )
-  if kind == "adalora":
+  union = config.train.get("union", False)
+  budget = config.train.get("union_budget", "all_skills")
+  if union and budget not in UNION_BUDGETS:
+    raise ConfigError(
+      f"--config.train.union_budget must be one of {', '.join(UNION_BUDGETS)}, got {budget!r}"
+    )
+  if kind == "adalora" and not (union and budget == "all_skills"):
     return config
   config = config.copy_and_resolve_references()
-  config.adalora.init_r = config.adalora.target_r
-  config.adalora.orth_reg_weight = 0.0
+  if union and budget == "all_skills":
+    config.adalora.init_r *= num_skills
+    config.adalora.target_r *= num_skills
+    config.adalora.lora_alpha *= num_skills
+  if kind == "lora":
+    config.adalora.init_r = config.adalora.target_r
+    config.adalora.orth_reg_weight = 0.0
   return config
 
 
@@ -222,7 +240,7 @@ def _init_adapters(config, skills, dims, num_layers: int, r: int) -> dict:
 def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setup:
   """Load (or take) the frozen base and tokenizer, build the optimizer (validating the AdaLoRA
   schedule before any compute), the adapters (`adapter_names`) and the jitted steps."""
-  config = as_trained(config)
+  config = as_trained(config, len(skills))
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   if tok is None:  # before the base: a preset without a tokenizer fails before any build
     tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))
@@ -484,7 +502,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ConfigError(f"--config.skills={config.skills}: {e.args[0]}") from None
   if not skills:
     raise ConfigError(f"--config.skills={config.skills!r} selects no skill")
-  what = "one union adapter on" if config.train.union else config.train.adapter
+  what = "one union adapter on" if config.train.get("union") else config.train.adapter
   log.info(
     "stage 1: %s %d skill(s) %s, mode %s, workdir %s",
     what,

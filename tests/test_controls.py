@@ -47,9 +47,14 @@ def test_union_trains_one_adapter_on_every_skills_rows(tmp_path):
   # the evaluation stage reads it as one skill
   mesh = sharding.make_mesh((1, 1, 1))
   base = loading.load_model(union_cfg.model.source, mesh=mesh, seed=union_cfg.model.seed)
-  skills, meta, _ = checkpoint.load_one(tmp_path / "union", base.cfg, mesh)
+  skills, meta, scale = checkpoint.load_one(tmp_path / "union", base.cfg, mesh)
   assert meta["skills"] == ["union"] and meta["union_of"] == list(SKILLS)
   assert all(leaf["A"].shape[0] == 1 for leaf in skills.values())
+  # union_budget="all_skills": both skills' ranks in one adapter, at a skill's scale
+  _, per_meta, per_scale = checkpoint.load_one(tmp_path / "skills", base.cfg, mesh)
+  assert meta["init_r"] == len(SKILLS) * per_meta["init_r"]
+  np.testing.assert_allclose(scale, per_scale, rtol=1e-4)  # alpha / (init_r + 1e-5)
+  assert all(leaf["E"].shape[-1] == meta["init_r"] for leaf in skills.values())
 
 
 def test_lora_control_is_plain_lora_at_the_target_rank(tmp_path):
@@ -62,7 +67,6 @@ def test_lora_control_is_plain_lora_at_the_target_rank(tmp_path):
     np.testing.assert_array_equal(np.asarray(leaf["E"]), 1.0)  # B·diag(1)·A = B·A
     assert np.abs(np.asarray(leaf["B"])).max() > 0, t  # B starts at 0 and trains
     assert out["masks"][t].all(), t  # the budget is every rank: nothing is pruned
-  assert all(rec[f"orth/{s}"] >= 0 for rec in out["history"] for s in SKILLS)
   mesh = sharding.make_mesh((1, 1, 1))
   base = loading.load_model(cfg.model.source, mesh=mesh, seed=cfg.model.seed)
   _, meta, scale = checkpoint.load_one(tmp_path / "lora", base.cfg, mesh)

@@ -86,6 +86,14 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   assert not any("cells/" in p for p in published)  # the cells stay in the run
 
 
+def test_a_rerun_skips_the_finished_pieces(tmp_path):
+  _run(tmp_path, pieces="skill eval")
+  proc, calls = _run(tmp_path, pieces="skill eval lora")
+  assert proc.returncode == 0, proc.stderr
+  assert len(calls) == 3 and calls[-1].endswith("--workdir=" + str(tmp_path / "runs" / "lora"))
+  assert "== skill: done" in proc.stderr
+
+
 def test_a_failing_piece_stops_the_script_naming_its_log(tmp_path):
   proc, calls = _run(tmp_path, pieces="union eval", fail_on="/union")
   assert proc.returncode == 1
