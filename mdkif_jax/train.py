@@ -160,6 +160,7 @@ class Setup:
   scale: float  # the adapter scale (adapters.adapter_scale of the AdaLoRA config)
   fns: StepFns
   state: dict  # adapters, optimizer/allocator state, step; placed by fns.state_sharding
+  names: tuple[str, ...]  # the adapters on the skill axis (`adapter_names`)
 
 
 def load_base(config, mesh, progress: bool = False):
@@ -178,6 +179,11 @@ ADAPTER_KINDS = ("adalora", "lora")
 UNION = "union"  # the one adapter's name under train.union
 
 
+def adapter_kind(config) -> str:
+  """train.adapter; "adalora" for configs without it (the evaluation's task adapter)."""
+  return config.train.get("adapter", "adalora")
+
+
 def adapter_names(config, skills: tuple[str, ...]) -> tuple[str, ...]:
   """The adapters a run trains: one per skill, or one on the union of their data."""
   return (UNION,) if config.train.get("union", False) else tuple(skills)
@@ -194,7 +200,7 @@ def as_trained(config, num_skills: int):
   train.union with union_budget="all_skills": the one adapter gets the budget of the
   `num_skills` adapters it stands for (init_r, target_r and lora_alpha times num_skills, so the
   scale alpha / init_r stays a skill's)."""
-  kind = config.train.get("adapter", "adalora")
+  kind = adapter_kind(config)
   if kind not in ADAPTER_KINDS:
     raise ConfigError(
       f"--config.train.adapter must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}"
@@ -224,7 +230,7 @@ def _init_adapters(config, skills, dims, num_layers: int, r: int) -> dict:
   key = jax.random.key(config.train.seed)
   # an adapter's init depends only on (seed, its registry id): joint == separate runs
   ids = [len(data.SKILLS) if s == UNION else data.skill_id(s) for s in skills]
-  if config.train.get("adapter", "adalora") == "lora":
+  if adapter_kind(config) == "lora":
     per = [adapters.init_lora(jax.random.fold_in(key, i), dims, num_layers, r) for i in ids]
     per = [{t: {**leaf, "E": jnp.ones((num_layers, r))} for t, leaf in p.items()} for p in per]
   else:
@@ -275,10 +281,10 @@ def setup_training(config, skills: tuple[str, ...], base=None, tok=None) -> Setu
     mesh,
     state,
     loss_chunk=int(config.train.loss_chunk),
-    freeze_e=config.train.get("adapter", "adalora") == "lora",
+    freeze_e=adapter_kind(config) == "lora",
   )
   state = jax.device_put(state, fns.state_sharding)
-  return Setup(mesh, frozen, cfg, tok, adalora_cfg, targets, scale, fns, state)
+  return Setup(mesh, frozen, cfg, tok, adalora_cfg, targets, scale, fns, state, names)
 
 
 @dataclasses.dataclass
@@ -426,7 +432,7 @@ def train_skills(
   run = setup_training(config, skills, base)
   steps = int(config.train.steps)
   batches = make_batches(config, skills, run.tok)  # every skill's stream, also under union
-  names = adapter_names(config, skills)
+  names = run.names
   identity = checkpoint.run_identity(
     run.model_cfg, names, run.targets, run.adalora_cfg.init_r, run.scale
   )
@@ -434,8 +440,8 @@ def train_skills(
   # recorded only when not the default, so checkpoints written before these fields resume
   if names == (UNION,):
     identity["union_of"] = list(skills)
-  if config.train.get("adapter", "adalora") != "adalora":
-    identity["adapter"] = config.train.adapter
+  if adapter_kind(config) != "adalora":
+    identity["adapter"] = adapter_kind(config)
   meta = {**identity, "serving": checkpoint.serving_meta(config.data)}
   directory = workdir / "checkpoints"
   mngr = checkpoint.manager(
