@@ -43,6 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.fit_fraction = 0.3  # share of a task's rows (by id hash) that may be fitted on
   c.max_fit_rows = 0  # at most this many fit rows per task (0 = all)
   c.max_scored_rows = 0  # at most this many scored rows per task (0 = all)
+  # Another evaluation's workdir whose base and base_k<k> cells (which do not depend on the
+  # skills) this run copies instead of recomputing: its config must equal this one but for
+  # skills_from and skills_step, and stage 1's prompting must be the same. "" = compute all.
+  c.reuse_cells_from = ""
   c.bootstrap = ml_collections.ConfigDict()
   c.bootstrap.resamples = 1000  # bootstrap resamples of the scored rows per task
   c.bootstrap.seed = 0  # seed of the resamples (the same for every method: paired)

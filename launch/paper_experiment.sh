@@ -8,7 +8,8 @@
 #
 # Pieces: skill (stage 1, configs/skill.py:paper), eval (the 9-task suite on its final
 # checkpoint), curve (the unseen-data track at steps 75 and 150, then the plot), union and
-# lora (the controls' stage 1), eval_union and eval_lora (their evaluation). Each piece's
+# lora (the controls' stage 1), eval_union and eval_lora (their evaluation; curve and the
+# controls copy the skill-free base cells from eval, so eval runs first). Each piece's
 # wall, CPU and peak memory are appended to $RUNS/timings.tsv; the small outputs (results
 # JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
 #
@@ -73,7 +74,7 @@ for piece in $PIECES; do
       for step in 75 150; do
         main "curve_$step" --config=configs/eval.py:paper,curve \
           --config.skills_from="$RUNS/skill" --config.skills_step=$step \
-          --workdir="$RUNS/curve_$step"
+          --config.reuse_cells_from="$RUNS/eval" --workdir="$RUNS/curve_$step"
         publish "curve_$step"
       done
       "$PYTHON" -m mdkif_jax.curve "$RUNS/skill" "$RUNS/curve_75" "$RUNS/curve_150" \
@@ -82,7 +83,8 @@ for piece in $PIECES; do
     union | lora) main "$piece" --config=configs/skill.py:paper,$piece --workdir="$RUNS/$piece" ;;
     eval_union | eval_lora)
       main "$piece" --config=configs/eval.py:paper,control \
-        --config.skills_from="$RUNS/${piece#eval_}" --workdir="$RUNS/$piece"
+        --config.skills_from="$RUNS/${piece#eval_}" --config.reuse_cells_from="$RUNS/eval" \
+        --workdir="$RUNS/$piece"
       publish "$piece"
       ;;
     *)

@@ -11,7 +11,9 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
    anything, scores the scored part and writes one cell `cells/<task>/<method>.json`
    atomically (scores, per-row outcomes, predictions, seconds). A rerun of a killed
    evaluation skips every finished cell; one under another config (`cell_identity`: every
-   field but the task and method lists, progress and bootstrap) is refused;
+   field but the task and method lists, progress and bootstrap) is refused. With
+   `reuse_cells_from`, the skill-free cells (base, base_k<k>) are copied from another
+   evaluation of the same config and prompting (a learning-curve point, a control);
 4. assembles the cells: per (task, method) the headline metric with its 95% bootstrap
    interval over scored rows and the paired difference to the base; per track the mean
    relative gain over the base (stats.py). Writes results.json, results.md, results.png and
@@ -277,7 +279,9 @@ def read_cells(workdir: pathlib.Path, specs, cells) -> dict[tuple[str, str], dic
 
 # Fields that only choose which cells exist or how they are assembled: a rerun may change them
 # (add a task or a method, more bootstrap resamples) and keep the finished cells.
-NOT_IN_CELLS = ("stage", "tasks", "methods", "progress", "bootstrap")
+NOT_IN_CELLS = ("stage", "tasks", "methods", "progress", "bootstrap", "reuse_cells_from")
+# What may differ between a run and the evaluation it copies skill-free cells from.
+REUSE_MAY_DIFFER = ("skills_from", "skills_step")
 
 
 def cell_identity(config) -> dict:
@@ -299,13 +303,8 @@ def check_cells_identity(workdir: pathlib.Path, config) -> None:
   """Refuse to resume cells computed under another config (naming the fields); record it."""
   path, want = workdir / "cells_identity.json", cell_identity(config)
   if path.exists():
-    saved = json.loads(path.read_text())
-    changed = sorted(k for k in {*saved, *want} if saved.get(k) != want.get(k))
-    if changed:
-      detail = "; ".join(
-        f"{k}: cells have {json.dumps(saved.get(k))}, this run {json.dumps(want.get(k))}"
-        for k in changed
-      )
+    detail = _identity_diff(json.loads(path.read_text()), want)
+    if detail:
       raise checkpoint.CheckpointMismatchError(
         f"{workdir}: its finished cells were computed under another config ({detail}); use "
         f"another --workdir, or delete {workdir / 'cells'} to start over"
@@ -314,12 +313,70 @@ def check_cells_identity(workdir: pathlib.Path, config) -> None:
     write_json(path, want)
 
 
+def skill_free(cell: str) -> bool:
+  """A cell whose numbers do not depend on the skills: the base, with or without examples."""
+  return cell == "base" or (cell.startswith("base_k") and cell[6:].isdigit())
+
+
+def _identity_diff(saved: dict, want: dict, ignore=()) -> str:
+  changed = sorted(k for k in {*saved, *want} if k not in ignore and saved.get(k) != want.get(k))
+  return "; ".join(
+    f"{k}: cells have {json.dumps(saved.get(k))}, this run {json.dumps(want.get(k))}"
+    for k in changed
+  )
+
+
+def reuse_source(config) -> pathlib.Path | None:
+  """The evaluation --config.reuse_cells_from names, once its config is checked to equal this
+  one but for REUSE_MAY_DIFFER (None when not set)."""
+  if not config.get("reuse_cells_from"):
+    return None
+  src = pathlib.Path(config.reuse_cells_from)
+  path = src / "cells_identity.json"
+  if not path.exists():
+    raise ConfigError(f"--config.reuse_cells_from={str(src)!r}: no evaluation ({path} missing)")
+  detail = _identity_diff(json.loads(path.read_text()), cell_identity(config), REUSE_MAY_DIFFER)
+  if detail:
+    raise checkpoint.CheckpointMismatchError(
+      f"--config.reuse_cells_from={str(src)!r}: its cells were computed under another config "
+      f"({detail}); only {' and '.join(REUSE_MAY_DIFFER)} may differ"
+    )
+  return src
+
+
+def record_prompting(workdir: pathlib.Path, run_config, src: pathlib.Path | None) -> None:
+  """Write the template and max_len the rows were built with (stage 1's, read from the skills'
+  checkpoint) to prompting.json; with a reuse source, refuse one whose prompting differs
+  (another stage-1 template makes other base prompts)."""
+  ours = {
+    "template": run_config.data.template.to_dict(),
+    "max_len": int(run_config.data.max_len),
+  }
+  if jax.process_index() == 0:
+    write_json(workdir / "prompting.json", ours)
+  if src is None:
+    return
+  path = src / "prompting.json"
+  if not path.exists():
+    raise ConfigError(
+      f"--config.reuse_cells_from={str(src)!r}: {path} is missing (rerun that evaluation once "
+      "with this version: its finished cells are kept and it records how it prompted)"
+    )
+  theirs = json.loads(path.read_text())
+  if theirs != json.loads(json.dumps(ours)):
+    raise checkpoint.CheckpointMismatchError(
+      f"--config.reuse_cells_from={str(src)!r}: its rows were prompted otherwise ({path}: "
+      f"{_identity_diff(theirs, ours)}); the base cells differ, compute them here"
+    )
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   """Evaluation stage entry point (see the module docstring); returns results.json's dict."""
   workdir = pathlib.Path(workdir)
   specs = [suite.resolve(e) for e in config.tasks]  # bad names fail before anything loads
   table = method_table(config.methods)
   check_cells_identity(workdir, config)
+  src = reuse_source(config)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   if base is None:
     rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -331,6 +388,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
       seed=config.model.seed,
     )
   sh = load_shared(config, base, mesh)
+  record_prompting(workdir, sh.config, src)
   report = LoadReport()
   rows = load_rows(sh.config, specs, report)
   cells = cells_of(table, sh.config.cmaes.seeds)
@@ -348,6 +406,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   with bar:
     for spec, cell, run in todo:
       bar.set_postfix_str(f"{spec.name}/{cell}")
+      theirs = src / "cells" / spec.name / f"{cell}.json" if src else None
+      if theirs and skill_free(cell) and theirs.exists():
+        copied = json.loads(theirs.read_text()) | {"reused_from": str(src)}
+        write_json(workdir / "cells" / spec.name / f"{cell}.json", copied)
+        bar.update()
+        continue
       if spec.name not in built:
         built.clear()  # one task's rows and scorer at a time
         built[spec.name] = build_task(sh, spec, *rows[spec.name])

@@ -5,6 +5,7 @@ finished cells, also after a SIGKILL of the real entry point; scored rows are ne
 on."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,3 +233,39 @@ def test_a_rerun_under_another_config_is_refused_naming_the_field(evaluated):
   changed.router.steps = c.router.steps + 1
   with pytest.raises(CheckpointMismatchError, match=r"router\.steps: cells have 6, this run 7"):
     evaluate_suite.train_and_evaluate(changed, root / "run", base=base)
+
+
+def test_base_cells_are_copied_from_another_evaluation_of_the_same_prompting(evaluated, tmp_path):
+  """reuse_cells_from copies base and base_k<k> (they do not depend on the skills) from an
+  evaluation whose config differs only in the skills, and computes the rest; another config
+  or another prompting is refused, naming what differs."""
+  c, base, root, _ = evaluated
+  src = tmp_path / "src"
+  shutil.copytree(root / "run", src)
+  ident = json.loads((src / "cells_identity.json").read_text())
+  (src / "cells_identity.json").write_text(json.dumps(ident | {"skills_from": "elsewhere"}))
+  marked = src / "cells" / "mine" / "base.json"
+  cell = json.loads(marked.read_text())
+  cell["scores"]["accuracy"] = 0.123456  # a value no computation gives: proves the copy
+  marked.write_text(json.dumps(cell))
+  c2 = c.copy_and_resolve_references()
+  c2.methods = ("base", "base_k2", "uniform")
+  c2.reuse_cells_from = str(src)
+  evaluate_suite.train_and_evaluate(c2, tmp_path / "run", base=base)
+  ours = tmp_path / "run" / "cells" / "mine"
+  got = json.loads((ours / "base.json").read_text())
+  assert got["scores"]["accuracy"] == 0.123456 and got["reused_from"] == str(src)
+  assert json.loads((ours / "base_k2.json").read_text())["reused_from"] == str(src)
+  uniform = json.loads((ours / "uniform.json").read_text())
+  assert "reused_from" not in uniform  # a cell with skills is computed here
+  want = json.loads((root / "run" / "cells" / "mine" / "uniform.json").read_text())
+  assert uniform["scores"] == pytest.approx(want["scores"], rel=1e-5, abs=1e-6)
+
+  other = c2.copy_and_resolve_references()
+  other.max_scored_rows = c.max_scored_rows + 1
+  with pytest.raises(CheckpointMismatchError, match=r"max_scored_rows: cells have 10, this run 11"):
+    evaluate_suite.train_and_evaluate(other, tmp_path / "other", base=base)
+  prompting = json.loads((src / "prompting.json").read_text())
+  (src / "prompting.json").write_text(json.dumps(prompting | {"max_len": 7}))
+  with pytest.raises(CheckpointMismatchError, match=r"prompted otherwise .*max_len: cells have 7"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "third", base=base)

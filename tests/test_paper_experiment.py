@@ -54,17 +54,19 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
     f"-m mdkif_jax.main --config=configs/eval.py:paper --config.skills_from={runs}/skill "
     f"--workdir={runs}/eval",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,curve --config.skills_from={runs}/skill "
-    f"--config.skills_step=75 --workdir={runs}/curve_75",
+    f"--config.skills_step=75 --config.reuse_cells_from={runs}/eval "
+    f"--workdir={runs}/curve_75",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,curve --config.skills_from={runs}/skill "
-    f"--config.skills_step=150 --workdir={runs}/curve_150",
+    f"--config.skills_step=150 --config.reuse_cells_from={runs}/eval "
+    f"--workdir={runs}/curve_150",
     f"-m mdkif_jax.curve {runs}/skill {runs}/curve_75 {runs}/curve_150 {runs}/eval "
     f"--out {tmp_path}/pub/learning_curve.png",
     f"-m mdkif_jax.main --config=configs/skill.py:paper,union --workdir={runs}/union",
     f"-m mdkif_jax.main --config=configs/skill.py:paper,lora --workdir={runs}/lora",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/union "
-    f"--workdir={runs}/eval_union",
+    f"--config.reuse_cells_from={runs}/eval --workdir={runs}/eval_union",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/lora "
-    f"--workdir={runs}/eval_lora",
+    f"--config.reuse_cells_from={runs}/eval --workdir={runs}/eval_lora",
   ]
   assert calls == want
   timings = (tmp_path / "pub" / "timings.tsv").read_text().splitlines()
