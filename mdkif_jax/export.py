@@ -8,7 +8,9 @@
 --format peft: one PEFT AdaLoRA adapter directory per skill (sliced to its kept ranks);
 --format lora: one plain LoRA per skill, or ONE for a task-level router's mixture (exact, scale
 1, one rank per export, as vLLM and LoRAX take it); --format hf: a transformers checkpoint of
-the base with one skill or the router's mixture merged in (or the base alone). `--from` takes
+the base with one skill or the router's mixture merged in (or the base alone). `--router` is a
+stage-2 router workdir or an evaluation's cell (EVAL/cells/TASK/gd.json: the weights that
+evaluation scored with, over the skills of its skills_from, which --from must be). `--from` takes
 what --config.skills_from takes (workdirs, peft:PATH). The export is written to OUT.tmp,
 re-read (by our loader, and by transformers/PEFT when torch is installed) and compared with our
 logits on a few rows; README.md records the agreement and this command; then OUT.tmp -> OUT.
@@ -47,7 +49,11 @@ def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m mdkif_jax.export", description=__doc__.split("\n")[0])
   p.add_argument("--base", default="smollm2_135m", help="the base: preset, HF dir or .gguf")
   p.add_argument("--from", dest="skills_from", help="as --config.skills_from (comma-separated)")
-  p.add_argument("--router", help="a stage-2 router workdir (task-level weights)")
+  p.add_argument(
+    "--router",
+    help="a stage-2 router workdir, or an evaluation's cell (EVAL/cells/TASK/METHOD.json of a "
+    "task-level method: gd, cmaes*, best_single) with --from its skills_from",
+  )
   p.add_argument("--format", required=True, choices=("peft", "lora", "hf"))
   p.add_argument("--out", required=True, type=pathlib.Path)
   p.add_argument("--skills", help="comma-separated skill names (default: all)")
@@ -75,6 +81,42 @@ def main(argv=None) -> None:
 
 
 # ---- what to export --------------------------------------------------------------------------
+def _router(args, names: list[str] | None = None) -> tuple[np.ndarray, list[str] | None, str]:
+  """(weights, the skills they weigh, method) of --router: a stage-2 router workdir, or an
+  evaluation cell, whose weights are over the stack of its evaluation's skills_from (which
+  --from must name; `names` is that stack, None before the skills are loaded)."""
+  path = pathlib.Path(args.router)
+  if not path.is_file():
+    state, meta = checkpoint.load_router(path)
+    return np.asarray(state["weights"], np.float32), list(meta["skills"]), meta.get("method", "")
+  workdir, method = path.parents[2], path.stem  # EVAL/cells/TASK/METHOD.json
+  identity = workdir / "cells_identity.json"
+  if path.suffix != ".json" or path.parents[1].name != "cells" or not identity.exists():
+    raise ExportError(f"--router {path}: neither a router workdir nor EVAL/cells/TASK/METHOD.json")
+  ident = json.loads(identity.read_text())
+  ours = [str(pathlib.Path(e.strip()).resolve()) for e in (args.skills_from or "").split(",")]
+  theirs = [str(pathlib.Path(e.strip()).resolve()) for e in str(ident["skills_from"]).split(",")]
+  if ours != theirs or ident.get("skills_step") is not None:
+    raise ExportError(
+      f"--router {path}: its weights are over the skills of {ident['skills_from']!r}"
+      f"{'' if ident.get('skills_step') is None else ' at step ' + str(ident['skills_step'])}"
+      f"; pass --from {ident['skills_from']} (their latest checkpoint)"
+    )
+  weights = json.loads(path.read_text()).get("weights")
+  if method.startswith("gate"):
+    weights = None  # its stored weights are the mean gate, not what it scored with
+  if weights is None:
+    raise ExportError(
+      f"--router {path}: method {method!r} has no task-level weights to merge (gd, cmaes*, "
+      "best_single have; the gate is input-conditioned, the base and adalora_task mix no skills)"
+    )
+  if names is not None and len(weights) != len(names):
+    raise ExportError(
+      f"--router {path}: {len(weights)} weights for the {len(names)} skills of --from"
+    )
+  return np.asarray(weights, np.float32), names, method
+
+
 def _skills(args, base_cfg):
   """(Skills or None, indices of the chosen skills, router weights over the stack or None)."""
   if not args.skills_from:
@@ -90,13 +132,13 @@ def _skills(args, base_cfg):
     if args.format == "hf" and len(idx) != 1:
       raise ExportError(f"--format hf merges one skill or a --router mixture; got {chosen}")
     return skills, idx, None
-  state, meta = checkpoint.load_router(args.router)
-  if missing := [s for s in meta["skills"] if s not in names]:
+  weights, mixed, _ = _router(args, names)
+  if missing := [s for s in mixed if s not in names]:
     raise ExportError(f"{args.router} mixes {missing}, which --from does not hold ({names})")
   w = np.zeros(len(names), np.float32)
-  for s, value in zip(meta["skills"], np.asarray(state["weights"]), strict=True):
+  for s, value in zip(mixed, weights, strict=True):
     w[names.index(s)] = value
-  return skills, [names.index(s) for s in meta["skills"]], w
+  return skills, [names.index(s) for s in mixed], w
 
 
 def check_request(args) -> None:
@@ -109,7 +151,7 @@ def check_request(args) -> None:
     return
   if args.format == "peft":
     raise ExportError("a router mixture is not one AdaLoRA adapter: use --format lora or hf")
-  if checkpoint.load_router(args.router)[1].get("method") == "gate":
+  if _router(args)[2] == "gate":
     raise ExportError(
       f"{args.router}: the gate weighs the skills per row (input-conditioned); a static "
       "adapter or merged model cannot do that. Export a task-level router (router.method=gd "

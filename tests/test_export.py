@@ -237,3 +237,49 @@ def test_export_runs_without_torch(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   readme = (tmp_path / "o" / "README.md").read_text()
   assert "only our reader ran" in readme and "| base | mdkif_jax load_hf_dir | 0.00e+00" in readme
+
+
+def test_an_evaluation_cell_exports_its_task_level_weights_and_refuses_others(tiny):
+  """--router EVAL/cells/TASK/gd.json: the weights the evaluation scored with, over the stack
+  of its skills_from, merged as a stage-2 router's are; a gate cell (input-conditioned), a cell
+  without weights and another --from than the evaluation's are refused."""
+  skills_dir = str(tiny["root"] / "skills")
+  ev = tiny["root"] / "eval"
+  (ev / "cells" / "demo").mkdir(parents=True)
+  (ev / "cells_identity.json").write_text(json.dumps({"skills_from": skills_dir}))
+  w = [0.7, -0.2, 0.4]
+  for method, weights in (("gd", w), ("gate", w), ("base", None)):
+    (ev / "cells" / "demo" / f"{method}.json").write_text(json.dumps({"weights": weights}))
+  _, out = run_export(
+    tiny, "cell", "--from", skills_dir, "--router", str(ev / "cells/demo/gd.json"), "--format", "hf"
+  )
+  scale = adapters.adapter_scale(ALPHA, INIT_R)
+  merged = serving.merged_params(
+    nnx.split(tiny["base"])[1], tiny["stacked"], jnp.asarray(w, jnp.float32), scale
+  )
+  want = our_logits(tiny, params=merged)
+  np.testing.assert_allclose(torch_logits(tiny, model_dir=out), want, atol=1e-4, rtol=0)
+  assert "demo/gd.json`: qa=0.7, ner=-0.2" in (out / "README.md").read_text()
+  for method, why in (("gate", "input-conditioned"), ("base", "no task-level weights")):
+    with pytest.raises(ex.ExportError, match=why):
+      run_export(
+        tiny,
+        method,
+        "--from",
+        skills_dir,
+        "--router",
+        str(ev / f"cells/demo/{method}.json"),
+        "--format",
+        "hf",
+      )
+  with pytest.raises(ex.ExportError, match="pass --from"):
+    run_export(
+      tiny,
+      "other",
+      "--from",
+      str(tiny["root"] / "router"),
+      "--router",
+      str(ev / "cells/demo/gd.json"),
+      "--format",
+      "hf",
+    )
