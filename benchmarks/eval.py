@@ -27,6 +27,7 @@ CPU model, both accuracies (acc, acc_norm) and on how many rows the choice is th
 Run (from the repo root; the real measurement, ~15 min on 2 cores):
   PYTHONPATH=. .venv/bin/python benchmarks/eval.py --rows 500 --reps 3 --out eval_bench.json
 Smoke:  ... --rows 16 --reps 1
+Another model (an exported router mixture, docs/results.md's cross-check): ... --model DIR
 Target: ours >= 3x lm-eval's rows/s, the same accuracy.
 """
 
@@ -302,6 +303,7 @@ def summarize(args, n: int, results: dict) -> dict:
     "cpu_count": os.cpu_count(),
     "rows": n,
     "data": str(args.data),
+    "model": args.hf_dir,
     "batch_size": args.batch_size,
     "buckets": list(args.buckets),
     "reps": args.reps,
@@ -329,7 +331,8 @@ def summarize(args, n: int, results: dict) -> dict:
 def report(r: dict) -> None:
   print(f"\nCPU: {r['cpu']} ({r['cpu_count']} logical CPUs)")
   print(
-    f"{r['rows']} MCQA rows of {r['data']}, batch {r['batch_size']}, median of {r['reps']} "
+    f"{r['rows']} MCQA rows of {r['data']}, model {r['model']}, batch {r['batch_size']}, "
+    f"median of {r['reps']} "
     "(lm-eval: hf backend, f32)"
   )
   for name, x in r["runs"].items():
@@ -364,6 +367,12 @@ def main(argv=None):
   ap.add_argument(
     "--buckets", type=int, nargs="+", default=list(BUCKETS), help="our padded lengths"
   )
+  ap.add_argument(
+    "--model",
+    type=pathlib.Path,
+    help="a transformers directory to score instead of the base, e.g. an evaluation's router "
+    "mixture merged by `python -m mdkif_jax.export --router EVAL/cells/TASK/gd.json --format hf`",
+  )
   ap.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
   ap.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-min load below this")
   ap.add_argument("--wait", type=float, default=300.0, help="at most this many s per wait")
@@ -380,7 +389,9 @@ def main(argv=None):
   if args.reps < 1 or args.rows < 1:
     ap.error("--reps and --rows must be >= 1")
 
-  out_dir = hf_dir()
+  out_dir = args.model or hf_dir()
+  if args.model and not (out_dir / "config.json").is_file():
+    ap.error(f"--model {out_dir}: no config.json (a transformers directory is expected)")
   if not (out_dir / "config.json").is_file():
     print(f"converting the GGUF to {out_dir} (once)", flush=True)
     convert(out_dir)
