@@ -238,9 +238,45 @@ def results_table(results: dict) -> list[str]:
       )
       lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} |")
     lines.append("")
+    lines += _seed_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
+  lines += _overall_lines(results)
   lines.append("Intervals: 95% bootstrap over scored rows; Δ: the paired difference to the base.")
   return lines
+
+
+def _seed_lines(results: dict, tasks: list[str]) -> list[str]:
+  """The spread of the methods scored once per seed (cmaes_k<k>: which k rows, CMA-ES's draws):
+  the table shows their mean, this their lowest and highest seed."""
+  seeded = [
+    m
+    for m in results["tasks"][tasks[0]]["methods"]
+    if all("seeds" in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
+  ]
+  if not seeded:
+    return []
+  out = [f"| seeds: lowest-highest | {' | '.join(tasks)} |", "|---" * (len(tasks) + 1) + "|"]
+  for m in seeded:
+    cells = []
+    for n in tasks:
+      v = list(results["tasks"][n]["methods"][m]["seeds"].values())
+      cells.append(f"{min(v):.3f}-{max(v):.3f} ({len(v)} seeds)")
+    out.append(f"| {m} | " + " | ".join(cells) + " |")
+  return out + [""]
+
+
+def _overall_lines(results: dict) -> list[str]:
+  """The GD router against the base over every task of every track (when there are several)."""
+  tracks = {t["track"] for t in results["tasks"].values()}
+  d = [t["methods"].get("gd", {}).get("delta_vs_base") for t in results["tasks"].values()]
+  if len(tracks) < 2 or not all(d):
+    return []
+  wins = sum(x["mean"] > 0 for x in d)
+  sure = sum(x["ci"][0] > 0 for x in d)
+  return [
+    f"All {len(d)} tasks: gd higher than the base on {wins}, the Δ interval above 0 on {sure}.",
+    "",
+  ]
 
 
 def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:

@@ -128,6 +128,16 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
         assert d["ci"][0] <= d["mean"] <= d["ci"][1]
   table = (root / "run" / "results.md").read_text()
   assert table.count("| gd minus |") == 2 and "gd vs base: higher on" in table
+  d = [results["tasks"][n]["methods"]["gd"]["delta_vs_base"] for n in ("demo", "mine")]
+  wins, sure = sum(x["mean"] > 0 for x in d), sum(x["ci"][0] > 0 for x in d)
+  overall = f"All 2 tasks: gd higher than the base on {wins}, the Δ interval above 0 on {sure}."
+  assert overall in table
+  seeds = results["tasks"]["mine"]["methods"]["cmaes_k4"]["seeds"]
+  assert len(seeds) == 2 and results["tasks"]["mine"]["methods"]["cmaes_k4"]["score"] == (
+    pytest.approx(np.mean(list(seeds.values())))
+  )
+  spread = f"{min(seeds.values()):.3f}-{max(seeds.values()):.3f} (2 seeds) |"
+  assert f"| cmaes_k4 | {spread}" in table
 
 
 def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
