@@ -1,5 +1,6 @@
 """MCQA candidate scoring: our TaskScorer (the base, configs/eval.py:lm_eval_mcqa) against
-lm-evaluation-harness's `hf` backend, the same rows and SmolLM2-135M-Instruct weights, one run.
+lm-evaluation-harness's `hf` backend, the same rows and SmolLM2-135M-Instruct weights (or
+another transformers directory, `--model`), one run.
 
 Weights: the packaged GGUF (Q4_1), dequantized to f32 by transformers and saved once as a HF
 directory (cached under $MDKIF_CACHE or ~/.cache/mdkif_jax/hf/); both frameworks load that
@@ -371,7 +372,8 @@ def main(argv=None):
     "--model",
     type=pathlib.Path,
     help="a transformers directory to score instead of the base, e.g. an evaluation's router "
-    "mixture merged by `python -m mdkif_jax.export --router EVAL/cells/TASK/gd.json --format hf`",
+    "mixture: python -m mdkif_jax.export --from SKILLS --router EVAL/cells/TASK/gd.json "
+    "--format hf --out DIR",
   )
   ap.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
   ap.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-min load below this")

@@ -140,8 +140,9 @@ def _curve(c):
 
 def _control(c):
   """After :paper, a control's skills (docs/results.md): the multi-task adapter (one skill:
-  gd fits its scalar weight) or the plain-LoRA skills, by the GD router as the AdaLoRA skills
-  (the base again: each run's differences are paired with its own base cells)."""
+  gd fits its scalar weight) or the plain-LoRA skills, by the GD router as the AdaLoRA skills;
+  the base rows pair its differences (launch/paper_experiment.sh copies the base cells from
+  the main evaluation: --config.reuse_cells_from)."""
   c.methods = ("base", "gd")
 
 

@@ -244,6 +244,10 @@ def load_one(workdir, base_cfg, mesh, step=None) -> tuple[dict, dict, float]:
       f"skills_from={str(workdir)!r}: no stage-1 checkpoint in {ckpt} (run stage 1 with "
       f"--workdir={workdir} first)"
     )
+  if step is not None and step not in (steps := list(mngr.all_steps())):
+    raise SkillsMismatchError(
+      f"skills_from={str(workdir)!r}: no checkpoint at step {step} in {ckpt} (it holds {steps})"
+    )
   meta = read_meta(mngr, latest)
   _refuse_other_base(meta, model_identity(base_cfg), ckpt / str(latest))
   S, r, L = len(meta["skills"]), int(meta["init_r"]), base_cfg.num_hidden_layers
@@ -348,10 +352,13 @@ def save_router(workdir: pathlib.Path, state: dict, meta: dict, data_state: dict
 
 def load_router(workdir: str | pathlib.Path) -> tuple[dict, dict]:
   """(state, meta) of a saved router: {"weights": w_S, "theta"?: ..., "gate"?: pure dict}."""
-  mngr = manager(pathlib.Path(workdir) / "checkpoints", keep=1, async_save=False)
+  ckpt = pathlib.Path(workdir) / "checkpoints"
+  if not ckpt.is_dir():  # before Orbax's manager, which would create it
+    raise FileNotFoundError(f"no router checkpoint in {ckpt}")
+  mngr = manager(ckpt, keep=1, async_save=False)
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no router checkpoint in {pathlib.Path(workdir) / 'checkpoints'}")
+    raise FileNotFoundError(f"no router checkpoint in {ckpt}")
   args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
   out = mngr.restore(step, args=args)
   return out["state"], out["meta"]

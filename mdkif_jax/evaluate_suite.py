@@ -345,29 +345,51 @@ def reuse_source(config) -> pathlib.Path | None:
 
 
 def record_prompting(workdir: pathlib.Path, run_config, src: pathlib.Path | None) -> None:
-  """Write the template and max_len the rows were built with (stage 1's, read from the skills'
-  checkpoint) to prompting.json; with a reuse source, refuse one whose prompting differs
+  """prompting.json: the template and max_len this workdir's rows are built with (stage 1's,
+  read from the skills' checkpoint), written by its first run and checked by every later one
+  (the config alone does not pin it); with a reuse source, refuse one that prompted otherwise
   (another stage-1 template makes other base prompts)."""
-  ours = {
-    "template": run_config.data.template.to_dict(),
-    "max_len": int(run_config.data.max_len),
-  }
-  if jax.process_index() == 0:
-    write_json(workdir / "prompting.json", ours)
+  ours = json.loads(
+    json.dumps({"template": run_config.data.template.to_dict(), "max_len": run_config.data.max_len})
+  )
+  path = workdir / "prompting.json"
+  if path.exists():
+    if detail := _identity_diff(json.loads(path.read_text()), ours):
+      raise checkpoint.CheckpointMismatchError(
+        f"{workdir}: its cells were prompted otherwise ({detail}; stage 1's template or max_len "
+        "changed); use another --workdir"
+      )
+  elif jax.process_index() == 0:
+    write_json(path, ours)
   if src is None:
     return
-  path = src / "prompting.json"
-  if not path.exists():
+  theirs = src / "prompting.json"
+  if not theirs.exists():
     raise ConfigError(
-      f"--config.reuse_cells_from={str(src)!r}: {path} is missing (rerun that evaluation once "
-      "with this version: its finished cells are kept and it records how it prompted)"
+      f"--config.reuse_cells_from={str(src)!r}: {theirs} is missing (an evaluation from before "
+      "prompting.json: rerun it once, its finished cells are kept, or drop reuse_cells_from)"
     )
-  theirs = json.loads(path.read_text())
-  if theirs != json.loads(json.dumps(ours)):
+  if detail := _identity_diff(json.loads(theirs.read_text()), ours):
     raise checkpoint.CheckpointMismatchError(
-      f"--config.reuse_cells_from={str(src)!r}: its rows were prompted otherwise ({path}: "
-      f"{_identity_diff(theirs, ours)}); the base cells differ, compute them here"
+      f"--config.reuse_cells_from={str(src)!r}: its rows were prompted otherwise ({detail}); "
+      "its base cells are not this run's: drop reuse_cells_from"
     )
+
+
+def copy_cell(src: pathlib.Path, spec, cell: str, score_rows) -> dict | None:
+  """A skill-free cell of the reuse source, checked to have scored exactly these rows with
+  these answers (the data on disk may have changed since); None when it has no such cell."""
+  path = src / "cells" / spec.name / f"{cell}.json"
+  if not skill_free(cell) or not path.exists():
+    return None
+  theirs = json.loads(path.read_text())
+  got = sorted((p["id"], p["answer"]) for p in theirs["predictions"])
+  if got != sorted((r.id, r.answer) for r in score_rows):
+    raise checkpoint.CheckpointMismatchError(
+      f"--config.reuse_cells_from: {path} scored other rows than this run's {len(score_rows)} "
+      f"of task {spec.name!r} (the data changed?); drop reuse_cells_from"
+    )
+  return {"reused_from": str(src)} | theirs  # the first source of a chain of copies wins
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
@@ -406,9 +428,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   with bar:
     for spec, cell, run in todo:
       bar.set_postfix_str(f"{spec.name}/{cell}")
-      theirs = src / "cells" / spec.name / f"{cell}.json" if src else None
-      if theirs and skill_free(cell) and theirs.exists():
-        copied = json.loads(theirs.read_text()) | {"reused_from": str(src)}
+      copied = copy_cell(src, spec, cell, rows[spec.name][1]) if src else None
+      if copied is not None:  # its seconds stay the source's: the cost of computing it
         write_json(workdir / "cells" / spec.name / f"{cell}.json", copied)
         bar.update()
         continue

@@ -81,38 +81,60 @@ def main(argv=None) -> None:
 
 
 # ---- what to export --------------------------------------------------------------------------
+def _cell_path(args) -> pathlib.Path | None:
+  """--router as an evaluation cell (EVAL/cells/TASK/METHOD.json), absolute; None for a
+  router workdir. Neither, or a cell not written yet, is refused before anything is opened
+  (Orbax would create a missing workdir)."""
+  path = pathlib.Path(args.router).resolve()
+  if path.is_dir():
+    return None
+  shaped = path.suffix == ".json" and len(path.parents) > 2 and path.parents[1].name == "cells"
+  if not shaped or not path.is_file():
+    raise ExportError(
+      f"--router {args.router}: no router workdir or finished evaluation cell there "
+      "(EVAL/cells/TASK/METHOD.json)"
+    )
+  return path
+
+
+def _cell_identity(args, path: pathlib.Path) -> dict:
+  """The evaluation's cells_identity.json, once --from is checked to be its skills_from."""
+  identity = path.parents[2] / "cells_identity.json"
+  if not identity.exists():
+    raise ExportError(f"--router {args.router}: {identity} is missing (not an evaluation)")
+  ident = json.loads(identity.read_text())
+  ours = [str(pathlib.Path(e.strip()).resolve()) for e in (args.skills_from or "").split(",")]
+  theirs = [str(pathlib.Path(e.strip()).resolve()) for e in str(ident["skills_from"]).split(",")]
+  if ours != theirs:
+    raise ExportError(
+      f"--router {args.router}: its weights are over the skills of {ident['skills_from']!r} "
+      f"(relative to where that evaluation ran); pass --from {ident['skills_from']}"
+    )
+  return ident
+
+
 def _router(args, names: list[str] | None = None) -> tuple[np.ndarray, list[str] | None, str]:
   """(weights, the skills they weigh, method) of --router: a stage-2 router workdir, or an
   evaluation cell, whose weights are over the stack of its evaluation's skills_from (which
   --from must name; `names` is that stack, None before the skills are loaded)."""
-  path = pathlib.Path(args.router)
-  if not path.is_file():
-    state, meta = checkpoint.load_router(path)
+  path = _cell_path(args)
+  if path is None:
+    state, meta = checkpoint.load_router(args.router)
     return np.asarray(state["weights"], np.float32), list(meta["skills"]), meta.get("method", "")
-  workdir, method = path.parents[2], path.stem  # EVAL/cells/TASK/METHOD.json
-  identity = workdir / "cells_identity.json"
-  if path.suffix != ".json" or path.parents[1].name != "cells" or not identity.exists():
-    raise ExportError(f"--router {path}: neither a router workdir nor EVAL/cells/TASK/METHOD.json")
-  ident = json.loads(identity.read_text())
-  ours = [str(pathlib.Path(e.strip()).resolve()) for e in (args.skills_from or "").split(",")]
-  theirs = [str(pathlib.Path(e.strip()).resolve()) for e in str(ident["skills_from"]).split(",")]
-  if ours != theirs or ident.get("skills_step") is not None:
-    raise ExportError(
-      f"--router {path}: its weights are over the skills of {ident['skills_from']!r}"
-      f"{'' if ident.get('skills_step') is None else ' at step ' + str(ident['skills_step'])}"
-      f"; pass --from {ident['skills_from']} (their latest checkpoint)"
-    )
+  _cell_identity(args, path)
+  method = path.stem
   weights = json.loads(path.read_text()).get("weights")
   if method.startswith("gate"):
     weights = None  # its stored weights are the mean gate, not what it scored with
   if weights is None:
     raise ExportError(
-      f"--router {path}: method {method!r} has no task-level weights to merge (gd, cmaes*, "
-      "best_single have; the gate is input-conditioned, the base and adalora_task mix no skills)"
+      f"--router {args.router}: method {method!r} has no task-level weights to merge (gd, "
+      "cmaes*, best_single have; the gate is input-conditioned, the base and adalora_task mix "
+      "no skills)"
     )
   if names is not None and len(weights) != len(names):
     raise ExportError(
-      f"--router {path}: {len(weights)} weights for the {len(names)} skills of --from"
+      f"--router {args.router}: {len(weights)} weights for the {len(names)} skills of --from"
     )
   return np.asarray(weights, np.float32), names, method
 
@@ -121,7 +143,9 @@ def _skills(args, base_cfg):
   """(Skills or None, indices of the chosen skills, router weights over the stack or None)."""
   if not args.skills_from:
     return None, [], None
-  cfg = types.SimpleNamespace(skills_from=args.skills_from, skills_step=None)
+  cell = _cell_path(args) if args.router else None
+  step = _cell_identity(args, cell).get("skills_step") if cell else None  # a curve point's
+  cfg = types.SimpleNamespace(skills_from=args.skills_from, skills_step=step)
   skills = checkpoint.load_skills(cfg, base_cfg, sharding.make_mesh((1, 1, 1)))
   names = list(skills.names)
   chosen = [s.strip() for s in args.skills.split(",")] if args.skills else names

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
@@ -19,8 +20,10 @@ def progress_bar(enabled: bool, **kwargs):
 
 
 def write_lines(path: pathlib.Path, lines: list[str]) -> None:
-  """All lines at once, through a temporary file: a killed run leaves no half-written file."""
-  tmp = path.with_suffix(path.suffix + ".tmp")
+  """All lines at once, through a temporary file: a killed run leaves no half-written file.
+  The temporary name is the process's own, so processes writing the same file (every process
+  of a multi-process evaluation writes its cells) never move each other's."""
+  tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
   tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
   tmp.replace(path)
 
@@ -201,7 +204,8 @@ def _cell(entry: dict) -> str:
 def results_table(results: dict) -> list[str]:
   """results.md: per track, one row per method and one column per task (the headline metric
   with its 95% interval; the best per task in bold), the paired difference to the base, and
-  the mean relative gain over the base."""
+  the mean relative gain over the base; the seeded methods' spread; the GD router against
+  each reference, and against the base over all tasks."""
   lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   for track in tracks:

@@ -19,6 +19,7 @@ from mdkif_jax import evaluate_suite
 from mdkif_jax.checkpoint import CheckpointMismatchError
 from mdkif_jax.data import suite
 from mdkif_jax.data.example import LoadReport
+from mdkif_jax.errors import ConfigError
 from mdkif_jax.model import loading
 from tests.test_router_run import write_skills
 from tests.test_train_kill import REPO, RUN_TIMEOUT_S, subprocess_env, tail
@@ -258,6 +259,7 @@ def test_base_cells_are_copied_from_another_evaluation_of_the_same_prompting(eva
   cell = json.loads(marked.read_text())
   cell["scores"]["accuracy"] = 0.123456  # a value no computation gives: proves the copy
   marked.write_text(json.dumps(cell))
+  (src / "cells" / "demo" / "base_k2.json").unlink()  # missing there: computed here
   c2 = c.copy_and_resolve_references()
   c2.methods = ("base", "base_k2", "uniform")
   c2.reuse_cells_from = str(src)
@@ -266,6 +268,10 @@ def test_base_cells_are_copied_from_another_evaluation_of_the_same_prompting(eva
   got = json.loads((ours / "base.json").read_text())
   assert got["scores"]["accuracy"] == 0.123456 and got["reused_from"] == str(src)
   assert json.loads((ours / "base_k2.json").read_text())["reused_from"] == str(src)
+  demo_k2 = json.loads((tmp_path / "run" / "cells" / "demo" / "base_k2.json").read_text())
+  want_k2 = json.loads((root / "run" / "cells" / "demo" / "base_k2.json").read_text())
+  assert "reused_from" not in demo_k2
+  assert demo_k2["scores"] == pytest.approx(want_k2["scores"], rel=1e-5, abs=1e-6)
   uniform = json.loads((ours / "uniform.json").read_text())
   assert "reused_from" not in uniform  # a cell with skills is computed here
   want = json.loads((root / "run" / "cells" / "mine" / "uniform.json").read_text())
@@ -275,7 +281,20 @@ def test_base_cells_are_copied_from_another_evaluation_of_the_same_prompting(eva
   other.max_scored_rows = c.max_scored_rows + 1
   with pytest.raises(CheckpointMismatchError, match=r"max_scored_rows: cells have 10, this run 11"):
     evaluate_suite.train_and_evaluate(other, tmp_path / "other", base=base)
+  cell["predictions"][0]["answer"] = "not this row's answer"
+  marked.write_text(json.dumps(cell))
+  with pytest.raises(CheckpointMismatchError, match=r"mine/base.json scored other rows"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "fourth", base=base)
   prompting = json.loads((src / "prompting.json").read_text())
   (src / "prompting.json").write_text(json.dumps(prompting | {"max_len": 7}))
-  with pytest.raises(CheckpointMismatchError, match=r"prompted otherwise .*max_len: cells have 7"):
+  with pytest.raises(CheckpointMismatchError, match=r"prompted otherwise \(max_len: cells have 7"):
     evaluate_suite.train_and_evaluate(c2, tmp_path / "third", base=base)
+  (src / "prompting.json").unlink()
+  with pytest.raises(ConfigError, match=r"prompting.json is missing"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "third", base=base)
+  # the workdir's own prompting is pinned by its first run
+  c3 = c.copy_and_resolve_references()
+  mine = json.loads((tmp_path / "run" / "prompting.json").read_text())
+  (tmp_path / "run" / "prompting.json").write_text(json.dumps(mine | {"max_len": 9}))
+  with pytest.raises(CheckpointMismatchError, match=r"run: its cells were prompted otherwise"):
+    evaluate_suite.train_and_evaluate(c3, tmp_path / "run", base=base)

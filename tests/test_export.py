@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from mdkif_jax import checkpoint
 from mdkif_jax import export as ex
+from mdkif_jax.errors import SkillsMismatchError
 from mdkif_jax.model import loading
 from mdkif_jax.peft import adapters, serving
 from tests import hf_fixtures
@@ -272,6 +273,32 @@ def test_an_evaluation_cell_exports_its_task_level_weights_and_refuses_others(ti
         "--format",
         "hf",
       )
+  for bad in ("gd.json", str(ev / "cells/demo/gate_k9.json")):
+    with pytest.raises(ex.ExportError, match="no router workdir or finished evaluation cell"):
+      run_export(tiny, "bad", "--from", skills_dir, "--router", bad, "--format", "hf")
+  assert not (ev / "cells" / "demo" / "gate_k9.json").exists()  # nothing was created
+  with pytest.raises(FileNotFoundError, match="no router checkpoint"):
+    run_export(tiny, "bad", "--from", skills_dir, "--router", str(ev), "--format", "hf")
+  assert not (ev / "checkpoints").exists()
+  # a learning-curve point's cell: its weights are over the skills at its skills_step
+  (ev / "cells_identity.json").write_text(json.dumps({"skills_from": skills_dir, "skills_step": 7}))
+  with pytest.raises(SkillsMismatchError, match=r"no checkpoint at step 7 .* holds \[40\]"):
+    run_export(
+      tiny,
+      "step",
+      "--from",
+      skills_dir,
+      "--router",
+      str(ev / "cells/demo/gd.json"),
+      "--format",
+      "hf",
+    )
+  ident = {"skills_from": skills_dir, "skills_step": 40}
+  (ev / "cells_identity.json").write_text(json.dumps(ident))
+  _, at40 = run_export(
+    tiny, "at40", "--from", skills_dir, "--router", str(ev / "cells/demo/gd.json"), "--format", "hf"
+  )
+  np.testing.assert_allclose(torch_logits(tiny, model_dir=at40), want, atol=1e-4, rtol=0)
   with pytest.raises(ex.ExportError, match="pass --from"):
     run_export(
       tiny,

@@ -16,7 +16,7 @@ done
 if [[ -n ${w:-} && -n ${FAIL_ON:-} && $w == *"$FAIL_ON" ]]; then echo boom >&2; exit 3; fi
 if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
   mkdir -p "$w/cells"
-  for f in results.json results.md results.png cells_identity.json; do echo "$f" > "$w/$f"; done
+  for f in results.{json,md,png} {cells_identity,prompting}.json; do echo "$f" > "$w/$f"; done
   echo big > "$w/cells/cell.json"
 fi
 if [[ $* == *"-m mdkif_jax.curve"* ]]; then
@@ -84,6 +84,7 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   assert all(len(row.split("\t")) == 6 for row in timings)
   published = sorted(str(p.relative_to(tmp_path / "pub")) for p in (tmp_path / "pub").rglob("*"))
   assert "eval/results.json" in published and "eval_lora/cells_identity.json" in published
+  assert "curve_75/prompting.json" in published
   assert "learning_curve.png" in published
   assert not any("cells/" in p for p in published)  # the cells stay in the run
 
