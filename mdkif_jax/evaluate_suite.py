@@ -233,14 +233,15 @@ def load_rows(config, specs, report: LoadReport) -> dict[str, tuple[list, list]]
 
 
 def run_cell(t, run) -> dict:
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()  # process time: every thread's
   out = run(t)
-  seconds = time.perf_counter() - start
+  seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
   scorer = out.scorer or t.scorer
   oc = metrics.outcomes(scorer.plan, scorer.last["choice"], scorer.last["texts"])
   return {
     "scores": out.scores,
     "seconds": seconds,
+    "cpu_seconds": cpu_seconds,
     "weights": None if out.weights is None else np.asarray(out.weights).tolist(),
     "chosen": out.state.get("chosen"),
     "outcomes": {
@@ -481,6 +482,12 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
         "ci": list(est.ci),
         "n": len(scored),
         "seconds": float(sum(d["seconds"] for _, d in entries)),
+        # absent for cells written before it was recorded
+        **(
+          {"cpu_seconds": float(sum(d["cpu_seconds"] for _, d in entries))}
+          if all("cpu_seconds" in d for _, d in entries)
+          else {}
+        ),
         "metrics": {
           m: float(np.mean([metrics.metric_on(m, o, np.arange(o.n)) for o in outs]))
           for m in spec.metrics

@@ -245,8 +245,22 @@ def results_table(results: dict) -> list[str]:
     lines += _seed_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
+  lines += _time_lines(results)
   lines.append("Intervals: 95% bootstrap over scored rows; Δ: the paired difference to the base.")
   return lines
+
+
+def _time_lines(results: dict) -> list[str]:
+  """The cells' summed wall time, and CPU time where the cells recorded it."""
+  entries = [e for t in results["tasks"].values() for e in t["methods"].values()]
+  if not all("seconds" in e for e in entries):
+    return []
+  wall = sum(e["seconds"] for e in entries) / 3600
+  cpu = [e["cpu_seconds"] for e in entries if "cpu_seconds" in e]
+  line = f"Time in the cells (fitting and scoring, as each cell measured it): {wall:.2f} h wall"
+  if cpu:
+    line += f", {sum(cpu) / 3600:.2f} h CPU ({len(cpu)} of {len(entries)} methods)"
+  return [line + ".", ""]
 
 
 def _seed_lines(results: dict, tasks: list[str]) -> list[str]:

@@ -85,7 +85,7 @@ def test_every_task_and_method_has_a_score_an_interval_and_a_paired_difference(e
     assert t["n_scored"] == 10 and 4 <= t["n_fit"] <= 12
     for m, e in t["methods"].items():
       assert e["ci"][0] <= e["score"] <= e["ci"][1], (name, m, e)
-      assert e["n"] == 10 and e["seconds"] > 0
+      assert e["n"] == 10 and e["seconds"] > 0 and e["cpu_seconds"] > 0
       d = e["delta_vs_base"]
       assert d["ci"][0] <= d["mean"] <= d["ci"][1] and 0 <= d["p_le_0"] <= 1
     assert t["methods"]["base"]["delta_vs_base"]["mean"] == 0
@@ -139,6 +139,10 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
   )
   spread = f"{min(seeds.values()):.3f}-{max(seeds.values()):.3f} (2 seeds) |"
   assert f"| cmaes_k4 | {spread}" in table
+  entries = [e for t in results["tasks"].values() for e in t["methods"].values()]
+  wall, cpu = (sum(e[k] for e in entries) / 3600 for k in ("seconds", "cpu_seconds"))
+  n = len(entries)
+  assert f"{wall:.2f} h wall, {cpu:.2f} h CPU ({n} of {n} methods)." in table
 
 
 def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
@@ -211,7 +215,7 @@ def test_sigkill_mid_suite_then_rerun_equals_the_uninterrupted_cells(evaluated, 
       ref = json.loads((root / "run" / "cells" / task_name / f"{m}.json").read_text())
       assert ours["outcomes"] == ref["outcomes"] and ours["scores"] == ref["scores"], (task_name, m)
       # the router's comparisons cover the references this run has (a subset of the full run's)
-      skip = ("seconds", "delta_vs")
+      skip = ("seconds", "cpu_seconds", "delta_vs")
       got = {k: v for k, v in again["tasks"][task_name]["methods"][m].items() if k not in skip}
       want = {k: v for k, v in results["tasks"][task_name]["methods"][m].items() if k not in skip}
       assert got == want, (task_name, m)
