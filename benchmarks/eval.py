@@ -28,7 +28,8 @@ CPU model, both accuracies (acc, acc_norm) and on how many rows the choice is th
 Run (from the repo root; the real measurement, ~15 min on 2 cores):
   PYTHONPATH=. .venv/bin/python benchmarks/eval.py --rows 500 --reps 3 --out eval_bench.json
 Smoke:  ... --rows 16 --reps 1
-Another model (an exported router mixture, docs/results.md's cross-check): ... --model DIR
+Another model (an exported router mixture, docs/results.md's cross-check) on the rows an
+evaluation scored: ... --model DIR --rows-of runs/paper/eval/cells/medmcqa/base.json
 Target: ours >= 3x lm-eval's rows/s, the same accuracy.
 """
 
@@ -121,9 +122,17 @@ def convert(out: pathlib.Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_rows(src: pathlib.Path, n: int, out: pathlib.Path) -> int:
-  """The first `n` 4-option records of `src`, whitespace collapsed as our reader does (so both
-  frameworks see the same text), as MedQA-layout JSONL. Returns the count written."""
+def scored_ids(cell: pathlib.Path | None) -> set[str] | None:
+  """The row ids an evaluation cell scored (EVAL/cells/TASK/METHOD.json), None without one."""
+  if cell is None:
+    return None
+  return {p["id"] for p in json.loads(cell.read_text())["predictions"]}
+
+
+def write_rows(src: pathlib.Path, n: int, out: pathlib.Path, ids: set[str] | None = None) -> int:
+  """The first `n` 4-option records of `src` (of those whose `realidx` is in `ids`, if given),
+  whitespace collapsed as our reader does (so both frameworks see the same text), as
+  MedQA-layout JSONL. Returns the count written."""
   from mdkif_jax.data.sources.qa import squash
 
   rows = []
@@ -132,6 +141,8 @@ def write_rows(src: pathlib.Path, n: int, out: pathlib.Path) -> int:
       rec = json.loads(line)
       opts = rec.get("options") or {}
       if sorted(opts) != list(LETTERS) or rec.get("answer_idx") not in opts:
+        continue
+      if ids is not None and rec.get("realidx") not in ids:
         continue
       rows.append(
         {
@@ -304,6 +315,7 @@ def summarize(args, n: int, results: dict) -> dict:
     "cpu_count": os.cpu_count(),
     "rows": n,
     "data": str(args.data),
+    "rows_of": None if args.rows_of is None else str(args.rows_of),
     "model": args.hf_dir,
     "batch_size": args.batch_size,
     "buckets": list(args.buckets),
@@ -375,6 +387,12 @@ def main(argv=None):
     "mixture: python -m mdkif_jax.export --from SKILLS --router EVAL/cells/TASK/gd.json "
     "--format hf --out DIR",
   )
+  ap.add_argument(
+    "--rows-of",
+    type=pathlib.Path,
+    help="only the --data rows an evaluation cell scored (EVAL/cells/medmcqa/base.json: the "
+    "suite's scored MedMCQA rows, by realidx)",
+  )
   ap.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
   ap.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-min load below this")
   ap.add_argument("--wait", type=float, default=300.0, help="at most this many s per wait")
@@ -401,7 +419,9 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     args.rows_file = str(pathlib.Path(tmp) / "rows.jsonl")
     args.task_dir = str(pathlib.Path(tmp) / "tasks")
-    n = write_rows(args.data, args.rows, pathlib.Path(args.rows_file))
+    n = write_rows(args.data, args.rows, pathlib.Path(args.rows_file), scored_ids(args.rows_of))
+    if n == 0:
+      ap.error(f"no 4-option rows of {args.data} (of those {args.rows_of} scored)")
     write_task(pathlib.Path(args.rows_file), pathlib.Path(args.task_dir))
     print(f"{n} rows, CPU {cpu_model()}, load {os.getloadavg()[0]:.2f}", flush=True)
     results = {}

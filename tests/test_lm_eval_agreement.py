@@ -229,3 +229,22 @@ def test_a_peft_export_under_lm_eval_agrees_with_our_evaluation_of_the_skill(fil
     moved += np.argmax(mine) != np.argmax(base_scorer.last["choice"][i])
   assert scores["accuracy"] == pytest.approx(results["acc,none"])
   assert moved > 0  # the skill changes choices: the adapter was really applied on both sides
+
+
+def test_the_benchmark_keeps_only_the_rows_an_evaluation_cell_scored(tmp_path):
+  """benchmarks/eval.py --rows-of CELL: the cross-check scores exactly the suite's scored rows
+  (by realidx), whitespace collapsed as our reader does."""
+  opts = {"A": "a  x", "B": "b", "C": "c", "D": "d"}
+  src = tmp_path / "test.jsonl"
+  recs = [
+    {"question": f"q {i}\n?", "realidx": f"id{i}", "options": opts, "answer_idx": "B"}
+    for i in range(6)
+  ]
+  src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  cell = tmp_path / "base.json"
+  cell.write_text(json.dumps({"predictions": [{"id": "id4"}, {"id": "id1"}, {"id": "elsewhere"}]}))
+  out = tmp_path / "rows.jsonl"
+  assert BENCH.write_rows(src, 300, out, BENCH.scored_ids(cell)) == 2
+  rows = [json.loads(x) for x in out.read_text().splitlines()]
+  assert [r["question"] for r in rows] == ["q 1 ?", "q 4 ?"] and rows[0]["options"]["A"] == "a x"
+  assert BENCH.write_rows(src, 3, out) == 3  # without a cell: the first rows
