@@ -297,6 +297,7 @@ class Progress:
   window: list = dataclasses.field(default_factory=list)  # per-step losses since the last write
   tokens_since: int = 0
   t_last: float = dataclasses.field(default_factory=time.perf_counter)
+  cpu_last: float = dataclasses.field(default_factory=time.process_time)  # every thread's
 
 
 def _optimizer_update(run: Setup, batches, config, progress: Progress, step: int, where):
@@ -334,9 +335,14 @@ def _record(m, skills, progress: Progress, done: int) -> dict:
 def _write_mean(record, m, skills, progress: Progress, writer, bar, n_matrices: int, done: int):
   """Write the record with the loss averaged over the steps since the last write (less row
   noise) and the throughput, and show them on the progress bar."""
-  now = time.perf_counter()
+  now, cpu = time.perf_counter(), time.process_time()
   record["tokens_per_s"] = progress.tokens_since / max(now - progress.t_last, 1e-9)
-  progress.t_last, progress.tokens_since = now, 0
+  # wall and CPU seconds of the steps since the last write (the first includes compiling);
+  # summed over metrics.jsonl they give a run's time across interruptions (steps redone
+  # after a resume count once: the writer drops the interrupted run's later rows)
+  record["interval_wall_s"] = now - progress.t_last
+  record["interval_cpu_s"] = cpu - progress.cpu_last
+  progress.t_last, progress.cpu_last, progress.tokens_since = now, cpu, 0
   mean_S = np.mean(progress.window, axis=0)
   progress.window.clear()
   record.update({f"loss/{s}": float(mean_S[i]) for i, s in enumerate(skills)})

@@ -2,6 +2,7 @@
 adapters train, non-finite steps never reach the weights, checkpoints refuse foreign runs."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -158,6 +159,11 @@ def test_rerun_resumes_and_finishes_like_uninterrupted(tmp_path):
   assert len(part["history"]) == 4
   resumed = train.train_skills(cfg, tmp_path / "resumed", ("qa",))
   assert [h["step"] for h in resumed["history"]] == [5, 6]
+  # each write records the wall and CPU time of its steps: both runs' rows add up the time
+  rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+  timed = [r for r in rows if "tokens_per_s" in r]
+  assert {r["step"] for r in timed} >= {4, 6}, rows  # one before and one after the resume
+  assert all(r["interval_wall_s"] > 0 and r["interval_cpu_s"] > 0 for r in timed)
   _close(full["adapters"], resumed["adapters"], atol=0)
   # the allocator state came back too: same masks as the uninterrupted run
   for t in full["masks"]:
