@@ -113,15 +113,17 @@ def _cell_identity(args, path: pathlib.Path) -> dict:
   return ident
 
 
-def _router(args, names: list[str] | None = None) -> tuple[np.ndarray, list[str] | None, str]:
-  """(weights, the skills they weigh, method) of --router: a stage-2 router workdir, or an
-  evaluation cell, whose weights are over the stack of its evaluation's skills_from (which
-  --from must name; `names` is that stack, None before the skills are loaded)."""
+def _router(args) -> tuple[np.ndarray, list[str] | None, str, int | None]:
+  """(weights, the skills they weigh, method, skills_step) of --router. A stage-2 router
+  workdir names its skills; an evaluation cell's weights are over the whole stack of its
+  evaluation's skills_from (which --from must be) at its skills_step (None: the skills are
+  the stack --from loads, in its order)."""
   path = _cell_path(args)
   if path is None:
     state, meta = checkpoint.load_router(args.router)
-    return np.asarray(state["weights"], np.float32), list(meta["skills"]), meta.get("method", "")
-  _cell_identity(args, path)
+    weights = np.asarray(state["weights"], np.float32)
+    return weights, list(meta["skills"]), meta.get("method", ""), None
+  ident = _cell_identity(args, path)
   method = path.stem
   weights = json.loads(path.read_text()).get("weights")
   if method.startswith("gate"):
@@ -132,19 +134,14 @@ def _router(args, names: list[str] | None = None) -> tuple[np.ndarray, list[str]
       "cmaes*, best_single have; the gate is input-conditioned, the base and adalora_task mix "
       "no skills)"
     )
-  if names is not None and len(weights) != len(names):
-    raise ExportError(
-      f"--router {args.router}: {len(weights)} weights for the {len(names)} skills of --from"
-    )
-  return np.asarray(weights, np.float32), names, method
+  return np.asarray(weights, np.float32), None, method, ident.get("skills_step")
 
 
 def _skills(args, base_cfg):
   """(Skills or None, indices of the chosen skills, router weights over the stack or None)."""
   if not args.skills_from:
     return None, [], None
-  cell = _cell_path(args) if args.router else None
-  step = _cell_identity(args, cell).get("skills_step") if cell else None  # a curve point's
+  weights, mixed, _, step = _router(args) if args.router else (None, None, "", None)
   cfg = types.SimpleNamespace(skills_from=args.skills_from, skills_step=step)
   skills = checkpoint.load_skills(cfg, base_cfg, sharding.make_mesh((1, 1, 1)))
   names = list(skills.names)
@@ -156,7 +153,12 @@ def _skills(args, base_cfg):
     if args.format == "hf" and len(idx) != 1:
       raise ExportError(f"--format hf merges one skill or a --router mixture; got {chosen}")
     return skills, idx, None
-  weights, mixed, _ = _router(args, names)
+  if mixed is None:  # an evaluation cell: a weight per skill of the stack
+    if len(weights) != len(names):
+      raise ExportError(
+        f"--router {args.router}: {len(weights)} weights for the {len(names)} skills of --from"
+      )
+    mixed = names
   if missing := [s for s in mixed if s not in names]:
     raise ExportError(f"{args.router} mixes {missing}, which --from does not hold ({names})")
   w = np.zeros(len(names), np.float32)

@@ -289,12 +289,16 @@ def _overall_lines(results: dict) -> list[str]:
   d = [t["methods"].get("gd", {}).get("delta_vs_base") for t in results["tasks"].values()]
   if len(tracks) < 2 or not all(d):
     return []
-  wins = sum(x["mean"] > 0 for x in d)
-  sure = sum(x["ci"][0] > 0 for x in d)
+  wins, sure = _wins(d)
   return [
     f"All {len(d)} tasks: gd higher than the base on {wins}, the Δ interval above 0 on {sure}.",
     "",
   ]
+
+
+def _wins(deltas: list[dict]) -> tuple[int, int]:
+  """(differences above 0, intervals above 0) of paired differences."""
+  return sum(x["mean"] > 0 for x in deltas), sum(x["ci"][0] > 0 for x in deltas)
 
 
 def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
@@ -306,8 +310,7 @@ def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
   d = [e.get("delta_vs_base") for e in gd.values()]
   out = []
   if all(d):
-    wins = sum(x["mean"] > 0 for x in d)
-    sure = sum(x["ci"][0] > 0 for x in d)
+    wins, sure = _wins(d)
     out += [
       f"gd vs base: higher on {wins} of {len(d)} tasks, the Δ interval above 0 on {sure}.",
       "",
