@@ -3,13 +3,14 @@
 # script after an interruption (stage 1 resumes from its last checkpoint, the evaluation from
 # its finished cells).
 #
-#   launch/paper_experiment.sh                 # everything, ~10-15 h on 2 CPU cores
+#   launch/paper_experiment.sh                 # everything, ~15-20 h on 2 CPU cores
 #   PIECES="skill eval" launch/paper_experiment.sh   # some pieces only
 #
 # Pieces: skill (stage 1, configs/skill.py:paper), eval (the 9-task suite on its final
 # checkpoint), curve (the unseen-data track at steps 75 and 150, then the plot), union and
 # lora (the controls' stage 1), eval_union and eval_lora (their evaluation; curve and the
-# controls copy the skill-free base cells from eval, so eval runs first). Each piece's
+# controls copy the skill-free base cells from eval, so eval runs first), controls (the GD
+# router of eval against each control's, row by row: python -m mdkif_jax.compare). Each piece's
 # wall, CPU and peak memory are appended to $RUNS/timings.tsv; the small outputs (results
 # JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
 #
@@ -27,7 +28,7 @@ PUBLISH=${PUBLISH:-docs/results/paper}
 if [[ -z ${PYTHON:-} ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-PIECES=${PIECES:-skill eval curve union lora eval_union eval_lora}
+PIECES=${PIECES:-skill eval curve union lora eval_union eval_lora controls}
 NICE=${NICE:-0}
 mkdir -p "$RUNS" "$PUBLISH"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -87,8 +88,12 @@ for piece in $PIECES; do
         --workdir="$RUNS/$piece"
       publish "$piece"
       ;;
+    controls)
+      "$PYTHON" -m mdkif_jax.compare "$RUNS/eval" "$RUNS/eval_union" "$RUNS/eval_lora" \
+        --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out "$PUBLISH/controls.png"
+      ;;
     *)
-      echo "error: unknown piece $piece (skill eval curve union lora eval_union eval_lora)" >&2
+      echo "error: unknown piece $piece (skill eval curve union lora eval_union eval_lora controls)" >&2
       exit 2
       ;;
   esac

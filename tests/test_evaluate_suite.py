@@ -145,6 +145,26 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
   assert f"{wall:.2f} h wall, {cpu:.2f} h CPU ({n} of {n} methods)." in table
 
 
+def test_compare_pairs_the_same_rows_as_the_evaluation_stage(evaluated, tmp_path):
+  """mdkif_jax.compare recomputes each method's difference to its base from the cells with
+  the stage's resamples: it equals results.json's, seeded methods included."""
+  from mdkif_jax import compare
+
+  c, _, root, results = evaluated
+  twin = tmp_path / "twin"
+  shutil.copytree(root / "run", twin)
+  for method in ("gd", "cmaes_k4"):
+    res = compare.compare(
+      [root / "run", twin], None, method, c.bootstrap.resamples, c.bootstrap.seed
+    )
+    for name, t in results["tasks"].items():
+      got = res["tasks"][name]["by"]["run"]
+      assert got["score"] == pytest.approx(t["methods"][method]["score"], abs=1e-12)
+      want = t["methods"][method]["delta_vs_base"]
+      assert got["delta_vs_base"]["ci"] == pytest.approx(want["ci"], abs=1e-12), (name, method)
+      assert res["tasks"][name]["first_minus"]["twin"]["ci"] == [0.0, 0.0]
+
+
 def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
   c, base, root, results = evaluated
   cells = root / "run" / "cells"

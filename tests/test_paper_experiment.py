@@ -19,7 +19,7 @@ if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
   for f in results.{json,md,png} {cells_identity,prompting}.json; do echo "$f" > "$w/$f"; done
   echo big > "$w/cells/cell.json"
 fi
-if [[ $* == *"-m mdkif_jax.curve"* ]]; then
+if [[ $* == *"-m mdkif_jax.curve"* || $* == *"-m mdkif_jax.compare"* ]]; then
   for a in "$@"; do last=$a; done
   echo png > "$last"
 fi
@@ -67,6 +67,8 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
     f"--config.reuse_cells_from={runs}/eval --workdir={runs}/eval_union",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/lora "
     f"--config.reuse_cells_from={runs}/eval --workdir={runs}/eval_lora",
+    f"-m mdkif_jax.compare {runs}/eval {runs}/eval_union {runs}/eval_lora --labels AdaLoRA "
+    f"skills union AdaLoRA LoRA skills --out {tmp_path}/pub/controls.png",
   ]
   assert calls == want
   timings = (tmp_path / "pub" / "timings.tsv").read_text().splitlines()
@@ -85,7 +87,7 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   published = sorted(str(p.relative_to(tmp_path / "pub")) for p in (tmp_path / "pub").rglob("*"))
   assert "eval/results.json" in published and "eval_lora/cells_identity.json" in published
   assert "curve_75/prompting.json" in published
-  assert "learning_curve.png" in published
+  assert "learning_curve.png" in published and "controls.png" in published
   assert not any("cells/" in p for p in published)  # the cells stay in the run
 
 

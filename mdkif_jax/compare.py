@@ -1,0 +1,232 @@
+"""The controls of docs/results.md: one method (the GD router by default) scored by the main
+evaluation and by each control evaluation (the union adapter, the plain-LoRA skills), task by
+task on the same scored rows, as paired differences with 95% bootstrap intervals, and the
+tracks' mean relative gain of the main evaluation over each control; a table and a plot.
+
+  python -m mdkif_jax.compare runs/paper/eval runs/paper/eval_union runs/paper/eval_lora \
+    --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out docs/results/paper/controls.png
+
+Every evaluation must have scored the same rows of a task (the ids and answers of its cells'
+predictions are compared); the resamples are those of the evaluation stage (same count and
+seed), so a method's difference to its own base here is results.json's `delta_vs_base`.
+Tasks that some evaluation lacks are left out and named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from mdkif_jax import evaluate_suite, metrics, stats
+
+
+class CompareError(ValueError):
+  """An evaluation workdir without the cells to compare, or one that scored other rows."""
+
+
+def _read(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise CompareError(f"{path}: missing (run the evaluation stage there first)") from None
+  except json.JSONDecodeError as e:
+    raise CompareError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+
+
+def _cells(eval_dir: pathlib.Path, task: str, method: str) -> list[dict]:
+  """The method's cells of one task: METHOD.json, or its seeds METHOD_s<i>.json."""
+  d = eval_dir / "cells" / task
+  paths = [d / f"{method}.json"] if (d / f"{method}.json").is_file() else []
+  paths = paths or sorted(d.glob(f"{method}_s*.json"))
+  if not paths:
+    raise CompareError(f"{d}: no {method}.json (nor {method}_s<seed>.json) cell")
+  return [_read(p) for p in paths]
+
+
+def _rows(cells: list[dict]) -> list[tuple[str, str]]:
+  return [(p["id"], p["answer"]) for p in cells[0]["predictions"]]
+
+
+def _estimate(cells: list[dict], metric: str, idx: np.ndarray) -> stats.Estimate:
+  """As the evaluation stage assembles it: seeds' scores and bootstrap values averaged."""
+  outs = [evaluate_suite.read_outcomes(c) for c in cells]
+  ests = [stats.bootstrap(lambda i, o=o: metrics.metric_on(metric, o, i), o.n, idx) for o in outs]
+  boot = np.mean([e.boot for e in ests], axis=0)
+  return stats.Estimate(
+    float(np.mean([e.score for e in ests])), stats.interval(boot), outs[0].n, boot
+  )
+
+
+def compare(
+  eval_dirs: list[str | pathlib.Path],
+  labels: list[str] | None = None,
+  method: str = "gd",
+  resamples: int = stats.RESAMPLES,
+  seed: int = 0,
+) -> dict:
+  """The first evaluation against each of the others: per task, every evaluation's score and
+  difference to its own base, and the first's paired difference to each other one."""
+  dirs = [pathlib.Path(d) for d in eval_dirs]
+  if len(dirs) < 2:
+    raise CompareError("give the main evaluation and at least one control evaluation")
+  labels = list(labels) if labels else [d.name for d in dirs]
+  if len(labels) != len(dirs) or len(set(labels)) != len(labels):
+    raise CompareError(f"--labels needs {len(dirs)} distinct names, one per evaluation")
+  results = [_read(d / "results.json") for d in dirs]
+  common = [t for t in results[0]["tasks"] if all(t in r["tasks"] for r in results[1:])]
+  if not common:
+    raise CompareError(f"{', '.join(map(str, dirs))}: no task that every evaluation scored")
+  out = {"method": method, "labels": labels, "eval_dirs": [str(d) for d in dirs], "tasks": {}}
+  out["left_out"] = sorted({t for r in results for t in r["tasks"]} - set(common))
+  per_track: dict[str, dict[str, list]] = {}
+  for task in common:
+    info = results[0]["tasks"][task]
+    for d, r in zip(dirs[1:], results[1:], strict=True):
+      if r["tasks"][task]["metric"] != info["metric"]:
+        raise CompareError(
+          f"{d}: {task} scored by {r['tasks'][task]['metric']}, not {info['metric']}"
+        )
+    cells = [(_cells(d, task, method), _cells(d, task, "base")) for d in dirs]
+    rows = _rows(cells[0][1])
+    for d, (mine, base) in zip(dirs, cells, strict=True):
+      for c in (*mine, base[0]):
+        if _rows([c]) != rows:
+          raise CompareError(
+            f"{d}: {task}'s cells scored other rows than {dirs[0]}'s base (ids or answers differ)"
+          )
+    idx = stats.resample_indices(len(rows), resamples, seed)
+    ests = [
+      (_estimate(m, info["metric"], idx), _estimate(b, info["metric"], idx)) for m, b in cells
+    ]
+    entry = {"track": info["track"], "metric": info["metric"], "n": len(rows), "by": {}}
+    for label, (est, base) in zip(labels, ests, strict=True):
+      entry["by"][label] = {
+        **est.to_json(),
+        "base": base.score,
+        "delta_vs_base": stats.paired_difference(est, base),
+      }
+    entry["first_minus"] = {
+      label: stats.paired_difference(ests[0][0], est)
+      for label, (est, _) in zip(labels[1:], ests[1:], strict=True)
+    }
+    out["tasks"][task] = entry
+    track = per_track.setdefault(info["track"], {label: [] for label in labels})
+    for label, (est, _) in zip(labels, ests, strict=True):
+      track[label].append(est)
+  out["tracks"] = {
+    track: {label: stats.relative_gain(by[labels[0]], by[label]) for label in labels[1:]}
+    for track, by in per_track.items()
+  }
+  return out
+
+
+def _diff(d: dict) -> str:
+  return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def table(res: dict) -> list[str]:
+  """results.md's lines: per task each evaluation's score, then the first minus each other."""
+  first, others = res["labels"][0], res["labels"][1:]
+  head = ["task", "metric", *(f"{m} ({res['method']})" for m in res["labels"])]
+  head += [f"{first} - {o}" for o in others]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for task, e in res["tasks"].items():
+    scores = [f"{e['by'][m]['score']:.3f}" for m in res["labels"]]
+    diffs = [_diff(e["first_minus"][o]) for o in others]
+    lines.append("| " + " | ".join([task, e["metric"], *scores, *diffs]) + " |")
+  lines.append("")
+  for track, by in res["tracks"].items():
+    for o, g in by.items():
+      lines.append(
+        f"- {track}: {first} over {o}, mean relative gain {100 * g['mean_relative_gain']:+.1f}% "
+        f"[{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}] ({g['tasks']} tasks)"
+      )
+  wins = {o: sum(e["first_minus"][o]["ci"][0] > 0 for e in res["tasks"].values()) for o in others}
+  losses = {o: sum(e["first_minus"][o]["ci"][1] < 0 for e in res["tasks"].values()) for o in others}
+  for o in others:
+    lines.append(
+      f"- {first} above {o} with the interval above 0 on {wins[o]} of {len(res['tasks'])} "
+      f"tasks, below it with the interval below 0 on {losses[o]}"
+    )
+  if res["left_out"]:
+    lines.append(f"- left out (not scored by every evaluation): {', '.join(res['left_out'])}")
+  return lines
+
+
+def plot(res: dict, out: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tasks, labels = list(res["tasks"]), res["labels"]
+  y = np.arange(len(tasks))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * len(tasks)), sharey=True)
+
+  def bars(ax, series: list[tuple[str, list[dict]]]) -> None:
+    h = 0.8 / len(series)
+    for i, (name, ds) in enumerate(series):
+      mean = np.asarray([d["mean"] for d in ds])
+      err = [
+        np.maximum(mean - [d["ci"][0] for d in ds], 0),
+        np.maximum(np.asarray([d["ci"][1] for d in ds]) - mean, 0),
+      ]
+      ax.errorbar(
+        mean, y + (i - (len(series) - 1) / 2) * h, xerr=err, fmt="o", capsize=3, label=name
+      )
+    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=8)
+
+  bars(axes[0], [(m, [res["tasks"][t]["by"][m]["delta_vs_base"] for t in tasks]) for m in labels])
+  axes[0].set_title(f"{res['method']} minus the base (paired, 95% CI)", fontsize=10)
+  bars(
+    axes[1],
+    [
+      (f"{labels[0]} - {o}", [res["tasks"][t]["first_minus"][o] for t in tasks]) for o in labels[1:]
+    ],
+  )
+  axes[1].set_title(
+    f"{labels[0]} minus each control ({res['method']}, paired, 95% CI)", fontsize=10
+  )
+  axes[0].set_yticks(y, [f"{t} ({res['tasks'][t]['metric']})" for t in tasks], fontsize=8)
+  axes[0].invert_yaxis()
+  for ax in axes:
+    ax.set_xlabel("score difference")
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(
+    prog="python -m mdkif_jax.compare", description=__doc__.split("\n")[0]
+  )
+  ap.add_argument("eval_dirs", nargs="+", help="the main evaluation workdir, then the controls'")
+  ap.add_argument("--labels", nargs="+", help="a name per evaluation (default: the dir names)")
+  ap.add_argument("--method", default="gd", help="the method compared (default gd)")
+  ap.add_argument("--resamples", type=int, default=stats.RESAMPLES, help="as the evaluation's")
+  ap.add_argument("--seed", type=int, default=0, help="bootstrap seed, as the evaluation's")
+  ap.add_argument("--out", required=True, help="the plot (.png); .json and .md go beside it")
+  args = ap.parse_args(argv)
+  try:
+    res = compare(args.eval_dirs, args.labels, args.method, args.resamples, args.seed)
+  except CompareError as e:
+    print(f"error: CompareError: {e}", file=sys.stderr)
+    return 2
+  out = pathlib.Path(args.out)
+  plot(res, out)
+  out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+  lines = table(res)
+  out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+  print(f"wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
