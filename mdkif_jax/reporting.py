@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -201,53 +202,79 @@ def _cell(entry: dict) -> str:
   return f"{entry['score']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
 
 
+def few_shot(method: str) -> bool:
+  """A method fitted (or prompted) with k rows: base_k<k>, cmaes_k<k>."""
+  return re.fullmatch(r"(base|cmaes)_k\d+", method) is not None
+
+
 def results_table(results: dict) -> list[str]:
-  """results.md: per track, one row per method and one column per task (the headline metric
-  with its 95% interval; the best per task in bold), the paired difference to the base, and
-  the mean relative gain over the base; the seeded methods' spread; the GD router against
-  each reference, and against the base over all tasks."""
+  """results.md: per track, the normal setting's methods (every fit row) and the few-shot
+  ones (k rows) in two tables, each with the base: one row per method and one column per
+  task (the headline metric with its 95% interval; the table's best per task in bold), the
+  paired difference to the base, and the mean relative gain over the base; the seeded
+  methods' spread; the GD router against each reference, and against the base over all
+  tasks."""
   lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   for track in tracks:
     tasks = [n for n, t in results["tasks"].items() if t["track"] == track]
     methods = list(results["tasks"][tasks[0]]["methods"])
-    head = " | ".join(
-      f"{n} ({results['tasks'][n]['metric']}, n={results['tasks'][n]['n_scored']})" for n in tasks
-    )
-    lines += [f"## {track}", "", f"| method | {head} | mean relative gain vs base |"]
-    lines.append("|---" * (len(tasks) + 2) + "|")
-    best = {
-      n: max(results["tasks"][n]["methods"].values(), key=lambda e: e["score"])["score"]
-      for n in tasks
-    }
-    for m in methods:
-      cells = []
-      for n in tasks:
-        e = results["tasks"][n]["methods"].get(m)
-        if e is None:
-          cells.append("-")
-          continue
-        text = _cell(e)
-        if e["score"] == best[n]:
-          text = f"**{text}**"
-        d = e.get("delta_vs_base")
-        if d and m != "base":
-          text += f"<br>Δ {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-        cells.append(text)
-      g = results["tracks"].get(track, {}).get(m)
-      gain = (
-        "-"
-        if g is None or m == "base"
-        else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
-      )
-      lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} |")
-    lines.append("")
+    lines += [f"## {track}", ""]
+    normal = [m for m in methods if not few_shot(m)]
+    shots = [m for m in methods if few_shot(m)]
+    if shots and len(normal) > 1:
+      lines += ["Every fit row:", ""]
+    lines += _method_table(results, track, tasks, normal)
+    if shots:
+      if len(normal) > 1:
+        lines += ["Few-shot (k fit rows):", ""]
+      lines += _method_table(results, track, tasks, ["base"] * ("base" in methods) + shots)
     lines += _seed_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
   lines += _time_lines(results)
   lines.append("Intervals: 95% bootstrap over scored rows; Δ: the paired difference to the base.")
   return lines
+
+
+def _method_table(results: dict, track: str, tasks: list[str], methods: list[str]) -> list[str]:
+  head = " | ".join(
+    f"{n} ({results['tasks'][n]['metric']}, n={results['tasks'][n]['n_scored']})" for n in tasks
+  )
+  lines = [f"| method | {head} | mean relative gain vs base |", "|---" * (len(tasks) + 2) + "|"]
+  best = {
+    n: max(
+      (
+        results["tasks"][n]["methods"][m]["score"]
+        for m in methods
+        if m in results["tasks"][n]["methods"]
+      ),
+      default=None,
+    )
+    for n in tasks
+  }
+  for m in methods:
+    cells = []
+    for n in tasks:
+      e = results["tasks"][n]["methods"].get(m)
+      if e is None:
+        cells.append("-")
+        continue
+      text = _cell(e)
+      if e["score"] == best[n]:
+        text = f"**{text}**"
+      d = e.get("delta_vs_base")
+      if d and m != "base":
+        text += f"<br>Δ {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+      cells.append(text)
+    g = results["tracks"].get(track, {}).get(m)
+    gain = (
+      "-"
+      if g is None or m == "base"
+      else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
+    )
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} |")
+  return lines + [""]
 
 
 def _time_lines(results: dict) -> list[str]:

@@ -1,0 +1,44 @@
+"""results.md's tables (reporting.results_table): per track the normal setting (every fit
+row) and the few-shot setting (k rows) apart, each beside the base, the best of each table
+in bold."""
+
+from mdkif_jax import reporting
+
+
+def _results(methods: dict[str, float]) -> dict:
+  def entry(s):
+    d = {"mean": s - 0.4, "ci": [s - 0.5, s - 0.3], "p_le_0": 0.5}
+    return {"score": s, "ci": [s - 0.1, s + 0.1], "n": 8, "delta_vs_base": d}
+
+  task = {"track": "unseen_data", "metric": "accuracy", "n_fit": 4, "n_scored": 8}
+  return {
+    "model": "m",
+    "skills": ["qa"],
+    "tasks": {"t": task | {"methods": {m: entry(s) for m, s in methods.items()}}},
+    "tracks": {},
+  }
+
+
+def _rows(lines: list[str], start: str) -> list[str]:
+  """The method names of the table after the line `start`."""
+  i = lines.index(start) + 4  # blank line, header, separator
+  out = []
+  while lines[i].startswith("| "):
+    out.append(lines[i].split(" | ")[0][2:])
+    i += 1
+  return out
+
+
+def test_few_shot_methods_get_their_own_table_beside_the_base():
+  scores = {"base": 0.4, "gd": 0.5, "gate": 0.45, "base_k5": 0.6, "cmaes_k5": 0.55}
+  lines = reporting.results_table(_results(scores))
+  assert _rows(lines, "Every fit row:") == ["base", "gd", "gate"]
+  assert _rows(lines, "Few-shot (k fit rows):") == ["base", "base_k5", "cmaes_k5"]
+  bold = [x.split(" | ")[0][2:] for x in lines if "**" in x]
+  assert bold == ["gd", "base_k5"]  # each table's best
+
+
+def test_a_track_without_few_shot_methods_has_one_table():
+  lines = reporting.results_table(_results({"base": 0.4, "gd": 0.5}))
+  assert "Every fit row:" not in lines and "Few-shot (k fit rows):" not in lines
+  assert sum(x.startswith("| method |") for x in lines) == 1
