@@ -34,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The methods, rows of the table: base, base_k<k> (k in-context examples from the fit
   # part), uniform, best_single (chosen on the fit part), gd, cmaes, cmaes_k<k> (k fit rows,
   # one cell per cmaes.seeds), gate, adalora_task (an AdaLoRA adapter trained on the fit part
-  # with the GD router's budget of forward/backward passes).
+  # with the GD router's budget of forward/backward passes), majority (no model: the fit
+  # part's most frequent answer on every row).
   c.methods = ("base", "uniform", "gd")
   # How task rows are prompted: "stage1" = the template and max_len stage 1 trained with (read
   # from its checkpoint: the rows the skills saw); "config" = data.template and data.max_len
@@ -76,6 +77,7 @@ def _tiny(c):
     "cmaes_k4",
     "gate",
     "adalora_task",
+    "majority",
   )
   c.cmaes.seeds = (0, 1)
   c.bootstrap.resamples = 200
@@ -106,6 +108,7 @@ def _paper(c):
     "cmaes_k20",
     "gate",
     "adalora_task",
+    "majority",
   )
   c.max_fit_rows = 200  # the GD router's and the task adapter's fit rows (the cap)
   c.router.steps = 100  # GD steps over the fit rows (also the task adapter's budget)

@@ -22,11 +22,13 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import pathlib
 import time
+import types
 from collections.abc import Callable
 
 import jax
@@ -92,6 +94,22 @@ def best_single(t: fit_router.Task) -> fit_router.Fitted:
   return out
 
 
+def majority(t: fit_router.Task) -> fit_router.Fitted:
+  """No model: every scored row gets the fit part's most frequent answer (a label row: the
+  most frequent of its candidates, ties to the first; a generated row: the most frequent
+  answer text). The floor a method must clear to show more than which label a task leans to."""
+  counts = collections.Counter(ex.answer for ex in t.fit_rows)
+  plan = t.scorer.plan
+  choice = {}
+  for i, cs in plan.choices.items():
+    best = max(cs, key=lambda c: counts[c])
+    choice[i] = np.asarray([0.0 if c == best else -1.0 for c in cs])
+  top = counts.most_common(1)[0][0] if counts else ""
+  texts = {i: top for i in plan.generated}
+  scorer = types.SimpleNamespace(plan=plan, last={"choice": choice, "texts": texts})
+  return fit_router.Fitted(plan.finish(choice, texts), scorer=scorer)
+
+
 def adalora_task(t: fit_router.Task) -> fit_router.Fitted:
   """A task-specific AdaLoRA adapter trained on the fit part with the budget of the GD
   router: router.steps forward/backward passes of router.batch_size rows (what a PEFT user
@@ -118,6 +136,7 @@ def method_table(names) -> dict[str, Callable]:
     "cmaes": fit_router.fit_cmaes,
     "gate": fit_router.fit_gate,
     "adalora_task": adalora_task,
+    "majority": majority,
   }
   for name in names:
     if name in fixed:
@@ -131,7 +150,7 @@ def method_table(names) -> dict[str, Callable]:
     else:
       raise ConfigError(
         f"unknown method {name!r} in --config.methods: use base, base_k<k>, uniform, "
-        "best_single, gd, cmaes, cmaes_k<k>, gate, adalora_task"
+        "best_single, gd, cmaes, cmaes_k<k>, gate, adalora_task, majority"
       )
   return out
 

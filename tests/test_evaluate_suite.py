@@ -79,6 +79,7 @@ def evaluated(tmp_path_factory):
 def test_every_task_and_method_has_a_score_an_interval_and_a_paired_difference(evaluated):
   c, _, root, results = evaluated
   want = {"base", "base_k2", "uniform", "best_single", "gd", "cmaes_k4", "gate", "adalora_task"}
+  want.add("majority")
   assert set(results["tasks"]) == {"demo", "mine"}
   for name, t in results["tasks"].items():
     assert set(t["methods"]) == want, name
@@ -143,6 +144,19 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
   wall, cpu = (sum(e[k] for e in entries) / 3600 for k in ("seconds", "cpu_seconds"))
   n = len(entries)
   assert f"{wall:.2f} h wall, {cpu:.2f} h CPU ({n} of {n} methods)." in table
+
+
+def test_majority_answers_the_fit_parts_most_frequent_label_everywhere(evaluated):
+  c, base, root, results = evaluated
+  specs = [suite.resolve(t) for t in c.tasks]
+  fit, scored = evaluate_suite.load_rows(c, specs, LoadReport())["mine"]
+  counts = {a: sum(ex.answer == a for ex in fit) for a in "ABCD"}
+  top = max("ABCD", key=counts.get)  # ties to the first, as the candidates are ordered
+  cell = json.loads((root / "run" / "cells" / "mine" / "majority.json").read_text())
+  assert [p["id"] for p in cell["predictions"]] == [ex.id for ex in scored]  # the same split
+  assert {p["prediction"] for p in cell["predictions"]} == {top}
+  want = sum(ex.answer == top for ex in scored) / len(scored)
+  assert results["tasks"]["mine"]["methods"]["majority"]["score"] == pytest.approx(want)
 
 
 def test_compare_pairs_the_same_rows_as_the_evaluation_stage(evaluated, tmp_path):
