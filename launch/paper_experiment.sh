@@ -89,7 +89,7 @@ for piece in $PIECES; do
       publish "$piece"
       ;;
     controls)
-      "$PYTHON" -m mdkif_jax.compare "$RUNS/eval" "$RUNS/eval_union" "$RUNS/eval_lora" \
+      run controls "$PYTHON" -m mdkif_jax.compare "$RUNS/eval" "$RUNS/eval_union" "$RUNS/eval_lora" \
         --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out "$PUBLISH/controls.png"
       ;;
     *)

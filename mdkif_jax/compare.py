@@ -6,15 +6,16 @@ tracks' mean relative gain of the main evaluation over each control; a table and
   python -m mdkif_jax.compare runs/paper/eval runs/paper/eval_union runs/paper/eval_lora \
     --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out docs/results/paper/controls.png
 
-Every evaluation must have scored the same rows of a task (the ids and answers of its cells'
-predictions are compared); the resamples are those of the evaluation stage (same count and
-seed), so a method's difference to its own base here is results.json's `delta_vs_base`.
-Tasks that some evaluation lacks are left out and named.
+Every evaluation must have scored the same rows of a task, in the same order (each cell's
+outcome golds and its predictions' ids and answers are compared); the resamples are the first
+evaluation's (results.json's `bootstrap`), so a method's difference to its own base here is
+its results.json's `delta_vs_base`. Tasks that some evaluation lacks are left out and named.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -28,32 +29,76 @@ class CompareError(ValueError):
   """An evaluation workdir without the cells to compare, or one that scored other rows."""
 
 
-def _read(path: pathlib.Path) -> dict:
+def _read(path: pathlib.Path):
   try:
     return json.loads(path.read_text())
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     raise CompareError(f"{path}: missing (run the evaluation stage there first)") from None
+  except OSError as e:
+    raise CompareError(f"{path}: {e.strerror}") from None
   except json.JSONDecodeError as e:
     raise CompareError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+  except UnicodeDecodeError:
+    raise CompareError(f"{path}: not UTF-8 text") from None
 
 
-def _cells(eval_dir: pathlib.Path, task: str, method: str) -> list[dict]:
-  """The method's cells of one task: METHOD.json, or its seeds METHOD_s<i>.json."""
-  d = eval_dir / "cells" / task
-  paths = [d / f"{method}.json"] if (d / f"{method}.json").is_file() else []
-  paths = paths or sorted(d.glob(f"{method}_s*.json"))
-  if not paths:
-    raise CompareError(f"{d}: no {method}.json (nor {method}_s<seed>.json) cell")
-  return [_read(p) for p in paths]
+def _results(eval_dir: pathlib.Path) -> dict:
+  path = eval_dir / "results.json"
+  r = _read(path)
+  tasks = r.get("tasks") if isinstance(r, dict) else None
+  if not isinstance(tasks, dict) or not all(
+    isinstance(t, dict) and isinstance(t.get("methods", {}), dict) and {"track", "metric"} <= set(t)
+    for t in tasks.values()
+  ):
+    raise CompareError(f"{path}: not an evaluation's results.json (tasks with a track and metric)")
+  return r
 
 
-def _rows(cells: list[dict]) -> list[tuple[str, str]]:
-  return [(p["id"], p["answer"]) for p in cells[0]["predictions"]]
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One cell's per-row outcomes and the rows it scored: the outcomes' gold in the scorer's
+  row order, the predictions' (id, answer) of every row it could encode."""
+
+  path: pathlib.Path
+  outcomes: metrics.Outcomes
+  rows: tuple
+
+  def same_rows(self, other: Cell) -> bool:
+    return (self.outcomes.n, self.outcomes.gold, self.rows) == (
+      other.outcomes.n,
+      other.outcomes.gold,
+      other.rows,
+    )
 
 
-def _estimate(cells: list[dict], metric: str, idx: np.ndarray) -> stats.Estimate:
+def _cell(path: pathlib.Path) -> Cell:
+  c = _read(path)
+  try:
+    out = evaluate_suite.read_outcomes(c)
+    rows = tuple((p["id"], p["answer"]) for p in c["predictions"])
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise CompareError(f"{path}: not an evaluation cell ({type(e).__name__}: {e})") from None
+  n = out.n
+  if not (len(out.pred) == len(out.pred_norm) == len(out.rouge) == len(out.counts) == n):
+    raise CompareError(f"{path}: its outcomes' fields have different row counts")
+  if len(rows) > n:
+    raise CompareError(f"{path}: {len(rows)} predictions for {n} scored rows")
+  return Cell(path, out, rows)
+
+
+def _method_cells(eval_dir: pathlib.Path, results: dict, task: str, method: str) -> list[Cell]:
+  """The cells results.json assembled the method from: its seeds' cells, or METHOD.json."""
+  methods = results["tasks"][task].get("methods", {})
+  if method not in methods:
+    have = ", ".join(methods) or "none"
+    raise CompareError(f"{eval_dir}/results.json: {task} has no {method!r} (it has: {have})")
+  names = list(methods[method].get("seeds") or [method])
+  return [_cell(eval_dir / "cells" / task / f"{n}.json") for n in names]
+
+
+def _estimate(cells: list[Cell], metric: str, idx: np.ndarray) -> stats.Estimate:
   """As the evaluation stage assembles it: seeds' scores and bootstrap values averaged."""
-  outs = [evaluate_suite.read_outcomes(c) for c in cells]
+  outs = [c.outcomes for c in cells]
   ests = [stats.bootstrap(lambda i, o=o: metrics.metric_on(metric, o, i), o.n, idx) for o in outs]
   boot = np.mean([e.boot for e in ests], axis=0)
   return stats.Estimate(
@@ -65,22 +110,32 @@ def compare(
   eval_dirs: list[str | pathlib.Path],
   labels: list[str] | None = None,
   method: str = "gd",
-  resamples: int = stats.RESAMPLES,
-  seed: int = 0,
+  resamples: int | None = None,
+  seed: int | None = None,
 ) -> dict:
   """The first evaluation against each of the others: per task, every evaluation's score and
-  difference to its own base, and the first's paired difference to each other one."""
+  difference to its own base, and the first's paired difference to each other one. The
+  resamples default to the first evaluation's (results.json's `bootstrap`)."""
   dirs = [pathlib.Path(d) for d in eval_dirs]
   if len(dirs) < 2:
     raise CompareError("give the main evaluation and at least one control evaluation")
+  if labels:
+    if len(labels) != len(dirs) or len(set(labels)) != len(labels):
+      raise CompareError(f"--labels needs {len(dirs)} distinct names, one per evaluation")
+  elif len({d.name for d in dirs}) != len(dirs):
+    raise CompareError("the evaluations' directory names clash: name them with --labels")
   labels = list(labels) if labels else [d.name for d in dirs]
-  if len(labels) != len(dirs) or len(set(labels)) != len(labels):
-    raise CompareError(f"--labels needs {len(dirs)} distinct names, one per evaluation")
-  results = [_read(d / "results.json") for d in dirs]
+  results = [_results(d) for d in dirs]
+  boot = results[0].get("bootstrap", {})
+  resamples = int(boot.get("resamples", stats.RESAMPLES) if resamples is None else resamples)
+  seed = int(boot.get("seed", 0) if seed is None else seed)
+  if resamples < 1:
+    raise CompareError(f"--resamples must be at least 1, got {resamples}")
   common = [t for t in results[0]["tasks"] if all(t in r["tasks"] for r in results[1:])]
   if not common:
     raise CompareError(f"{', '.join(map(str, dirs))}: no task that every evaluation scored")
   out = {"method": method, "labels": labels, "eval_dirs": [str(d) for d in dirs], "tasks": {}}
+  out["bootstrap"] = {"resamples": resamples, "seed": seed}
   out["left_out"] = sorted({t for r in results for t in r["tasks"]} - set(common))
   per_track: dict[str, dict[str, list]] = {}
   for task in common:
@@ -90,19 +145,21 @@ def compare(
         raise CompareError(
           f"{d}: {task} scored by {r['tasks'][task]['metric']}, not {info['metric']}"
         )
-    cells = [(_cells(d, task, method), _cells(d, task, "base")) for d in dirs]
-    rows = _rows(cells[0][1])
-    for d, (mine, base) in zip(dirs, cells, strict=True):
-      for c in (*mine, base[0]):
-        if _rows([c]) != rows:
-          raise CompareError(
-            f"{d}: {task}'s cells scored other rows than {dirs[0]}'s base (ids or answers differ)"
-          )
-    idx = stats.resample_indices(len(rows), resamples, seed)
+    cells = [
+      (_method_cells(d, r, task, method), _method_cells(d, r, task, "base"))
+      for d, r in zip(dirs, results, strict=True)
+    ]
+    ref = cells[0][1][0]
+    for mine, base in cells:
+      for c in (*mine, *base):
+        if not c.same_rows(ref):
+          raise CompareError(f"{c.path}: scored other rows than {ref.path} (ids or answers differ)")
+    n = ref.outcomes.n
+    idx = stats.resample_indices(n, resamples, seed)
     ests = [
       (_estimate(m, info["metric"], idx), _estimate(b, info["metric"], idx)) for m, b in cells
     ]
-    entry = {"track": info["track"], "metric": info["metric"], "n": len(rows), "by": {}}
+    entry = {"track": info["track"], "metric": info["metric"], "n": n, "by": {}}
     for label, (est, base) in zip(labels, ests, strict=True):
       entry["by"][label] = {
         **est.to_json(),
@@ -141,6 +198,9 @@ def table(res: dict) -> list[str]:
   lines.append("")
   for track, by in res["tracks"].items():
     for o, g in by.items():
+      if not g["tasks"]:  # every task's control scored 0: no relative gain
+        lines.append(f"- {track}: {first} over {o}, mean relative gain n/a ({o} scores 0)")
+        continue
       lines.append(
         f"- {track}: {first} over {o}, mean relative gain {100 * g['mean_relative_gain']:+.1f}% "
         f"[{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}] ({g['tasks']} tasks)"
@@ -202,6 +262,15 @@ def plot(res: dict, out: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _finite(x):
+  """NaN (a relative gain over a control that scores 0) as null: standard JSON."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_finite(v) for v in x]
+  return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(
     prog="python -m mdkif_jax.compare", description=__doc__.split("\n")[0]
@@ -209,22 +278,27 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("eval_dirs", nargs="+", help="the main evaluation workdir, then the controls'")
   ap.add_argument("--labels", nargs="+", help="a name per evaluation (default: the dir names)")
   ap.add_argument("--method", default="gd", help="the method compared (default gd)")
-  ap.add_argument("--resamples", type=int, default=stats.RESAMPLES, help="as the evaluation's")
-  ap.add_argument("--seed", type=int, default=0, help="bootstrap seed, as the evaluation's")
+  ap.add_argument(
+    "--resamples", type=int, help="bootstrap resamples (default: the first evaluation's)"
+  )
+  ap.add_argument("--seed", type=int, help="bootstrap seed (default: the first evaluation's)")
   ap.add_argument("--out", required=True, help="the plot (.png); .json and .md go beside it")
   args = ap.parse_args(argv)
+  out = pathlib.Path(args.out)
   try:
+    if out.suffix != ".png":
+      raise CompareError(f"--out {out}: name a .png (the .json and .md go beside it)")
     res = compare(args.eval_dirs, args.labels, args.method, args.resamples, args.seed)
   except CompareError as e:
     print(f"error: CompareError: {e}", file=sys.stderr)
     return 2
-  out = pathlib.Path(args.out)
-  plot(res, out)
-  out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(_finite(res), indent=1) + "\n")
   lines = table(res)
   out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+  plot(res, out)
   print("\n".join(lines))
-  print(f"wrote {out}, {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+  print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')} and {out}")
   return 0
 
 

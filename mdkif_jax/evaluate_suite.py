@@ -480,6 +480,8 @@ def _estimate(out: metrics.Outcomes, idx: np.ndarray, name: str) -> stats.Estima
 def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
   """results.json's dict from the cells on disk (see the issue's schema)."""
   res = {"model": config.model.source, "skills": list(sh.skills), "tasks": {}, "tracks": {}}
+  # the resamples behind every interval (python -m mdkif_jax.compare draws the same ones)
+  res["bootstrap"] = {"resamples": config.bootstrap.resamples, "seed": config.bootstrap.seed}
   est_by_track: dict[str, dict[str, list]] = {}
   for spec in specs:
     fit, scored = rows[spec.name]

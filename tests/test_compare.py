@@ -32,13 +32,20 @@ def _cell(correct: int, ids=None) -> dict:
 
 
 def _eval_dir(root, name, cells: dict[str, dict[str, dict]], track="unseen_data"):
-  """cells: {task: {cell name: cell}}; results.json names each task's track and metric."""
+  """cells: {task: {cell name: cell}}; results.json names each task's track, metric and
+  methods (a seeded method, gd_s<i>, by its seeds' cells)."""
   d = root / name
+  tasks = {}
   for task, by in cells.items():
     (d / "cells" / task).mkdir(parents=True)
+    methods = {}
     for cell, data in by.items():
       (d / "cells" / task / f"{cell}.json").write_text(json.dumps(data))
-  tasks = {t: {"track": track, "metric": "accuracy"} for t in cells}
+      method, _, seed = cell.partition("_s")
+      methods.setdefault(method, {})
+      if seed:
+        methods[method].setdefault("seeds", {})[cell] = 0.0
+    tasks[task] = {"track": track, "metric": "accuracy", "methods": methods}
   (d / "results.json").write_text(json.dumps({"tasks": tasks}))
   return d
 
@@ -98,18 +105,81 @@ def test_a_control_that_scored_other_rows_is_refused_naming_it(evals, capsys):
   (union / "cells" / "t2" / "gd.json").write_text(json.dumps(other))
   assert compare.main([str(main), str(union), "--out", str(main / "c.png")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "eval_union: t2's cells scored other rows" in err[0]
+  assert len(err) == 1 and "eval_union/cells/t2/gd.json: scored other rows than" in err[0]
   assert not (main / "c.png").exists()
 
 
-def test_a_missing_cell_or_results_is_one_line_naming_the_path(evals, capsys):
+def test_a_cell_whose_outcomes_are_in_another_row_order_is_refused(evals, capsys):
+  """The statistics index the outcomes: equal predictions with reordered outcomes (a task
+  of choice and generated rows interleaved otherwise) would pair other rows."""
   main, union = evals
-  (union / "cells" / "t2" / "gd.json").unlink()
+  cell = _cell(30)
+  cell["outcomes"]["gold"][0] = "B"
+  (union / "cells" / "t2" / "gd.json").write_text(json.dumps(cell))
   assert compare.main([str(main), str(union), "--out", str(main / "c.png")]) == 2
-  err = capsys.readouterr().err.strip()
-  assert "eval_union/cells/t2: no gd.json (nor gd_s<seed>.json) cell" in err
-  (union / "results.json").write_text('{"tasks": ')
+  assert "eval_union/cells/t2/gd.json: scored other rows" in capsys.readouterr().err
+  cell = _cell(30)
+  cell["predictions"][3]["answer"] = "C"
+  (union / "cells" / "t2" / "gd.json").write_text(json.dumps(cell))
   assert compare.main([str(main), str(union), "--out", str(main / "c.png")]) == 2
-  assert "eval_union/results.json:1: not JSON" in capsys.readouterr().err
-  assert compare.main([str(main), "--out", str(main / "c.png")]) == 2
-  assert "at least one control" in capsys.readouterr().err
+  assert "scored other rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "damage, message",
+  [
+    (lambda d: (d / "cells" / "t2" / "gd.json").unlink(), "eval_union/cells/t2/gd.json: missing"),
+    (
+      lambda d: (d / "results.json").write_text('{"tasks": '),
+      "eval_union/results.json:1: not JSON",
+    ),
+    (lambda d: (d / "results.json").write_text("[1, 2]"), "not an evaluation's results.json"),
+    (
+      lambda d: (d / "cells" / "t2" / "gd.json").write_text('{"outcomes": {}}'),
+      "eval_union/cells/t2/gd.json: not an evaluation cell (KeyError",
+    ),
+    (
+      lambda d: (d / "cells" / "t2" / "gd.json").write_text(
+        json.dumps(_cell(30) | {"predictions": _cell(30)["predictions"] * 2})
+      ),
+      "80 predictions for 40 scored rows",
+    ),
+  ],
+)
+def test_damaged_input_is_one_line_naming_the_file(evals, capsys, damage, message):
+  main, union = evals
+  damage(union)
+  assert compare.main([str(main), str(union), "--out", str(main / "c.png")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0], err
+
+
+def test_bad_arguments_are_one_line(evals, tmp_path, capsys):
+  main, union = evals
+  cases = [
+    ([str(main)], "at least one control"),
+    ([str(main), str(main / "results.json")], "results.json/results.json: missing"),
+    ([str(main), str(union), "--resamples", "0"], "--resamples must be at least 1"),
+    ([str(main), str(tmp_path / "x" / "eval")], "directory names clash: name them with --labels"),
+    ([str(main), str(union), "--labels", "a"], "--labels needs 2 distinct names"),
+    ([str(main), str(union), "--method", "gate"], "t1 has no 'gate' (it has: base, gd)"),
+  ]
+  for args, message in cases:
+    assert compare.main([*args, "--out", str(tmp_path / "c.png")]) == 2, args
+    assert message in capsys.readouterr().err, args
+  assert compare.main([str(main), str(union), "--out", str(tmp_path / "c.pdf")]) == 2
+  assert "name a .png" in capsys.readouterr().err
+
+
+def test_a_control_that_scores_0_everywhere_has_no_relative_gain(tmp_path, capsys):
+  main = _eval_dir(tmp_path, "eval", {"t": {"base": _cell(10), "gd": _cell(20)}})
+  zero = _eval_dir(tmp_path, "zero", {"t": {"base": _cell(10), "gd": _cell(0)}})
+  out = tmp_path / "c.png"
+  assert compare.main([str(main), str(zero), "--out", str(out)]) == 0
+  assert (
+    json.loads(out.with_suffix(".json").read_text())["tracks"]["unseen_data"]["zero"][
+      "mean_relative_gain"
+    ]
+    is None
+  )
+  assert "mean relative gain n/a (zero scores 0)" in out.with_suffix(".md").read_text()

@@ -168,9 +168,8 @@ def test_compare_pairs_the_same_rows_as_the_evaluation_stage(evaluated, tmp_path
   twin = tmp_path / "twin"
   shutil.copytree(root / "run", twin)
   for method in ("gd", "cmaes_k4"):
-    res = compare.compare(
-      [root / "run", twin], None, method, c.bootstrap.resamples, c.bootstrap.seed
-    )
+    res = compare.compare([root / "run", twin], None, method)  # results.json's resamples
+    assert res["bootstrap"] == {"resamples": c.bootstrap.resamples, "seed": c.bootstrap.seed}
     for name, t in results["tasks"].items():
       got = res["tasks"][name]["by"]["run"]
       assert got["score"] == pytest.approx(t["methods"][method]["score"], abs=1e-12)

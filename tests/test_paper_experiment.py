@@ -82,6 +82,7 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
     "lora",
     "eval_union",
     "eval_lora",
+    "controls",
   ]
   assert all(len(row.split("\t")) == 6 for row in timings)
   published = sorted(str(p.relative_to(tmp_path / "pub")) for p in (tmp_path / "pub").rglob("*"))
