@@ -358,7 +358,9 @@ def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
 
 
 def plot_results(path, results: dict) -> None:
-  """One panel per track: per task, a bar per method with its 95% interval."""
+  """Two panels per track: per task a bar per method with its 95% interval, and beside it
+  each method's paired difference to the base (the interval that says whether it helps:
+  two scores' intervals can overlap while their paired difference excludes 0)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -366,9 +368,14 @@ def plot_results(path, results: dict) -> None:
 
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   fig, axes = plt.subplots(
-    len(tracks), 1, figsize=(10, 3.5 * len(tracks)), squeeze=False, constrained_layout=True
+    len(tracks),
+    2,
+    figsize=(16, 3.8 * len(tracks)),
+    squeeze=False,
+    constrained_layout=True,
+    gridspec_kw={"width_ratios": [3, 2]},
   )
-  for ax, track in zip(axes[:, 0], tracks, strict=True):
+  for (ax, dax), track in zip(axes, tracks, strict=True):
     tasks = [n for n, t in results["tasks"].items() if t["track"] == track]
     methods = list(results["tasks"][tasks[0]]["methods"])
     width = 0.8 / max(len(methods), 1)
@@ -379,12 +386,21 @@ def plot_results(path, results: dict) -> None:
       err = np.asarray(
         [[e["score"] - e["ci"][0], e["ci"][1] - e["score"]] if e else [0, 0] for e in es]
       ).T
-      ax.bar(x, y, width, yerr=err, capsize=2, label=m)
-    ax.set_xticks(
-      range(len(tasks)), [f"{n}\n({results['tasks'][n]['metric']})" for n in tasks], fontsize=8
-    )
+      color = ax.bar(x, y, width, yerr=err, capsize=2, label=m)[0].get_facecolor()
+      ds = [e.get("delta_vs_base") if e else None for e in es]
+      if m == "base" or not any(ds):
+        continue
+      d = np.asarray([[x["mean"], *x["ci"]] if x else [np.nan] * 3 for x in ds])
+      derr = np.maximum([d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]], 0)
+      dax.errorbar(x, d[:, 0], yerr=derr, fmt="o", ms=3, capsize=2, color=color, label=m)
+    labels = [f"{n}\n({results['tasks'][n]['metric']})" for n in tasks]
+    for a in (ax, dax):
+      a.set_xticks(range(len(tasks)), labels, fontsize=8)
+    dax.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_title(track)
+    dax.set_title(f"{track}: minus the base (paired)")
     ax.set_ylabel("score")
+    dax.set_ylabel("score difference")
     ax.legend(fontsize=7, ncol=max(1, len(methods) // 5))
   fig.savefig(path, dpi=110)
   plt.close(fig)
