@@ -108,6 +108,8 @@ class TaskScorer:
       (i for i in self.plan.generated if enc[i] is not None), key=lambda i: enc[i].answer_start
     )
     self.prompts = {i: enc[i].tokens[: enc[i].answer_start].tolist() for i in gen}
+    # the rows that fit max_len (the others count as wrong / empty: metrics.Plan.finish)
+    self.encoded = frozenset(i for i, e in enumerate(enc) if e is not None)
 
   def _bar(self, total: int, desc: str):
     return reporting.progress_bar(self.progress, total=total, desc=desc, unit="call", leave=False)

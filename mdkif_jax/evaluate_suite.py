@@ -95,17 +95,26 @@ def best_single(t: fit_router.Task) -> fit_router.Fitted:
 
 
 def majority(t: fit_router.Task) -> fit_router.Fitted:
-  """No model: every scored row gets the fit part's most frequent answer (a label row: the
-  most frequent of its candidates, ties to the first; a generated row: the most frequent
-  answer text). The floor a method must clear to show more than which label a task leans to."""
-  counts = collections.Counter(ex.answer for ex in t.fit_rows)
-  plan = t.scorer.plan
-  choice = {}
+  """No model: every scored row gets the most frequent answer of the fit rows of its own
+  (source, skill): a label row the most frequent of its candidates (ties to the first
+  candidate), a generated row the most frequent answer text (ties to the one the fit part
+  lists first; on a task whose answers are all distinct, such as summaries, that is the
+  first fit row's). Rows too long for max_len stay unanswered, as every model method leaves
+  them. The floor a method must clear to show more than which label a task leans to."""
+  counts: dict[tuple, collections.Counter] = {}
+  for ex in t.fit_rows:
+    counts.setdefault((ex.source, ex.skill), collections.Counter())[ex.answer] += 1
+  plan, encoded = t.scorer.plan, t.scorer.encoded
+  choice, texts = {}, {}
   for i, cs in plan.choices.items():
-    best = max(cs, key=lambda c: counts[c])
-    choice[i] = np.asarray([0.0 if c == best else -1.0 for c in cs])
-  top = counts.most_common(1)[0][0] if counts else ""
-  texts = {i: top for i in plan.generated}
+    if i in encoded:
+      c = counts.get((plan.rows[i].source, plan.rows[i].skill), collections.Counter())
+      best = max(cs, key=lambda a: c[a])
+      choice[i] = np.asarray([0.0 if a == best else -1.0 for a in cs])
+  for i in plan.generated:
+    c = counts.get((plan.rows[i].source, plan.rows[i].skill))
+    if i in encoded and c:
+      texts[i] = c.most_common(1)[0][0]
   scorer = types.SimpleNamespace(plan=plan, last={"choice": choice, "texts": texts})
   return fit_router.Fitted(plan.finish(choice, texts), scorer=scorer)
 

@@ -202,6 +202,12 @@ def _cell(entry: dict) -> str:
   return f"{entry['score']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
 
 
+def track_methods(results: dict, tasks: list[str]) -> list[str]:
+  """Every method any of the tasks has, in the order the tasks list them (an interim
+  results.json may have a method on some tasks only)."""
+  return list(dict.fromkeys(m for n in tasks for m in results["tasks"][n]["methods"]))
+
+
 def few_shot(method: str) -> bool:
   """A method fitted (or prompted) with k rows: base_k<k>, cmaes_k<k>."""
   return re.fullmatch(r"(base|cmaes)_k\d+", method) is not None
@@ -218,17 +224,18 @@ def results_table(results: dict) -> list[str]:
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   for track in tracks:
     tasks = [n for n, t in results["tasks"].items() if t["track"] == track]
-    methods = list(results["tasks"][tasks[0]]["methods"])
+    methods = track_methods(results, tasks)
     lines += [f"## {track}", ""]
-    normal = [m for m in methods if not few_shot(m)]
+    base = ["base"] * ("base" in methods)
+    rest = [m for m in methods if not few_shot(m) and m != "base"]
     shots = [m for m in methods if few_shot(m)]
-    if shots and len(normal) > 1:
-      lines += ["Every fit row:", ""]
-    lines += _method_table(results, track, tasks, normal)
+    both = bool(rest and shots)
+    if rest or not shots:
+      lines += ["Every fit row:", ""] * both + _method_table(results, track, tasks, base + rest)
     if shots:
-      if len(normal) > 1:
-        lines += ["Few-shot (k fit rows):", ""]
-      lines += _method_table(results, track, tasks, ["base"] * ("base" in methods) + shots)
+      lines += ["Few-shot (k fit rows):", ""] * both + _method_table(
+        results, track, tasks, base + shots
+      )
     lines += _seed_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
@@ -295,7 +302,7 @@ def _seed_lines(results: dict, tasks: list[str]) -> list[str]:
   the table shows their mean, this their lowest and highest seed."""
   seeded = [
     m
-    for m in results["tasks"][tasks[0]]["methods"]
+    for m in track_methods(results, tasks)
     if all("seeds" in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
   ]
   if not seeded:
@@ -377,8 +384,8 @@ def plot_results(path, results: dict) -> None:
   )
   for (ax, dax), track in zip(axes, tracks, strict=True):
     tasks = [n for n, t in results["tasks"].items() if t["track"] == track]
-    methods = list(results["tasks"][tasks[0]]["methods"])
-    width = 0.8 / max(len(methods), 1)
+    methods = track_methods(results, tasks)
+    width, drawn = 0.8 / max(len(methods), 1), False
     for j, m in enumerate(methods):
       es = [results["tasks"][n]["methods"].get(m) for n in tasks]
       x = np.arange(len(tasks)) + (j - (len(methods) - 1) / 2) * width
@@ -390,13 +397,17 @@ def plot_results(path, results: dict) -> None:
       ds = [e.get("delta_vs_base") if e else None for e in es]
       if m == "base" or not any(ds):
         continue
-      d = np.asarray([[x["mean"], *x["ci"]] if x else [np.nan] * 3 for x in ds])
+      d = np.asarray([[q["mean"], *q["ci"]] if q else [np.nan] * 3 for q in ds])
       derr = np.maximum([d[:, 0] - d[:, 1], d[:, 2] - d[:, 0]], 0)
       dax.errorbar(x, d[:, 0], yerr=derr, fmt="o", ms=3, capsize=2, color=color, label=m)
+      drawn = True
     labels = [f"{n}\n({results['tasks'][n]['metric']})" for n in tasks]
     for a in (ax, dax):
       a.set_xticks(range(len(tasks)), labels, fontsize=8)
+    dax.set_xlim(ax.get_xlim())  # the tasks where the scores panel has them
     dax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    if not drawn:  # no paired difference (no base)
+      dax.text(0.5, 0.5, "no base to pair with", ha="center", transform=dax.transAxes)
     ax.set_title(track)
     dax.set_title(f"{track}: minus the base (paired)")
     ax.set_ylabel("score")

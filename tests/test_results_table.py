@@ -42,3 +42,27 @@ def test_a_track_without_few_shot_methods_has_one_table():
   lines = reporting.results_table(_results({"base": 0.4, "gd": 0.5}))
   assert "Every fit row:" not in lines and "Few-shot (k fit rows):" not in lines
   assert sum(x.startswith("| method |") for x in lines) == 1
+
+
+def test_without_a_base_each_setting_is_one_table_and_none_is_empty():
+  lines = reporting.results_table(_results({"gd": 0.5, "cmaes_k5": 0.55}))
+  assert _rows(lines, "Every fit row:") == ["gd"]
+  assert _rows(lines, "Few-shot (k fit rows):") == ["cmaes_k5"]
+  for methods, rows in (({"cmaes_k5": 0.5}, ["cmaes_k5"]), ({"base": 0.4, "base_k5": 0.5}, None)):
+    lines = reporting.results_table(_results(methods))
+    tables = [i for i, x in enumerate(lines) if x.startswith("| method |")]
+    assert len(tables) == 1 and "Every fit row:" not in lines
+    assert lines[tables[0] + 2].startswith("| " + (rows or ["base"])[0] + " |")
+
+
+def test_a_method_only_some_tasks_have_still_gets_its_row(tmp_path):
+  res = _results({"base": 0.4, "gd": 0.5})
+  res["tasks"]["u"] = res["tasks"]["t"] | {
+    "methods": res["tasks"]["t"]["methods"] | {"majority": res["tasks"]["t"]["methods"]["gd"]}
+  }
+  lines = reporting.results_table(res)
+  assert any(x.startswith("| majority | - | ") for x in lines)
+  reporting.plot_results(tmp_path / "r.png", res)  # the missing cell is left blank
+  no_base = _results({"gd": 0.5})
+  reporting.plot_results(tmp_path / "n.png", no_base)
+  assert (tmp_path / "n.png").stat().st_size > 0
