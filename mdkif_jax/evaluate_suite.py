@@ -523,6 +523,8 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
           for m in spec.metrics
         },
       }
+      if (answers := metrics.lean(outs)) is not None:  # which label it leans to
+        entry["lean"] = answers
       if len(entries) > 1:  # several seeds: their spread
         entry["seeds"] = {c: e.score for (c, _), e in zip(entries, ests, strict=True)}
       if entries[0][1].get("chosen"):
@@ -536,7 +538,9 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
       methods_out[ROUTER]["delta_vs"] = {
         r: stats.paired_difference(estimates[ROUTER], estimates[r]) for r in refs
       }
+    gold = metrics.lean([read_outcomes(done[(spec.name, cells[0][0])])], of="gold")
     res["tasks"][spec.name] = {
+      **({"gold_lean": gold} if gold else {}),
       "track": spec.track,
       "metric": headline,
       "n_fit": len(fit),

@@ -276,6 +276,17 @@ def outcomes(plan: Plan, choice_scores: dict, texts: dict) -> Outcomes:
   return Outcomes(tuple(gold), tuple(pred), tuple(pred_norm), rouge_rows, counts)
 
 
+def lean(outs: Sequence[Outcomes], of: str = "pred") -> dict | None:
+  """The most frequent label answer and its share of the label rows, pooled over `outs` (a
+  seeded method's cells): of="pred" what a method answers, of="gold" the scored rows' own
+  (a description, never used to choose anything). None without label rows."""
+  values = [v for o in outs for g, v in zip(o.gold, getattr(o, of), strict=True) if g]
+  if not values:
+    return None
+  answer, count = collections.Counter(values).most_common(1)[0]
+  return {"answer": answer, "share": count / len(values)}
+
+
 def _take(values: Sequence[str], idx: np.ndarray) -> list[str]:
   return [values[i] for i in idx]
 

@@ -237,6 +237,7 @@ def results_table(results: dict) -> list[str]:
         results, track, tasks, base + shots
       )
     lines += _seed_lines(results, tasks)
+    lines += _lean_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
   lines += _time_lines(results)
@@ -313,6 +314,23 @@ def _seed_lines(results: dict, tasks: list[str]) -> list[str]:
     for n in tasks:
       v = list(results["tasks"][n]["methods"][m]["seeds"].values())
       cells.append(f"{min(v):.3f}-{max(v):.3f} ({len(v)} seeds)")
+    out.append(f"| {m} | " + " | ".join(cells) + " |")
+  return out + [""]
+
+
+def _lean_lines(results: dict, tasks: list[str]) -> list[str]:
+  """On label tasks, each method's most frequent answer and its share of the rows, beside the
+  scored rows' own: a method near the floor often moves which label it leans to, not whether
+  it reads the question."""
+  label = [n for n in tasks if "gold_lean" in results["tasks"][n]]
+  if not label:
+    return []
+  fmt = lambda x: f"{x['answer']} {x['share']:.2f}" if x else "-"  # noqa: E731
+  out = [f"| most frequent answer (share) | {' | '.join(label)} |"]
+  out += ["|---" * (len(label) + 1) + "|"]
+  out.append("| gold | " + " | ".join(fmt(results["tasks"][n]["gold_lean"]) for n in label) + " |")
+  for m in track_methods(results, label):
+    cells = [fmt(results["tasks"][n]["methods"].get(m, {}).get("lean")) for n in label]
     out.append(f"| {m} | " + " | ".join(cells) + " |")
   return out + [""]
 

@@ -157,6 +157,11 @@ def test_majority_answers_the_fit_parts_most_frequent_label_everywhere(evaluated
   assert {p["prediction"] for p in cell["predictions"]} == {top}
   want = sum(ex.answer == top for ex in scored) / len(scored)
   assert results["tasks"]["mine"]["methods"]["majority"]["score"] == pytest.approx(want)
+  assert results["tasks"]["mine"]["methods"]["majority"]["lean"] == {"answer": top, "share": 1.0}
+  most = max(sum(ex.answer == a for ex in scored) for a in "ABCD")
+  gold = results["tasks"]["mine"]["gold_lean"]  # ties: the first in row order
+  assert gold["share"] == most / len(scored)
+  assert sum(ex.answer == gold["answer"] for ex in scored) == most
 
 
 def test_compare_pairs_the_same_rows_as_the_evaluation_stage(evaluated, tmp_path):

@@ -42,6 +42,18 @@ def test_ties_go_to_the_first_candidate():
   assert out["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
 
 
+def test_lean_pools_the_label_rows_of_every_seed():
+  def out(gold, pred):
+    n = len(gold)
+    return metrics.Outcomes(gold, pred, pred, np.full((n, 3), np.nan), np.zeros((n, 3)))
+
+  a = out(("yes", "no", ""), ("yes", "yes", ""))  # the third row is generated: not counted
+  b = out(("yes", "no", ""), ("no", "yes", ""))
+  assert metrics.lean([a, b]) == {"answer": "yes", "share": 0.75}
+  assert metrics.lean([a], of="gold") == {"answer": "yes", "share": 0.5}
+  assert metrics.lean([out(("",), ("",))]) is None
+
+
 def test_set_f1_by_hand():
   out = metrics.set_f1(["A\nB", "none", "x"], ["a\nc", "none", "y\nz"])
   # row 1: {a, b} vs {a, c} -> 1/2; row 2: both empty -> 1; row 3: 0

@@ -66,3 +66,13 @@ def test_a_method_only_some_tasks_have_still_gets_its_row(tmp_path):
   no_base = _results({"gd": 0.5})
   reporting.plot_results(tmp_path / "n.png", no_base)
   assert (tmp_path / "n.png").stat().st_size > 0
+
+
+def test_label_tasks_show_which_answer_each_method_leans_to():
+  res = _results({"base": 0.4, "gd": 0.5})
+  res["tasks"]["t"]["gold_lean"] = {"answer": "yes", "share": 0.527}
+  res["tasks"]["t"]["methods"]["gd"]["lean"] = {"answer": "yes", "share": 0.96}
+  lines = reporting.results_table(res)
+  i = lines.index("| most frequent answer (share) | t |")
+  assert lines[i + 2 : i + 5] == ["| gold | yes 0.53 |", "| base | - |", "| gd | yes 0.96 |"]
+  assert "| most frequent answer" not in "\n".join(reporting.results_table(_results({"gd": 0.5})))
