@@ -523,6 +523,10 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
           for m in spec.metrics
         },
       }
+      # the gold answer's mean token NLL on the scored rows (teacher-forced): whether a method
+      # moves the answer's likelihood even where the chosen label stays the same
+      if all("loss" in d["scores"] for _, d in entries):
+        entry["answer_nll"] = float(np.mean([d["scores"]["loss"] for _, d in entries]))
       if (answers := metrics.lean(outs)) is not None:  # which label it leans to
         entry["lean"] = answers
       if len(entries) > 1:  # several seeds: their spread

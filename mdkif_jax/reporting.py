@@ -238,6 +238,7 @@ def results_table(results: dict) -> list[str]:
       )
     lines += _seed_lines(results, tasks)
     lines += _lean_lines(results, tasks)
+    lines += _nll_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
   lines += _time_lines(results)
@@ -332,6 +333,24 @@ def _lean_lines(results: dict, tasks: list[str]) -> list[str]:
   for m in track_methods(results, label):
     cells = [fmt(results["tasks"][n]["methods"].get(m, {}).get("lean")) for n in label]
     out.append(f"| {m} | " + " | ".join(cells) + " |")
+  return out + [""]
+
+
+def _nll_lines(results: dict, tasks: list[str]) -> list[str]:
+  """Each method's answer NLL on the scored rows: the skills can teach a task's answer format
+  (a large fall) without changing which answer wins."""
+  methods = [
+    m
+    for m in track_methods(results, tasks)
+    if any("answer_nll" in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
+  ]
+  if not methods:
+    return []
+  out = [f"| answer NLL (teacher-forced, nats/token) | {' | '.join(tasks)} |"]
+  out += ["|---" * (len(tasks) + 1) + "|"]
+  for m in methods:
+    vals = [results["tasks"][n]["methods"].get(m, {}).get("answer_nll") for n in tasks]
+    out.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
   return out + [""]
 
 

@@ -158,6 +158,11 @@ def test_majority_answers_the_fit_parts_most_frequent_label_everywhere(evaluated
   want = sum(ex.answer == top for ex in scored) / len(scored)
   assert results["tasks"]["mine"]["methods"]["majority"]["score"] == pytest.approx(want)
   assert results["tasks"]["mine"]["methods"]["majority"]["lean"] == {"answer": top, "share": 1.0}
+  assert "answer_nll" not in results["tasks"]["mine"]["methods"]["majority"]  # no model
+  for m in ("gd", "cmaes_k4"):
+    cells = [json.loads(p.read_text()) for p in (root / "run" / "cells" / "mine").glob(f"{m}*")]
+    want = np.mean([c["scores"]["loss"] for c in cells])
+    assert results["tasks"]["mine"]["methods"][m]["answer_nll"] == pytest.approx(want)
   most = max(sum(ex.answer == a for ex in scored) for a in "ABCD")
   gold = results["tasks"]["mine"]["gold_lean"]  # ties: the first in row order
   assert gold["share"] == most / len(scored)

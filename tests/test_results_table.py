@@ -76,3 +76,12 @@ def test_label_tasks_show_which_answer_each_method_leans_to():
   i = lines.index("| most frequent answer (share) | t |")
   assert lines[i + 2 : i + 5] == ["| gold | yes 0.53 |", "| base | - |", "| gd | yes 0.96 |"]
   assert "| most frequent answer" not in "\n".join(reporting.results_table(_results({"gd": 0.5})))
+
+
+def test_each_methods_answer_nll_is_a_table_row():
+  res = _results({"base": 0.4, "gd": 0.5, "majority": 0.3})
+  res["tasks"]["t"]["methods"]["base"]["answer_nll"] = 3.448
+  res["tasks"]["t"]["methods"]["gd"]["answer_nll"] = 0.5128
+  lines = reporting.results_table(res)
+  i = lines.index("| answer NLL (teacher-forced, nats/token) | t |")
+  assert lines[i + 2 : i + 5] == ["| base | 3.448 |", "| gd | 0.513 |", ""]  # majority: none
