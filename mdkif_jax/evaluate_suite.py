@@ -558,9 +558,11 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
     res["tracks"][track] = {}
     for method, pairs in by_method.items():
       if all(b is not None for _, b in pairs):
-        res["tracks"][track][method] = stats.relative_gain(
-          [m for m, _ in pairs], [b for _, b in pairs]
-        )
+        ms, bs = [m for m, _ in pairs], [b for _, b in pairs]
+        res["tracks"][track][method] = {
+          **stats.relative_gain(ms, bs),
+          "mean_delta": stats.mean_difference(ms, bs),  # in metric points
+        }
     # the router's mean relative gain over each reference (over adalora_task: its score share
     # minus 1), for the tracks where every task scored both
     router = [m for m, _ in by_method.get(ROUTER, [])]

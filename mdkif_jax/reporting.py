@@ -198,6 +198,10 @@ def plot_weights(path, skills: list[str], weights: dict[str, np.ndarray], task: 
 
 
 # ---- the evaluation stage ------------------------------------------------------------------
+def _signed(d: dict) -> str:
+  return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
 def _cell(entry: dict) -> str:
   return f"{entry['score']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
 
@@ -250,7 +254,8 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
   head = " | ".join(
     f"{n} ({results['tasks'][n]['metric']}, n={results['tasks'][n]['n_scored']})" for n in tasks
   )
-  lines = [f"| method | {head} | mean relative gain vs base |", "|---" * (len(tasks) + 2) + "|"]
+  lines = [f"| method | {head} | mean relative gain vs base | mean Δ vs base |"]
+  lines.append("|---" * (len(tasks) + 3) + "|")
   best = {
     n: max(
       (
@@ -274,7 +279,7 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
         text = f"**{text}**"
       d = e.get("delta_vs_base")
       if d and m != "base":
-        text += f"<br>Δ {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+        text += f"<br>Δ {_signed(d)}"
       cells.append(text)
     g = results["tracks"].get(track, {}).get(m)
     gain = (
@@ -282,7 +287,9 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
       if g is None or m == "base"
       else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
     )
-    lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} |")
+    d = (g or {}).get("mean_delta")
+    delta = "-" if d is None or m == "base" else _signed(d)
+    lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} | {delta} |")
   return lines + [""]
 
 
@@ -395,7 +402,7 @@ def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
     cells = []
     for e in gd.values():
       x = e["delta_vs"][ref]
-      cells.append(f"{x['mean']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]")
+      cells.append(_signed(x))
     gain = f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
     out.append(f"| {ref} | " + " | ".join(cells) + f" | {gain} |")
   return out + [""]

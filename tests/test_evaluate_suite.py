@@ -94,6 +94,13 @@ def test_every_task_and_method_has_a_score_an_interval_and_a_paired_difference(e
     assert t["methods"]["best_single"]["chosen"] in ("qa", "ner")
   assert results["tasks"]["mine"]["track"] == "custom"
   assert "gd" in results["tracks"]["custom"]
+  for track, by in results["tracks"].items():  # the mean Δ in points: the tasks' Δ averaged
+    deltas = [t["methods"]["gd"]["delta_vs_base"]["mean"] for t in results["tasks"].values()]
+    deltas = [
+      d for t, d in zip(results["tasks"].values(), deltas, strict=True) if t["track"] == track
+    ]
+    assert by["gd"]["mean_delta"]["mean"] == pytest.approx(np.mean(deltas))
+    assert by["gd"]["mean_delta"]["ci"][0] <= by["gd"]["mean_delta"]["ci"][1]
   on_disk = json.loads((root / "run" / "results.json").read_text())
   assert (
     on_disk["tasks"]["mine"]["methods"]["gd"]["score"]

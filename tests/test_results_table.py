@@ -85,3 +85,13 @@ def test_each_methods_answer_nll_is_a_table_row():
   lines = reporting.results_table(res)
   i = lines.index("| answer NLL (teacher-forced, nats/token) | t |")
   assert lines[i + 2 : i + 5] == ["| base | 3.448 |", "| gd | 0.513 |", ""]  # majority: none
+
+
+def test_the_tracks_mean_difference_in_points_is_a_column():
+  res = _results({"base": 0.4, "gd": 0.5})
+  gain = {"mean_relative_gain": 0.25, "ci": [0.1, 0.4], "tasks": 1}
+  res["tracks"]["unseen_data"] = {
+    "gd": gain | {"mean_delta": {"mean": 0.1, "ci": [0.05, 0.15], "tasks": 1}}
+  }
+  row = next(x for x in reporting.results_table(res) if x.startswith("| gd |"))
+  assert row.endswith("| +25.0% [+10.0%, +40.0%] | +0.100 [+0.050, +0.150] |")

@@ -48,6 +48,17 @@ def test_relative_gain_is_the_mean_over_tasks_and_skips_a_zero_base():
   assert g["ci"] == pytest.approx([0.275, 0.325])
 
 
+def test_mean_difference_is_in_points_and_keeps_a_near_zero_base():
+  b1 = stats.Estimate(0.5, (0, 1), 2, np.asarray([0.5, 0.4]))
+  m1 = stats.Estimate(0.6, (0, 1), 2, np.asarray([0.6, 0.6]))
+  b2 = stats.Estimate(0.003, (0, 1), 2, np.asarray([0.0, 0.01]))
+  m2 = stats.Estimate(0.373, (0, 1), 2, np.asarray([0.3, 0.4]))
+  d = stats.mean_difference([m1, m2], [b1, b2], level=0.5)
+  assert d["mean"] == pytest.approx((0.1 + 0.37) / 2) and d["tasks"] == 2
+  # per resample: (0.1 + 0.3) / 2 = 0.2 and (0.2 + 0.39) / 2 = 0.295
+  assert d["ci"] == pytest.approx([0.2 + 0.25 * 0.095, 0.2 + 0.75 * 0.095])
+
+
 def test_micro_f1_without_the_negative_class_and_the_f1_of_one_label():
   gold = ["false", "effect", "advise", "false", "effect"]
   pred = ["effect", "effect", "false", "false", "mechanism"]
