@@ -1,5 +1,6 @@
-"""The learning curve of docs/results.md: a track's mean relative gain over the base against the
-training examples each skill had seen, one point per evaluation of a stage-1 checkpoint.
+"""The learning curve of docs/results.md: a track's mean difference to the base (metric points;
+or `--measure gain`: the mean relative gain) against the training examples each skill had
+seen, one point per evaluation of a stage-1 checkpoint.
 
   python -m mdkif_jax.curve runs/paper/skill runs/paper/curve_75 runs/paper/curve_150 \
     runs/paper/eval --out docs/results/learning_curve.png
@@ -57,6 +58,12 @@ def point(skill_dir: pathlib.Path, eval_dir: pathlib.Path, track: str) -> dict:
       m: {"mean": g["mean_relative_gain"], "ci": g["ci"]}
       for m, g in results["tracks"][track].items()
     },
+    # in metric points (absent from results.json written before it was recorded)
+    "delta": {
+      m: {"mean": g["mean_delta"]["mean"], "ci": g["mean_delta"]["ci"]}
+      for m, g in results["tracks"][track].items()
+      if "mean_delta" in g
+    },
     "scores": tasks,
   }
 
@@ -66,7 +73,9 @@ def curve(skill_dir, eval_dirs, track: str = "unseen_data") -> list[dict]:
   return sorted(points, key=lambda p: p["step"])
 
 
-def plot(points: list[dict], out: pathlib.Path, track: str) -> None:
+def plot(points: list[dict], out: pathlib.Path, track: str, measure: str = "delta") -> None:
+  """measure: "delta" (the mean difference to the base in metric points: readable when a
+  task's base scores near 0) or "gain" (the mean relative gain, the paper's "+x%")."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -75,14 +84,15 @@ def plot(points: list[dict], out: pathlib.Path, track: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   x = [p["examples_per_skill"]["mean"] for p in points]
   # the methods every point scored (the final point may be the full suite's evaluation)
-  methods = [m for m in points[0]["gain"] if m != "base" and all(m in p["gain"] for p in points)]
+  methods = [m for m in points[0][measure] if m != "base" and all(m in p[measure] for p in points)]
   for i, m in enumerate(methods):
-    have = [(xi, p["gain"][m]) for xi, p in zip(x, points, strict=True)]
+    have = [(xi, p[measure][m]) for xi, p in zip(x, points, strict=True)]
     xs = np.asarray([h[0] for h in have]) * (1 + 0.01 * (i - len(methods) / 2))  # no overlap
-    mean = np.asarray([100 * h[1]["mean"] for h in have])
+    unit = 100 if measure == "gain" else 1
+    mean = np.asarray([unit * h[1]["mean"] for h in have])
     # a mean can sit outside its percentile interval: bars never go negative
-    lo = np.maximum(mean - np.asarray([100 * h[1]["ci"][0] for h in have]), 0)
-    hi = np.maximum(np.asarray([100 * h[1]["ci"][1] for h in have]) - mean, 0)
+    lo = np.maximum(mean - np.asarray([unit * h[1]["ci"][0] for h in have]), 0)
+    hi = np.maximum(np.asarray([unit * h[1]["ci"][1] for h in have]) - mean, 0)
     ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=m)
   ax.axhline(0.0, color="grey", lw=0.8, ls="--")
   for xi, p in zip(x, points, strict=True):
@@ -96,7 +106,11 @@ def plot(points: list[dict], out: pathlib.Path, track: str) -> None:
       color="grey",
     )
   ax.set_xlabel("training examples per skill (mean over skills)")
-  ax.set_ylabel(f"mean relative gain over base, {track} (%)")
+  ax.set_ylabel(
+    f"mean relative gain over base, {track} (%)"
+    if measure == "gain"
+    else f"mean difference to base, {track} (metric points)"
+  )
   ax.set_title("gain over the base vs stage-1 training (95% bootstrap CI)")
   ax.legend()
   fig.tight_layout()
@@ -105,24 +119,40 @@ def plot(points: list[dict], out: pathlib.Path, track: str) -> None:
   plt.close(fig)
 
 
+def _signed(d: dict) -> str:
+  return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m mdkif_jax.curve", description=__doc__.split("\n")[0])
   ap.add_argument("skill_dir", help="the stage-1 workdir the evaluations scored")
   ap.add_argument("eval_dirs", nargs="+", help="evaluation workdirs, one per checkpoint")
   ap.add_argument("--track", default="unseen_data", help="the suite track (default unseen_data)")
   ap.add_argument("--out", required=True, help="the plot (.png); the points go beside it (.json)")
+  ap.add_argument(
+    "--measure",
+    choices=("delta", "gain"),
+    default="delta",
+    help="y axis: the mean difference to the base in metric points (default; readable when a "
+    "base scores near 0) or the mean relative gain (%%)",
+  )
   args = ap.parse_args(argv)
   try:
     points = curve(args.skill_dir, args.eval_dirs, args.track)
+    if args.measure == "delta" and not all(p["delta"] for p in points):
+      raise CurveError(
+        "a results.json has no mean_delta (rerun its evaluation): use --measure gain"
+      )
   except (CurveError, inspect_run.InspectError) as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 2
   out = pathlib.Path(args.out)
-  plot(points, out, args.track)
+  plot(points, out, args.track, args.measure)
   out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
   for p in points:
     gains = "  ".join(
       f"{m} {100 * g['mean']:+.1f}% [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
+      + (f" ({_signed(p['delta'][m])} points)" if m in p["delta"] else "")
       for m, g in p["gain"].items()
       if m != "base"
     )

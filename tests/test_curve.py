@@ -18,7 +18,7 @@ def skill_run(tmp_path_factory):
   return workdir
 
 
-def _eval_dir(root, name, skills_from, step, gain):
+def _eval_dir(root, name, skills_from, step, gain, delta=True):
   d = root / name
   d.mkdir()
   (d / "cells_identity.json").write_text(
@@ -28,6 +28,9 @@ def _eval_dir(root, name, skills_from, step, gain):
     "base": {"mean_relative_gain": 0.0, "ci": [0.0, 0.0], "tasks": 1},
     "gd": {"mean_relative_gain": gain, "ci": [gain - 0.1, gain + 0.1], "tasks": 1},
   }
+  if delta:  # a tenth of the relative gain, in points
+    for g in track.values():
+      g["mean_delta"] = {"mean": g["mean_relative_gain"] / 10, "ci": [0.0, 0.02], "tasks": 1}
   task = {"track": "unseen_data", "methods": {"base": {"score": 0.5}, "gd": {"score": 0.6}}}
   (d / "results.json").write_text(
     json.dumps({"tracks": {"unseen_data": track}, "tasks": {"t": task}})
@@ -50,6 +53,7 @@ def test_curve_points_carry_each_checkpoints_examples(skill_run, tmp_path, capsy
   # one unpacked row per skill per step: the data position is the step
   assert [p["examples_per_skill"]["qa"] for p in points] == [4, 6]
   assert [p["gain"]["gd"]["mean"] for p in points] == [0.05, 0.12]
+  assert [p["delta"]["gd"]["mean"] for p in points] == pytest.approx([0.005, 0.012])
   assert out.stat().st_size > 5000
   assert "step     4" in capsys.readouterr().out
 
@@ -60,3 +64,12 @@ def test_curve_refuses_an_evaluation_of_other_skills(skill_run, tmp_path, capsys
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "CurveError" in err[0] and "elsewhere" in err[0]
   assert not (tmp_path / "c.png").exists()
+
+
+def test_a_curve_in_points_needs_results_with_the_mean_difference(skill_run, tmp_path, capsys):
+  old = _eval_dir(tmp_path, "old", skill_run, None, 0.1, delta=False)
+  out = tmp_path / "c.png"
+  assert curve.main([str(skill_run), str(old), "--out", str(out)]) == 2
+  assert "has no mean_delta (rerun its evaluation): use --measure gain" in capsys.readouterr().err
+  assert curve.main([str(skill_run), str(old), "--out", str(out), "--measure", "gain"]) == 0
+  assert out.stat().st_size > 5000
