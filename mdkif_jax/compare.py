@@ -175,7 +175,13 @@ def compare(
     for label, (est, _) in zip(labels, ests, strict=True):
       track[label].append(est)
   out["tracks"] = {
-    track: {label: stats.relative_gain(by[labels[0]], by[label]) for label in labels[1:]}
+    track: {
+      label: {
+        **stats.relative_gain(by[labels[0]], by[label]),
+        "mean_delta": stats.mean_difference(by[labels[0]], by[label]),  # metric points
+      }
+      for label in labels[1:]
+    }
     for track, by in per_track.items()
   }
   return out
@@ -198,12 +204,14 @@ def table(res: dict) -> list[str]:
   lines.append("")
   for track, by in res["tracks"].items():
     for o, g in by.items():
+      d = g["mean_delta"]
+      points = f"mean difference {_diff(d)} points ({d['tasks']} tasks)"
       if not g["tasks"]:  # every task's control scored 0: no relative gain
-        lines.append(f"- {track}: {first} over {o}, mean relative gain n/a ({o} scores 0)")
+        lines.append(f"- {track}: {first} over {o}: {points}, relative gain n/a ({o} scores 0)")
         continue
       lines.append(
-        f"- {track}: {first} over {o}, mean relative gain {100 * g['mean_relative_gain']:+.1f}% "
-        f"[{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}] ({g['tasks']} tasks)"
+        f"- {track}: {first} over {o}: {points}, mean relative gain "
+        f"{100 * g['mean_relative_gain']:+.1f}% [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
       )
   wins = {o: sum(e["first_minus"][o]["ci"][0] > 0 for e in res["tasks"].values()) for o in others}
   losses = {o: sum(e["first_minus"][o]["ci"][1] < 0 for e in res["tasks"].values()) for o in others}

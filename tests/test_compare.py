@@ -90,6 +90,7 @@ def test_the_main_evaluation_is_paired_with_each_control_row_by_row(evals, tmp_p
   # mean over tasks of (skills - union) / union: (1.0 / 0.5 - 1 + 0.5 / 0.75 - 1) / 2
   gain = res["tracks"]["unseen_data"]["union"]
   assert gain["mean_relative_gain"] == pytest.approx((1.0 - 1 / 3) / 2) and gain["tasks"] == 2
+  assert gain["mean_delta"]["mean"] == pytest.approx((0.5 - 0.25) / 2)
   assert res["left_out"] == ["only_main"]
   md = out.with_suffix(".md").read_text()
   assert "| t1 | accuracy | 1.000 | 0.500 | +0.500 [+0.500, +0.500] |" in md
@@ -182,4 +183,5 @@ def test_a_control_that_scores_0_everywhere_has_no_relative_gain(tmp_path, capsy
     ]
     is None
   )
-  assert "mean relative gain n/a (zero scores 0)" in out.with_suffix(".md").read_text()
+  assert "relative gain n/a (zero scores 0)" in out.with_suffix(".md").read_text()
+  assert "eval over zero: mean difference +0.500 [" in out.with_suffix(".md").read_text()
