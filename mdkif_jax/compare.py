@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from mdkif_jax import evaluate_suite, metrics, stats
+from mdkif_jax import evaluate_suite, metrics, reporting, stats
 
 
 class CompareError(ValueError):
@@ -97,13 +97,8 @@ def _method_cells(eval_dir: pathlib.Path, results: dict, task: str, method: str)
 
 
 def _estimate(cells: list[Cell], metric: str, idx: np.ndarray) -> stats.Estimate:
-  """As the evaluation stage assembles it: seeds' scores and bootstrap values averaged."""
-  outs = [c.outcomes for c in cells]
-  ests = [stats.bootstrap(lambda i, o=o: metrics.metric_on(metric, o, i), o.n, idx) for o in outs]
-  boot = np.mean([e.boot for e in ests], axis=0)
-  return stats.Estimate(
-    float(np.mean([e.score for e in ests])), stats.interval(boot), outs[0].n, boot
-  )
+  """As the evaluation stage assembles it (seeds averaged)."""
+  return evaluate_suite.method_estimate([c.outcomes for c in cells], idx, metric)[0]
 
 
 def compare(
@@ -187,10 +182,6 @@ def compare(
   return out
 
 
-def _diff(d: dict) -> str:
-  return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-
-
 def table(res: dict) -> list[str]:
   """results.md's lines: per task each evaluation's score, then the first minus each other."""
   first, others = res["labels"][0], res["labels"][1:]
@@ -199,13 +190,13 @@ def table(res: dict) -> list[str]:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for task, e in res["tasks"].items():
     scores = [f"{e['by'][m]['score']:.3f}" for m in res["labels"]]
-    diffs = [_diff(e["first_minus"][o]) for o in others]
+    diffs = [reporting.signed(e["first_minus"][o]) for o in others]
     lines.append("| " + " | ".join([task, e["metric"], *scores, *diffs]) + " |")
   lines.append("")
   for track, by in res["tracks"].items():
     for o, g in by.items():
       d = g["mean_delta"]
-      points = f"mean difference {_diff(d)} points ({d['tasks']} tasks)"
+      points = f"mean difference {reporting.signed(d)} points ({d['tasks']} tasks)"
       if not g["tasks"]:  # every task's control scored 0: no relative gain
         lines.append(f"- {track}: {first} over {o}: {points}, relative gain n/a ({o} scores 0)")
         continue

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from mdkif_jax import inspect as inspect_run
+from mdkif_jax import reporting
 
 
 class CurveError(ValueError):
@@ -119,10 +120,6 @@ def plot(points: list[dict], out: pathlib.Path, track: str, measure: str = "delt
   plt.close(fig)
 
 
-def _signed(d: dict) -> str:
-  return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
-
-
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m mdkif_jax.curve", description=__doc__.split("\n")[0])
   ap.add_argument("skill_dir", help="the stage-1 workdir the evaluations scored")
@@ -152,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
   for p in points:
     gains = "  ".join(
       f"{m} {100 * g['mean']:+.1f}% [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
-      + (f" ({_signed(p['delta'][m])} points)" if m in p["delta"] else "")
+      + (f" ({reporting.signed(p['delta'][m])} points)" if m in p["delta"] else "")
       for m, g in p["gain"].items()
       if m != "base"
     )

@@ -486,6 +486,15 @@ def _estimate(out: metrics.Outcomes, idx: np.ndarray, name: str) -> stats.Estima
   return stats.bootstrap(lambda i: metrics.metric_on(name, out, i), out.n, idx)
 
 
+def method_estimate(outs, idx: np.ndarray, name: str) -> tuple[stats.Estimate, list]:
+  """A method's estimate from its cells' outcomes (one per seed): the seeds' scores and
+  bootstrap values averaged, and each seed's own estimate."""
+  ests = [_estimate(o, idx, name) for o in outs]
+  boot = np.mean([e.boot for e in ests], axis=0)
+  score = float(np.mean([e.score for e in ests]))
+  return stats.Estimate(score, stats.interval(boot), outs[0].n, boot), ests
+
+
 def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
   """results.json's dict from the cells on disk (see the issue's schema)."""
   res = {"model": config.model.source, "skills": list(sh.skills), "tasks": {}, "tracks": {}}
@@ -499,14 +508,13 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
     per_method: dict[str, list] = {}
     for cell, method, _ in cells:
       per_method.setdefault(method, []).append((cell, done[(spec.name, cell)]))
-    methods_out, estimates = {}, {}
+    methods_out, estimates, gold = {}, {}, None
     for method, entries in per_method.items():
       outs = [read_outcomes(d) for _, d in entries]
-      ests = [_estimate(o, idx, headline) for o in outs]
-      boot = np.mean([e.boot for e in ests], axis=0)
-      score = float(np.mean([e.score for e in ests]))
-      est = stats.Estimate(score, stats.interval(boot), len(scored), boot)
+      est, ests = method_estimate(outs, idx, headline)
+      score = est.score
       estimates[method] = est
+      gold = gold or metrics.lean(outs[:1], of="gold")  # the rows' own: any method's cell
       entry = {
         "score": score,
         "ci": list(est.ci),
@@ -542,7 +550,6 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
       methods_out[ROUTER]["delta_vs"] = {
         r: stats.paired_difference(estimates[ROUTER], estimates[r]) for r in refs
       }
-    gold = metrics.lean([read_outcomes(done[(spec.name, cells[0][0])])], of="gold")
     res["tasks"][spec.name] = {
       **({"gold_lean": gold} if gold else {}),
       "track": spec.track,

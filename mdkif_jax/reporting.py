@@ -198,7 +198,8 @@ def plot_weights(path, skills: list[str], weights: dict[str, np.ndarray], task: 
 
 
 # ---- the evaluation stage ------------------------------------------------------------------
-def _signed(d: dict) -> str:
+def signed(d: dict) -> str:
+  """A difference and its interval: +0.123 [+0.045, +0.201]."""
   return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
 
 
@@ -279,7 +280,7 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
         text = f"**{text}**"
       d = e.get("delta_vs_base")
       if d and m != "base":
-        text += f"<br>Δ {_signed(d)}"
+        text += f"<br>Δ {signed(d)}"
       cells.append(text)
     g = results["tracks"].get(track, {}).get(m)
     gain = (
@@ -288,7 +289,7 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
       else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
     )
     d = (g or {}).get("mean_delta")
-    delta = "-" if d is None or m == "base" else _signed(d)
+    delta = "-" if d is None or m == "base" else signed(d)
     lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} | {delta} |")
   return lines + [""]
 
@@ -402,7 +403,7 @@ def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
     cells = []
     for e in gd.values():
       x = e["delta_vs"][ref]
-      cells.append(_signed(x))
+      cells.append(signed(x))
     gain = f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
     out.append(f"| {ref} | " + " | ".join(cells) + f" | {gain} |")
   return out + [""]
