@@ -223,8 +223,8 @@ def results_table(results: dict) -> list[str]:
   ones (k rows) in two tables, each with the base: one row per method and one column per
   task (the headline metric with its 95% interval; the table's best per task in bold), the
   paired difference to the base, and the mean relative gain over the base; the seeded
-  methods' spread; the GD router against each reference, and against the base over all
-  tasks."""
+  methods' spread, the labels they lean to, their answer NLL and each task's other metrics;
+  the GD router against each reference, and against the base over all tasks."""
   lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   for track in tracks:
@@ -244,6 +244,7 @@ def results_table(results: dict) -> list[str]:
     lines += _seed_lines(results, tasks)
     lines += _lean_lines(results, tasks)
     lines += _nll_lines(results, tasks)
+    lines += _metric_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
   lines += _time_lines(results)
@@ -359,6 +360,24 @@ def _nll_lines(results: dict, tasks: list[str]) -> list[str]:
   for m in methods:
     vals = [results["tasks"][n]["methods"].get(m, {}).get("answer_nll") for n in tasks]
     out.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+  return out + [""]
+
+
+def _metric_lines(results: dict, tasks: list[str]) -> list[str]:
+  """Each task's other metrics (after its headline; point values, the seeds' mean): e.g. a
+  label task's macro-F1, which a lean towards the majority label does not raise."""
+  cols = []
+  for n in tasks:
+    task = results["tasks"][n]
+    names = dict.fromkeys(k for e in task["methods"].values() for k in e.get("metrics", {}))
+    cols += [(n, m) for m in names if m != task["metric"]]
+  if not cols:
+    return []
+  out = [f"| other metrics | {' | '.join(f'{n} {m}' for n, m in cols)} |"]
+  out += ["|---" * (len(cols) + 1) + "|"]
+  for meth in track_methods(results, tasks):
+    vals = [results["tasks"][n]["methods"].get(meth, {}).get("metrics", {}).get(m) for n, m in cols]
+    out.append(f"| {meth} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
   return out + [""]
 
 

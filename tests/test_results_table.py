@@ -95,3 +95,19 @@ def test_the_tracks_mean_difference_in_points_is_a_column():
   }
   row = next(x for x in reporting.results_table(res) if x.startswith("| gd |"))
   assert row.endswith("| +25.0% [+10.0%, +40.0%] | +0.100 [+0.050, +0.150] |")
+
+
+def test_each_tasks_other_metrics_are_a_table_beside_the_headline():
+  res = _results({"base": 0.4, "gd": 0.5, "majority": 0.6})
+  methods = res["tasks"]["t"]["methods"]
+  methods["base"]["metrics"] = {"accuracy": 0.4, "macro_f1": 0.25}
+  methods["gd"]["metrics"] = {"accuracy": 0.5, "macro_f1": 0.3125}
+  lines = reporting.results_table(res)
+  i = lines.index("| other metrics | t macro_f1 |")  # the headline (accuracy) is not repeated
+  assert lines[i + 2 : i + 6] == ["| base | 0.250 |", "| gd | 0.312 |", "| majority | - |", ""]
+
+
+def test_without_other_metrics_there_is_no_such_table():
+  res = _results({"base": 0.4})
+  res["tasks"]["t"]["methods"]["base"]["metrics"] = {"accuracy": 0.4}
+  assert not any(x.startswith("| other metrics") for x in reporting.results_table(res))
