@@ -60,6 +60,7 @@ main() { run "$1" "$PYTHON" -m mdkif_jax.main "${@:2}"; }
 publish() {  # publish NAME: the evaluation's small outputs
   mkdir -p "$PUBLISH/$1"
   cp "$RUNS/$1"/results.{json,md,png} "$RUNS/$1"/{cells_identity,prompting}.json "$PUBLISH/$1/"
+  if [[ -f $RUNS/$1/router_weights.png ]]; then cp "$RUNS/$1/router_weights.png" "$PUBLISH/$1/"; fi
 }
 
 [[ -f $RUNS/timings.tsv ]] || printf 'piece\tcommit\tfinished\twall_s\tcpu_s\tpeak_rss_gb\n' >"$RUNS/timings.tsv"

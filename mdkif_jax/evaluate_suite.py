@@ -537,6 +537,9 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
         entry["answer_nll"] = float(np.mean([d["scores"]["loss"] for _, d in entries]))
       if (answers := metrics.lean(outs)) is not None:  # which label it leans to
         entry["lean"] = answers
+      ws = [d.get("weights") for _, d in entries]
+      if all(w is not None for w in ws):  # what it gives each skill (several seeds: the mean)
+        entry["weights"] = dict(zip(sh.skills, np.mean(ws, axis=0).tolist(), strict=True))
       if len(entries) > 1:  # several seeds: their spread
         entry["seeds"] = {c: e.score for (c, _), e in zip(entries, ests, strict=True)}
       if entries[0][1].get("chosen"):
@@ -592,4 +595,5 @@ def write_outputs(workdir: pathlib.Path, results: dict, done: dict) -> None:
   ]
   reporting.write_jsonl(workdir / "predictions.jsonl", preds)
   reporting.plot_results(workdir / "results.png", results)
+  reporting.plot_suite_weights(workdir / "router_weights.png", results)
   print("\n".join(reporting.results_table(results)))

@@ -223,7 +223,8 @@ def results_table(results: dict) -> list[str]:
   ones (k rows) in two tables, each with the base: one row per method and one column per
   task (the headline metric with its 95% interval; the table's best per task in bold), the
   paired difference to the base, and the mean relative gain over the base; the seeded
-  methods' spread, the labels they lean to, their answer NLL and each task's other metrics;
+  methods' spread, the labels they lean to, their answer NLL, each task's other metrics and
+  the skills the fitted methods weigh most;
   the GD router against each reference, and against the base over all tasks."""
   lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
   tracks = sorted({t["track"] for t in results["tasks"].values()})
@@ -245,6 +246,7 @@ def results_table(results: dict) -> list[str]:
     lines += _lean_lines(results, tasks)
     lines += _nll_lines(results, tasks)
     lines += _metric_lines(results, tasks)
+    lines += _weight_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
   lines += _time_lines(results)
@@ -379,6 +381,70 @@ def _metric_lines(results: dict, tasks: list[str]) -> list[str]:
     vals = [results["tasks"][n]["methods"].get(meth, {}).get("metrics", {}).get(m) for n, m in cols]
     out.append(f"| {meth} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
   return out + [""]
+
+
+def _weight_lines(results: dict, tasks: list[str], top: int = 3) -> list[str]:
+  """The skills each fitted method leans on most (largest |weight|; CMA-ES's seeds averaged;
+  the gate's mean over the scored rows): whether a router finds the skill a task needs."""
+  methods = [
+    m
+    for m in track_methods(results, tasks)
+    if any("weights" in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
+  ]
+  if not methods:
+    return []
+  out = [f"| largest skill weights | {' | '.join(tasks)} |", "|---" * (len(tasks) + 1) + "|"]
+  for m in methods:
+    cells = []
+    for n in tasks:
+      w = results["tasks"][n]["methods"].get(m, {}).get("weights")
+      big = sorted(w.items(), key=lambda kv: -abs(kv[1]))[:top] if w else []
+      cells.append(", ".join(f"{s} {v:.2f}" for s, v in big) or "-")
+    out.append(f"| {m} | " + " | ".join(cells) + " |")
+  return out + [""]
+
+
+def plot_suite_weights(path, results: dict, method: str = "gd") -> bool:
+  """A heatmap of the weights `method` gives each skill on each task (rows: tasks by track):
+  does the router pick the skill the task needs, and what does it mix on unseen tasks?
+  Writes nothing (False) when no task has that method's weights."""
+  tasks = [n for n, t in results["tasks"].items() if "weights" in t["methods"].get(method, {})]
+  if not tasks:
+    return False
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  skills = list(results["skills"])
+  tasks.sort(key=lambda n: results["tasks"][n]["track"])  # stable: the tasks' order per track
+  w = np.asarray(
+    [[results["tasks"][n]["methods"][method]["weights"][s] for s in skills] for n in tasks]
+  )
+  vmax = float(np.abs(w).max()) or 1.0
+  fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(skills), 1.2 + 0.45 * len(tasks)))
+  im = ax.imshow(w, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+  for i, j in np.ndindex(w.shape):
+    big = abs(w[i, j]) > 0.6 * vmax
+    ax.text(
+      j,
+      i,
+      f"{w[i, j]:.2f}",
+      ha="center",
+      va="center",
+      fontsize=7,
+      color="white" if big else "black",
+    )
+  ax.set_xticks(range(len(skills)), skills, fontsize=8)
+  ax.set_yticks(
+    range(len(tasks)), [f"{n} ({results['tasks'][n]['track']})" for n in tasks], fontsize=8
+  )
+  ax.set_title(f"{method} router: weight per skill and task")
+  fig.colorbar(im, ax=ax, shrink=0.8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
 
 
 def _overall_lines(results: dict) -> list[str]:

@@ -153,6 +153,23 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
   assert f"{wall:.2f} h wall, {cpu:.2f} h CPU ({n} of {n} methods)." in table
 
 
+def test_each_fitted_methods_skill_weights_are_recorded_seeds_averaged(evaluated):
+  _, _, root, results = evaluated
+  skills = results["skills"]
+  for name, t in results["tasks"].items():
+    cells = root / "run" / "cells" / name
+    for m in ("gd", "gate", "best_single"):
+      cell = json.loads((cells / f"{m}.json").read_text())["weights"]
+      assert t["methods"][m]["weights"] == dict(zip(skills, cell, strict=True)), (name, m)
+    seeds = [json.loads((cells / f"cmaes_k4_s{s}.json").read_text())["weights"] for s in (0, 1)]
+    got = [t["methods"]["cmaes_k4"]["weights"][s] for s in skills]
+    np.testing.assert_allclose(got, np.mean(seeds, axis=0), rtol=1e-12)
+    for m in ("base", "uniform", "majority", "adalora_task"):  # nothing mixes the skills
+      assert "weights" not in t["methods"][m], (name, m)
+  assert (root / "run" / "router_weights.png").stat().st_size > 0
+  assert "| largest skill weights |" in (root / "run" / "results.md").read_text()
+
+
 def test_majority_answers_the_fit_parts_most_frequent_label_everywhere(evaluated):
   c, base, root, results = evaluated
   specs = [suite.resolve(t) for t in c.tasks]

@@ -18,6 +18,7 @@ if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
   mkdir -p "$w/cells"
   for f in results.{json,md,png} {cells_identity,prompting}.json; do echo "$f" > "$w/$f"; done
   echo big > "$w/cells/cell.json"
+  [[ $w == *curve_75 ]] || echo png > "$w/router_weights.png"  # none: published without it
 fi
 if [[ $* == *"-m mdkif_jax.curve"* || $* == *"-m mdkif_jax.compare"* ]]; then
   for a in "$@"; do last=$a; done
@@ -88,6 +89,7 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   published = sorted(str(p.relative_to(tmp_path / "pub")) for p in (tmp_path / "pub").rglob("*"))
   assert "eval/results.json" in published and "eval_lora/cells_identity.json" in published
   assert "curve_75/prompting.json" in published
+  assert "eval/router_weights.png" in published and "curve_75/router_weights.png" not in published
   assert "learning_curve.png" in published and "controls.png" in published
   assert not any("cells/" in p for p in published)  # the cells stay in the run
 

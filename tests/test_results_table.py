@@ -111,3 +111,28 @@ def test_without_other_metrics_there_is_no_such_table():
   res = _results({"base": 0.4})
   res["tasks"]["t"]["methods"]["base"]["metrics"] = {"accuracy": 0.4}
   assert not any(x.startswith("| other metrics") for x in reporting.results_table(res))
+
+
+def test_the_skills_each_fitted_method_weighs_most_are_a_table_row():
+  res = _results({"base": 0.4, "gd": 0.5, "cmaes_k5": 0.45})
+  methods = res["tasks"]["t"]["methods"]
+  methods["gd"]["weights"] = {"qa": 0.01, "ner": 1.36, "re": -0.05, "mc": 0.03}
+  methods["cmaes_k5"]["weights"] = {"qa": 0.4, "ner": 0.8, "re": -0.9, "mc": 0.0}
+  lines = reporting.results_table(res)
+  i = lines.index("| largest skill weights | t |")
+  # by |weight|, signs kept; the base has no weights and no row
+  assert lines[i + 2 : i + 5] == [
+    "| gd | ner 1.36, re -0.05, mc 0.03 |",
+    "| cmaes_k5 | re -0.90, ner 0.80, qa 0.40 |",
+    "",
+  ]
+
+
+def test_the_weights_heatmap_is_drawn_only_where_a_task_has_the_routers_weights(tmp_path):
+  res = _results({"base": 0.4, "gd": 0.5})
+  assert not reporting.plot_suite_weights(tmp_path / "w.png", res)
+  assert not (tmp_path / "w.png").exists()
+  res["skills"] = ["qa", "ner"]
+  res["tasks"]["t"]["methods"]["gd"]["weights"] = {"qa": 0.1, "ner": 1.2}
+  assert reporting.plot_suite_weights(tmp_path / "w.png", res)
+  assert (tmp_path / "w.png").stat().st_size > 0
