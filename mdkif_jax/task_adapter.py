@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from mdkif_jax import evaluate, fit_router, train
+from mdkif_jax import evaluate, fit_router, reporting, train
 from mdkif_jax.data import batches, task
 from mdkif_jax.data.skills import skill_id
 from mdkif_jax.peft import serving
@@ -35,9 +35,16 @@ def train_adapter(t) -> tuple[dict, float, list[float]]:
     b = {**b, "skill_ids": np.full(len(b["tokens"]), skill_id(SLOT), np.int32)}
     device.append(batches.to_global(b, t.mesh, per_process=False))
   state, curve = run.state, []
-  for i in range(steps):
-    state, m = run.fns.train_step(state, run.frozen, device[i % len(device)])
-    curve.append(float(np.asarray(m["loss_S"])[0]))
+  # a bar like the routers' fit bars (the loss read each step paces it)
+  bar = reporting.progress_bar(
+    bool(config.progress), total=steps, desc="adalora_task", unit="step", leave=False
+  )
+  with bar:
+    for i in range(steps):
+      state, m = run.fns.train_step(state, run.frozen, device[i % len(device)])
+      curve.append(float(np.asarray(m["loss_S"])[0]))
+      bar.set_postfix(loss=f"{curve[-1]:.4f}", refresh=False)
+      bar.update()
   return state["adapters"], run.scale, curve
 
 

@@ -225,6 +225,18 @@ def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
   assert again["tasks"]["demo"] == results["tasks"]["demo"]
 
 
+def test_the_task_adapters_training_shows_a_progress_bar_over_its_steps(evaluated, tmp_path, capfd):
+  c, base, root, _ = evaluated
+  shutil.copytree(root / "run", tmp_path / "run")
+  (tmp_path / "run" / "cells" / "mine" / "adalora_task.json").unlink()
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.progress = True  # not in the cells' identity: the finished cells are kept
+  evaluate_suite.train_and_evaluate(c, tmp_path / "run", base=base)
+  err = capfd.readouterr().err
+  assert "adalora_task: 100%" in err and f"{c.router.steps}/{c.router.steps}" in err
+
+
 def test_scored_rows_are_never_fit_rows_or_in_context_examples(evaluated):
   c, _, root, _ = evaluated
   rows = evaluate_suite.load_rows(c, [suite.resolve(e) for e in c.tasks], LoadReport())
