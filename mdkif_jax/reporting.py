@@ -224,8 +224,8 @@ def results_table(results: dict) -> list[str]:
   task (the headline metric with its 95% interval; the table's best per task in bold), the
   paired difference to the base, and the mean relative gain over the base; the seeded
   methods' spread, the labels they lean to, their answer NLL, each task's other metrics and
-  the skills the fitted methods weigh most;
-  the GD router against each reference, and against the base over all tasks."""
+  the skills the fitted methods weigh most; the GD router against each reference, and
+  against the base over all tasks."""
   lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   for track in tracks:
