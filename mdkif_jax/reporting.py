@@ -310,6 +310,28 @@ def _time_lines(results: dict) -> list[str]:
   return [line + ".", ""]
 
 
+def _head(title: str, cols: list[str]) -> list[str]:
+  """A small table's header and separator: a row-name column, then `cols`."""
+  return [f"| {title} | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+
+
+def _row(name: str, cells: list[str]) -> str:
+  return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def _num(v: float | None) -> str:
+  return "-" if v is None else f"{v:.3f}"
+
+
+def _methods_with(results: dict, tasks: list[str], key: str) -> list[str]:
+  """The methods whose entry has `key` on at least one of the tasks."""
+  return [
+    m
+    for m in track_methods(results, tasks)
+    if any(key in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
+  ]
+
+
 def _seed_lines(results: dict, tasks: list[str]) -> list[str]:
   """The spread of the methods scored once per seed (cmaes_k<k>: which k rows, CMA-ES's draws):
   the table shows their mean, this their lowest and highest seed."""
@@ -320,13 +342,13 @@ def _seed_lines(results: dict, tasks: list[str]) -> list[str]:
   ]
   if not seeded:
     return []
-  out = [f"| seeds: lowest-highest | {' | '.join(tasks)} |", "|---" * (len(tasks) + 1) + "|"]
+  out = _head("seeds: lowest-highest", tasks)
   for m in seeded:
     cells = []
     for n in tasks:
       v = list(results["tasks"][n]["methods"][m]["seeds"].values())
       cells.append(f"{min(v):.3f}-{max(v):.3f} ({len(v)} seeds)")
-    out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out.append(_row(m, cells))
   return out + [""]
 
 
@@ -338,30 +360,23 @@ def _lean_lines(results: dict, tasks: list[str]) -> list[str]:
   if not label:
     return []
   fmt = lambda x: f"{x['answer']} {x['share']:.2f}" if x else "-"  # noqa: E731
-  out = [f"| most frequent answer (share) | {' | '.join(label)} |"]
-  out += ["|---" * (len(label) + 1) + "|"]
-  out.append("| gold | " + " | ".join(fmt(results["tasks"][n]["gold_lean"]) for n in label) + " |")
+  out = _head("most frequent answer (share)", label)
+  out.append(_row("gold", [fmt(results["tasks"][n]["gold_lean"]) for n in label]))
   for m in track_methods(results, label):
-    cells = [fmt(results["tasks"][n]["methods"].get(m, {}).get("lean")) for n in label]
-    out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out.append(_row(m, [fmt(results["tasks"][n]["methods"].get(m, {}).get("lean")) for n in label]))
   return out + [""]
 
 
 def _nll_lines(results: dict, tasks: list[str]) -> list[str]:
   """Each method's answer NLL on the scored rows: the skills can teach a task's answer format
   (a large fall) without changing which answer wins."""
-  methods = [
-    m
-    for m in track_methods(results, tasks)
-    if any("answer_nll" in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
-  ]
+  methods = _methods_with(results, tasks, "answer_nll")
   if not methods:
     return []
-  out = [f"| answer NLL (teacher-forced, nats/token) | {' | '.join(tasks)} |"]
-  out += ["|---" * (len(tasks) + 1) + "|"]
+  out = _head("answer NLL (teacher-forced, nats/token)", tasks)
   for m in methods:
     vals = [results["tasks"][n]["methods"].get(m, {}).get("answer_nll") for n in tasks]
-    out.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    out.append(_row(m, [_num(v) for v in vals]))
   return out + [""]
 
 
@@ -375,32 +390,27 @@ def _metric_lines(results: dict, tasks: list[str]) -> list[str]:
     cols += [(n, m) for m in names if m != task["metric"]]
   if not cols:
     return []
-  out = [f"| other metrics | {' | '.join(f'{n} {m}' for n, m in cols)} |"]
-  out += ["|---" * (len(cols) + 1) + "|"]
+  out = _head("other metrics", [f"{n} {m}" for n, m in cols])
   for meth in track_methods(results, tasks):
     vals = [results["tasks"][n]["methods"].get(meth, {}).get("metrics", {}).get(m) for n, m in cols]
-    out.append(f"| {meth} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    out.append(_row(meth, [_num(v) for v in vals]))
   return out + [""]
 
 
 def _weight_lines(results: dict, tasks: list[str], top: int = 3) -> list[str]:
   """The skills each fitted method leans on most (largest |weight|; CMA-ES's seeds averaged;
   the gate's mean over the scored rows): whether a router finds the skill a task needs."""
-  methods = [
-    m
-    for m in track_methods(results, tasks)
-    if any("weights" in results["tasks"][n]["methods"].get(m, {}) for n in tasks)
-  ]
+  methods = _methods_with(results, tasks, "weights")
   if not methods:
     return []
-  out = [f"| largest skill weights | {' | '.join(tasks)} |", "|---" * (len(tasks) + 1) + "|"]
+  out = _head("largest skill weights", tasks)
   for m in methods:
     cells = []
     for n in tasks:
       w = results["tasks"][n]["methods"].get(m, {}).get("weights")
       big = sorted(w.items(), key=lambda kv: -abs(kv[1]))[:top] if w else []
       cells.append(", ".join(f"{s} {v:.2f}" for s, v in big) or "-")
-    out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out.append(_row(m, cells))
   return out + [""]
 
 
