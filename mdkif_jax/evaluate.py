@@ -20,7 +20,7 @@ from mdkif_jax import metrics, reporting, router
 from mdkif_jax.data import batches, task
 from mdkif_jax.data.template import Template
 from mdkif_jax.data.tokenize import answer_ids
-from mdkif_jax.model import generate
+from mdkif_jax.model import candidates, generate
 from mdkif_jax.peft import serving
 from mdkif_jax.peft.adapters import AdapterCtx
 
@@ -60,8 +60,13 @@ class TaskScorer:
   exact match and the task's standard metric (metrics.py).
 
   Rows are batched by length (less padding). Label rows: when every candidate is one token,
-  their log-likelihoods come from the gold pass itself (`choice_ids`); otherwise each
-  (row, candidate) is one more row through the same jitted forward. Generated rows: greedy
+  their log-likelihoods come from the gold pass itself (`choice_ids`); otherwise the method's
+  `Decoder` runs each row's prompt once into a KV cache and scores its candidates against it
+  (model/candidates.py; rows of `router.batch_size` prompts). Without a decoder, each
+  (row, candidate) is one more row through stats_fn, the same jitted forward as the gold pass
+  (lm-eval's way: K candidates cost K prompt passes). Either way a candidate's tokens and prompt
+  are exactly those of the row with that candidate as its answer (`task.encode_rows`, the EOS
+  left out), and a candidate too long for max_len scores -inf. Generated rows: greedy
   decoding of up to `gen.max_new_tokens` tokens (generate.py), `gen.batch_size` prompts a
   call, sorted by length and padded to full batches so each prompt bucket compiles once.
   progress: a bar over the scoring batches and one over the generation calls of each call.
@@ -98,12 +103,13 @@ class TaskScorer:
         for r, i in enumerate(idx):
           batch["choice_ids"][r, : len(fast.get(i, ()))] = fast.get(i, ())
       self.gold.append((idx, put(batch)))
-    self.slow, self.expanded = slow, []
+    self.slow, self._expanded, self._cenc, self.groups = slow, None, [], []
+    self._pack = lambda enc: task.pack(enc, tok, dcfg, bs, multiple, True, drop_eos=bool(eos))
+    self.put = put
     if slow:
       cand = [dataclasses.replace(rows[i], answer=self.plan.choices[i][j]) for i, j in slow]
-      cenc = task.encode_rows(cand, tok, dcfg)
-      packed = task.pack(cenc, tok, dcfg, bs, multiple, by_length=True, drop_eos=bool(eos))
-      self.expanded = [(idx, put(b)) for idx, b in packed]
+      self._cenc = task.encode_rows(cand, tok, dcfg)
+      self.groups = _prompt_groups(slow, self._cenc, drop_eos=bool(eos))
     gen = sorted(
       (i for i in self.plan.generated if enc[i] is not None), key=lambda i: enc[i].answer_start
     )
@@ -114,11 +120,23 @@ class TaskScorer:
   def _bar(self, total: int, desc: str):
     return reporting.progress_bar(self.progress, total=total, desc=desc, unit="call", leave=False)
 
-  def __call__(self, stats_fn, generate_fn=None) -> dict[str, float]:
+  @property
+  def expanded(self) -> list:
+    """(indices into `slow`, device batch) of every (row, candidate) as a row of its own."""
+    if self._expanded is None:
+      packed = self._pack(self._cenc) if self.slow else []
+      self._expanded = [(idx, self.put(b)) for idx, b in packed]
+    return self._expanded
+
+  def __call__(self, stats_fn, decoder: Decoder | None = None) -> dict[str, float]:
     """stats_fn(batch) -> per-row stats (router.mixture_stats; "weights" [B, S] for the gate);
-    generate_fn(prompts, rows, weights) -> new token lists (None: no generated rows)."""
+    decoder: the method's model for generation and cached candidate scoring (None: no
+    generated rows, and multi-token candidates scored as rows of their own)."""
     gold, choice, weights = [], {}, {}
-    with self._bar(len(self.gold) + len(self.expanded), "score") as scoring:
+    bs = int(self.config.router.batch_size)
+    cached = decoder is not None
+    n = -(-len(self.groups) // bs) if cached else len(self.expanded)
+    with self._bar(len(self.gold) + n, "score") as scoring:
       for idx, batch in self.gold:
         st = jax.device_get(stats_fn(batch))  # the device read also paces the bar
         scoring.update()
@@ -130,23 +148,40 @@ class TaskScorer:
             choice[i] = st["choice_logp"][r, : len(self.fast[i])]
           if "weights" in st:
             weights[i] = st["weights"][r]
-      for idx, batch in self.expanded:
-        st = jax.device_get(stats_fn(batch))
-        scoring.update()
-        for r, k in enumerate(idx):
-          if k >= 0:
-            i, j = self.slow[k]
-            choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = -st["nll"][r]
+
+      def put_choice(k, logp):
+        i, j = self.slow[k]
+        choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = logp
+
+      if cached:
+        K = max((len(g.slots) for g in self.groups), default=0)
+        C = max((len(c) for g in self.groups for c in g.tokens), default=0)
+        for s in range(0, len(self.groups), bs):
+          part = self.groups[s : s + bs]
+          full = part + [part[-1]] * (bs - len(part))  # one shape per prompt bucket
+          w = np.stack([weights[g.row] for g in full]) if weights else None
+          logp = decoder.candidates([g.prompt for g in full], [g.tokens for g in full], w, K, C)
+          scoring.update()
+          for g, lp in zip(part, logp, strict=False):
+            for k, v in zip(g.slots, lp, strict=False):
+              put_choice(k, float(v))
+      else:
+        for idx, batch in self.expanded:
+          st = jax.device_get(stats_fn(batch))
+          scoring.update()
+          for r, k in enumerate(idx):
+            if k >= 0:
+              put_choice(k, -st["nll"][r])
     out = summarize(gold)
     texts = {}
-    if self.prompts and generate_fn is not None:
+    if self.prompts and decoder is not None:
       order, size = list(self.prompts), int(self.config.gen.batch_size)
       with self._bar(-(-len(order) // size), "generate") as generating:
         for s in range(0, len(order), size):
           part = order[s : s + size]
           full = part + [part[-1]] * (size - len(part))  # one shape per prompt bucket
           w = np.stack([weights[i] for i in full]) if weights else None
-          new = generate_fn([self.prompts[i] for i in full], full, w)
+          new = decoder.generate([self.prompts[i] for i in full], w)
           generating.update()
           for i, ids in zip(part, new, strict=False):
             texts[i] = self.tok.decode(ids, skip_special_tokens=True).strip()
@@ -156,21 +191,87 @@ class TaskScorer:
     return out
 
 
-def generator(tok, config, model, stacked=None, scale=1.0):
-  """generate_fn for TaskScorer: greedy decoding with `model` (merged kernels), or with the
-  unmerged skills mixed per row by the given weights (the gate)."""
-  eos = tuple(sorted({*model.cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token else [])}))
-  pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+@dataclasses.dataclass(frozen=True)
+class PromptGroup:
+  """A scored row's candidates that share one encoded prompt (all of them, unless truncation
+  to max_len cut the context differently for candidates of different lengths)."""
 
-  def run(prompts, rows, weights_BS):
-    kw = {}
-    if weights_BS is not None:
-      kw = dict(adapters=stacked, adapter_ctx=AdapterCtx(scale, weights=weights_BS))
-    return generate.generate(
-      model, prompts, max_new_tokens=int(config.gen.max_new_tokens), eos_ids=eos, pad_id=pad, **kw
+  row: int  # index into the scored rows
+  prompt: list[int]
+  tokens: list[list[int]]  # each candidate's scored tokens (the answer without its EOS)
+  slots: list[int]  # each candidate's index into TaskScorer.slow
+
+
+def _prompt_groups(slow, cenc, drop_eos: bool) -> list[PromptGroup]:
+  """The (row, candidate) encodings grouped by row and prompt, sorted by prompt length; a
+  candidate that does not fit max_len (None) is in no group and keeps -inf."""
+  by_key: dict[tuple, PromptGroup] = {}
+  for k, ((i, _), e) in enumerate(zip(slow, cenc, strict=True)):
+    if e is None:
+      continue
+    prompt = e.tokens[: e.answer_start].tolist()
+    answer = e.tokens[e.answer_start :].tolist()
+    g = by_key.setdefault((i, tuple(prompt)), PromptGroup(i, prompt, [], []))
+    g.tokens.append(answer[:-1] if drop_eos else answer)
+    g.slots.append(k)
+  return sorted(by_key.values(), key=lambda g: len(g.prompt))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """One method's model for TaskScorer's KV-cache passes: greedy generation and candidate
+  log-likelihoods, through `model` (merged kernels) or with the unmerged skills `stacked` mixed
+  per row by the weights the scorer passes (the gate's)."""
+
+  tok: object
+  config: object
+  model: object
+  stacked: object = None
+  scale: float = 1.0
+
+  def _adapters(self, weights_BS) -> dict:
+    if weights_BS is None:
+      return {}
+    return dict(adapters=self.stacked, adapter_ctx=AdapterCtx(self.scale, weights=weights_BS))
+
+  @property
+  def _eos(self) -> tuple[int, ...]:
+    tok = self.tok
+    return tuple(
+      sorted({*self.model.cfg.eos_token_ids, *([tok.eos_token_id] if tok.eos_token else [])})
     )
 
-  return run
+  @property
+  def _pad(self) -> int:
+    return self.tok.pad_token_id if self.tok.pad_token_id is not None else self._eos[0]
+
+  def generate(self, prompts, weights_BS=None) -> list[list[int]]:
+    return generate.generate(
+      self.model,
+      prompts,
+      max_new_tokens=int(self.config.gen.max_new_tokens),
+      eos_ids=self._eos,
+      pad_id=self._pad,
+      **self._adapters(weights_BS),
+    )
+
+  def candidates(self, prompts, cands, weights_BS=None, num=None, length=None) -> np.ndarray:
+    """[B, K] Σ log p(candidate | prompt), each prompt run once (model/candidates.py)."""
+    return candidates.candidate_logprobs(
+      self.model,
+      prompts,
+      cands,
+      pad_id=self._pad,
+      num_candidates=num,
+      candidate_len=length,
+      **self._adapters(weights_BS),
+    )
+
+
+def decoder(tok, config, model, stacked=None, scale=1.0) -> Decoder:
+  """The Decoder of `model` (merged kernels), or of the unmerged `stacked` skills mixed per
+  row by the gate's weights."""
+  return Decoder(tok, config, model, stacked, scale)
 
 
 def make_scorer(graphdef, frozen, stacked, scale, scorer: TaskScorer, tok, config):
@@ -180,7 +281,7 @@ def make_scorer(graphdef, frozen, stacked, scale, scorer: TaskScorer, tok, confi
     params = frozen if w_S is None else serving.merged_params(frozen, stacked, w_S, scale)
     model = nnx.merge(graphdef, params)
     return scorer(
-      functools.partial(merged_stats, params, graphdef=graphdef), generator(tok, config, model)
+      functools.partial(merged_stats, params, graphdef=graphdef), decoder(tok, config, model)
     )
 
   return score

@@ -174,9 +174,15 @@ def test_choice_scoring_picks_the_planted_answer(tiny):
   }
   slow = _scorer(cfg, tok, label, rows, fast=False)
   slow(stats_fn)
+  # the method's decoder: each prompt once into a KV cache, its candidates against it
+  cached = _scorer(cfg, tok, label, rows, fast=False)
+  cached(stats_fn, evaluate.decoder(tok, cfg, base))
+  assert len(cached.groups) == len(label)  # no truncation here: one prompt per row
   for i in range(len(label)):
     np.testing.assert_allclose(probe.last["choice"][i], naive[i], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(slow.last["choice"][i], naive[i], rtol=1e-4, atol=1e-4)
+    # tight: a candidate one position off moves the tiny model's log-likelihood by ~3e-4
+    np.testing.assert_allclose(cached.last["choice"][i], naive[i], rtol=0, atol=5e-5)
   # plant the model's favourite candidate as the gold answer: accuracy 1; the runner-up: 0
   best = [probe.plan.choices[i][int(np.argmax(naive[i]))] for i in range(len(label))]
   worst = [probe.plan.choices[i][int(np.argmin(naive[i]))] for i in range(len(label))]
@@ -188,6 +194,24 @@ def test_choice_scoring_picks_the_planted_answer(tiny):
   assert np.isfinite(out["loss"]) and "rouge1" not in out
 
 
+def test_cached_candidates_keep_each_candidates_own_truncated_prompt(tiny):
+  """A context longer than max_len is cut to make room for the answer, so candidates of
+  different lengths see different prompts: each (row, prompt) is its own cached group and every
+  candidate scores what the row with it as the answer scores."""
+  cfg, base, tok, rows = tiny
+  graphdef, params = nnx.split(base)
+  stats_fn = functools.partial(evaluate.merged_stats, params, graphdef=graphdef)
+  re_row = next(r for r in rows if r.skill == "re")
+  long = [dataclasses.replace(re_row, context=" ".join([re_row.context] * 40))]
+  # a label of many more tokens than the others joins the candidates
+  odd = dataclasses.replace(re_row, answer="no relation stated between these two entities")
+  scorer = _scorer(cfg, tok, long, rows + long + [odd], fast=False)
+  scorer(stats_fn, evaluate.decoder(tok, cfg, base))
+  assert len(scorer.groups) > 1 and {g.row for g in scorer.groups} == {0}
+  naive = [_naive(base, tok, cfg, long[0], c) for c in scorer.plan.choices[0]]
+  np.testing.assert_allclose(scorer.last["choice"][0], naive, rtol=0, atol=5e-5)
+
+
 def test_generated_rows_are_greedy_decodings(tiny):
   cfg, base, tok, rows = tiny
   graphdef, params = nnx.split(base)
@@ -196,7 +220,7 @@ def test_generated_rows_are_greedy_decodings(tiny):
   cfg.gen.batch_size = 2  # 5 prompts: 3 calls, the last padded
   out = scorer(
     functools.partial(evaluate.merged_stats, params, graphdef=graphdef),
-    evaluate.generator(tok, cfg, base),
+    evaluate.decoder(tok, cfg, base),
   )
   texts = scorer.last["texts"]
   assert sorted(texts) == list(range(5))
