@@ -3,7 +3,9 @@ transformers, one MCQA file (MedQA layout), scored by lm-eval's `hf` backend thr
 local task (MMLU's prompt) and by our TaskScorer with configs/eval.py:lm_eval_mcqa (the base).
 Same prompts, same per-candidate log-likelihoods, same per-row choices, same acc and acc_norm,
 for a tokenizer without BOS (SmolLM2's) and one that adds BOS (as Llama 2's does). Beneath it,
-the token ids of the prompt and the answer are those of lm-eval's own `_encode_pair`.
+the token ids of the prompt and the answer are those of lm-eval's own `_encode_pair`. And
+labels of several tokens, which our Decoder scores against one prompt KV cache and lm-eval as
+one full sequence per label, agree the same way.
 
 lm-eval is a test-only dependency (requirements-test.txt): it is the ground truth here.
 """
@@ -128,7 +130,7 @@ def files(tmp_path_factory):
   return models, data, root / "tasks"
 
 
-def lm_eval_hf(model_dir, task_dir, peft=None) -> tuple[dict, list[dict]]:
+def lm_eval_hf(model_dir, task_dir, peft=None, task=TASK) -> tuple[dict, list[dict]]:
   """lm-eval's results and per-doc samples (in file order) through its hf backend, f32 CPU;
   with `peft`, an adapter directory loaded on the model (`--model_args ...,peft=DIR`)."""
   import lm_eval
@@ -137,19 +139,20 @@ def lm_eval_hf(model_dir, task_dir, peft=None) -> tuple[dict, list[dict]]:
   out = lm_eval.simple_evaluate(
     model="hf",
     model_args=f"pretrained={model_dir},dtype=float32" + (f",peft={peft}" if peft else ""),
-    tasks=[TASK],
+    tasks=[task],
     task_manager=TaskManager(include_path=str(task_dir)),
     batch_size=16,
     device="cpu",
     log_samples=True,
     bootstrap_iters=0,
   )
-  return out["results"][TASK], sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+  return out["results"][task], sorted(out["samples"][task], key=lambda s: s["doc_id"])
 
 
-def ours(model_dir, data, skill=None):
+def ours(model_dir, data, skill=None, decode=False):
   """Our scoring of the file's rows with configs/eval.py:lm_eval_mcqa: the base, or with
-  `skill` = (stacked adapters, weights, scale) merged into its kernels."""
+  `skill` = (stacked adapters, weights, scale) merged into its kernels; `decode`: with the
+  model's Decoder, as the evaluation runs it (multi-token candidates through a KV cache)."""
   c = eval_config.get_config("lm_eval_mcqa")
   c.model.source = str(model_dir)
   rows = suite.read_task_file(data, LoadReport())
@@ -159,7 +162,8 @@ def ours(model_dir, data, skill=None):
   if skill is not None:
     frozen = serving.merged_params(frozen, *skill)
   scorer = evaluate.TaskScorer(rows, rows, tok, c, put=lambda batch: batch)
-  scores = scorer(functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef))
+  dec = evaluate.decoder(tok, c, nnx.merge(graphdef, frozen)) if decode else None
+  scores = scorer(functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef), dec)
   return c, rows, tok, scorer, scores
 
 
@@ -190,6 +194,61 @@ def test_mcqa_choices_and_accuracy_match_lm_eval_hf(files, bos):
   everything = np.arange(oc.n)
   assert metrics.metric_on("acc_norm", oc, everything) == pytest.approx(results["acc_norm,none"])
   assert 0 < results["acc,none"] < 1  # neither all right nor all wrong: choices are tested
+
+
+LABELS = ("inhibitor", "no relation", "upregulator of the target", "substrate", "agonist")
+LABEL_TASK = "mdkif_test_labels"
+
+
+def write_label_task(root) -> None:
+  """Relation-style rows in our Example layout (a context, a query, one of LABELS, most of them
+  several tokens) and the lm-eval task that scores the same prompt against the same labels."""
+  import yaml
+
+  rng = np.random.default_rng(1)
+  rows = [
+    {
+      "skill": "re",
+      "context": " ".join(rng.choice(WORDS, 5 + i % 9)),
+      "query": f"How does {rng.choice(WORDS)} relate to {rng.choice(WORDS)}?",
+      "answer": LABELS[i % len(LABELS)],
+    }
+    for i in range(24)
+  ]
+  (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  task = {
+    "task": LABEL_TASK,
+    "dataset_path": "json",
+    "dataset_kwargs": {"data_files": {"test": str(root / "labels.jsonl")}},
+    "test_split": "test",
+    "output_type": "multiple_choice",
+    "doc_to_text": "Context: {{context}}\n{{query}}\nAnswer:",  # the preset context header
+    "doc_to_choice": sorted(LABELS),  # ours: the task's distinct answers, sorted
+    "doc_to_target": "{{" + repr(sorted(LABELS)) + ".index(answer)}}",
+    "metric_list": [{"metric": "acc"}],
+  }
+  (root / "tasks" / f"{LABEL_TASK}.yaml").write_text(yaml.safe_dump(task))
+
+
+def test_multi_token_label_candidates_through_the_kv_cache_match_lm_eval_hf(files):
+  """Labels of several tokens: lm-eval runs prompt + label once per label; our Decoder runs the
+  prompt once and the labels against its KV cache. The same log-likelihoods and choices."""
+  models, data, task_dir = files
+  write_label_task(task_dir.parent)
+  results, samples = lm_eval_hf(models[False], task_dir, task=LABEL_TASK)
+  _, rows, tok, scorer, scores = ours(models[False], task_dir.parent / "labels.jsonl", decode=True)
+  assert len(scorer.groups) == len(rows) == len(samples) == 24 and not scorer.fast
+  assert max(len(x) for g in scorer.groups for x in g.tokens) > 1  # several tokens: the cache ran
+  prompts = {g.row: tok.decode(g.prompt) for g in scorer.groups}
+  for i, s in enumerate(samples):
+    assert {a[0] for a in s["arguments"]} == {prompts[i]}, i
+    assert [a[1] for a in s["arguments"]] == [" " + x for x in scorer.plan.choices[i]], i
+    theirs = np.asarray([r[0] for r in s["filtered_resps"]])
+    mine = np.asarray(scorer.last["choice"][i])
+    np.testing.assert_allclose(mine, theirs, atol=2e-4, err_msg=f"row {i}")
+    assert np.argmax(mine) == np.argmax(theirs), i
+  assert scores["accuracy"] == pytest.approx(results["acc,none"])
+  assert 0 < results["acc,none"] < 1
 
 
 def test_the_preset_prompts_with_its_own_template_not_stage_ones():
