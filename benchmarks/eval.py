@@ -1,6 +1,10 @@
-"""MCQA candidate scoring: our TaskScorer (the base, configs/eval.py:lm_eval_mcqa) against
+"""Candidate scoring: our TaskScorer (the base, configs/eval.py:lm_eval_mcqa) against
 lm-evaluation-harness's `hf` backend, the same rows and SmolLM2-135M-Instruct weights (or
-another transformers directory, `--model`), one run.
+another transformers directory, `--model`), one run. Two kinds of rows:
+  MCQA (default)     one-token candidates " A".." D": one forward per row on both sides
+  --labels TASK      a suite task's label rows (chemprot: 13 relation labels of 1-9 tokens):
+                     lm-eval runs prompt + label once per label; ours runs the prompt once into
+                     a KV cache and scores every label against it (model/candidates.py)
 
 Weights: the packaged GGUF (Q4_1), dequantized to f32 by transformers and saved once as a HF
 directory (cached under $MDKIF_CACHE or ~/.cache/mdkif_jax/hf/); both frameworks load that
@@ -25,8 +29,14 @@ rows/s from the median repetition, the ratio ours / lm-eval with a 90% bootstrap
 (`_common.median_ratio_interval`, each side's repetitions resampled on its own), the machine's
 CPU model, both accuracies (acc, acc_norm) and on how many rows the choice is the same.
 
+Label rows (--labels): the first --rows scored rows of the suite's task (configs/eval.py:paper's
+data and split), in our Example layout; lm-eval's task prompts "Context: {context}\n{query}\n
+Answer:" (the preset's context header) with the task's sorted labels as choices, ours reads the
+same file (candidates: the file's distinct answers, sorted).
+
 Run (from the repo root; the real measurement, ~15 min on 2 cores):
   PYTHONPATH=. .venv/bin/python benchmarks/eval.py --rows 500 --reps 3 --out eval_bench.json
+  PYTHONPATH=. .venv/bin/python benchmarks/eval.py --labels chemprot --rows 100 --reps 3
 Smoke:  ... --rows 16 --reps 1
 Another model (an exported router mixture, docs/results.md's cross-check) on the rows an
 evaluation scored: ... --model DIR --rows-of runs/paper/eval/cells/medmcqa/base.json
@@ -157,6 +167,42 @@ def write_rows(src: pathlib.Path, n: int, out: pathlib.Path, ids: set[str] | Non
   return len(rows)
 
 
+def write_label_rows(task_name: str, n: int, out: pathlib.Path) -> list[str]:
+  """The first `n` scored rows of a suite task (configs/eval.py:paper's data and split) in our
+  Example layout; returns their labels, sorted (both sides' candidates)."""
+  from configs import eval as eval_config
+  from mdkif_jax.data import suite
+  from mdkif_jax.data.example import LoadReport
+
+  c = eval_config.get_config("paper")
+  spec = suite.resolve(task_name)
+  rows = suite.task_rows(spec, c.data, LoadReport())
+  scored = suite.split_rows(spec, rows, c.fit_fraction)[1][:n]
+  recs = [
+    {"skill": r.skill, "context": r.context, "query": r.query, "answer": r.answer} for r in scored
+  ]
+  out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+  return sorted({r.answer for r in scored})
+
+
+def write_label_task(rows: pathlib.Path, labels: list[str], task_dir: pathlib.Path) -> None:
+  import yaml
+
+  task = {
+    "task": TASK,
+    "dataset_path": "json",
+    "dataset_kwargs": {"data_files": {"test": str(rows)}},
+    "test_split": "test",
+    "output_type": "multiple_choice",
+    "doc_to_text": "Context: {{context}}\n{{query}}\nAnswer:",
+    "doc_to_choice": labels,
+    "doc_to_target": "{{" + repr(labels) + ".index(answer)}}",
+    "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+  }
+  task_dir.mkdir(parents=True, exist_ok=True)
+  (task_dir / f"{TASK}.yaml").write_text(yaml.safe_dump(task))
+
+
 def write_task(rows: pathlib.Path, task_dir: pathlib.Path) -> None:
   import yaml
 
@@ -223,11 +269,13 @@ def ours_child(args) -> dict:
   load_s = time.perf_counter() - t
   graphdef, frozen = nnx.split(base)
   stats_fn = functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef)
+  # label rows: multi-token candidates through the prompt's KV cache (the evaluation's path)
+  decoder = evaluate.decoder(tok, c, base) if args.labels else None
 
   def once():
     rows = suite.read_task_file(pathlib.Path(args.rows_file), LoadReport())
     scorer = evaluate.TaskScorer(rows, rows, tok, c, put=lambda batch: batch)
-    scores = scorer(stats_fn)
+    scores = scorer(stats_fn, decoder)
     oc = metrics.outcomes(scorer.plan, scorer.last["choice"], scorer.last["texts"])
     norm = metrics.metric_on("acc_norm", oc, np.arange(oc.n))
     choice = scorer.last["choice"]
@@ -299,6 +347,7 @@ def child_args(args, kind: str, dtype: str = "f32") -> list[str]:
     dtype,
     "--buckets",
     *map(str, args.buckets),
+    *(["--labels", args.labels] if args.labels else []),
   ]
 
 
@@ -314,6 +363,7 @@ def summarize(args, n: int, results: dict) -> dict:
     "cpu": cpu_model(),
     "cpu_count": os.cpu_count(),
     "rows": n,
+    "labels": args.labels,
     "data": str(args.data),
     "rows_of": None if args.rows_of is None else str(args.rows_of),
     "model": args.hf_dir,
@@ -343,8 +393,9 @@ def summarize(args, n: int, results: dict) -> dict:
 
 def report(r: dict) -> None:
   print(f"\nCPU: {r['cpu']} ({r['cpu_count']} logical CPUs)")
+  what = f"{r['labels']} label rows" if r.get("labels") else f"MCQA rows of {r['data']}"
   print(
-    f"{r['rows']} MCQA rows of {r['data']}, model {r['model']}, batch {r['batch_size']}, "
+    f"{r['rows']} {what}, model {r['model']}, batch {r['batch_size']}, "
     f"median of {r['reps']} "
     "(lm-eval: hf backend, f32)"
   )
@@ -393,6 +444,11 @@ def main(argv=None):
     help="only the --data rows an evaluation cell scored (EVAL/cells/medmcqa/base.json: the "
     "suite's scored MedMCQA rows, by realidx)",
   )
+  ap.add_argument(
+    "--labels",
+    metavar="TASK",
+    help="score a suite task's label rows instead (chemprot: 13 labels of several tokens)",
+  )
   ap.add_argument("--out", type=pathlib.Path, help="write the results as JSON here")
   ap.add_argument("--max-load", type=float, default=1.0, help="wait for a 1-min load below this")
   ap.add_argument("--wait", type=float, default=300.0, help="at most this many s per wait")
@@ -419,10 +475,16 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     args.rows_file = str(pathlib.Path(tmp) / "rows.jsonl")
     args.task_dir = str(pathlib.Path(tmp) / "tasks")
-    n = write_rows(args.data, args.rows, pathlib.Path(args.rows_file), scored_ids(args.rows_of))
+    rows_file, task_dir = pathlib.Path(args.rows_file), pathlib.Path(args.task_dir)
+    if args.labels:
+      labels = write_label_rows(args.labels, args.rows, rows_file)
+      n = len(rows_file.read_text().splitlines())
+      write_label_task(rows_file, labels, task_dir)
+    else:
+      n = write_rows(args.data, args.rows, rows_file, scored_ids(args.rows_of))
+      write_task(rows_file, task_dir)
     if n == 0:
-      ap.error(f"no 4-option rows of {args.data} (of those {args.rows_of} scored)")
-    write_task(pathlib.Path(args.rows_file), pathlib.Path(args.task_dir))
+      ap.error(f"no rows to score ({args.labels or args.data}, of those {args.rows_of} scored)")
     print(f"{n} rows, CPU {cpu_model()}, load {os.getloadavg()[0]:.2f}", flush=True)
     results = {}
     for d in args.ours_dtypes:

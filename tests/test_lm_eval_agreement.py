@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import json
+import pathlib
 import types
 
 import numpy as np
@@ -130,7 +131,7 @@ def files(tmp_path_factory):
   return models, data, root / "tasks"
 
 
-def lm_eval_hf(model_dir, task_dir, peft=None, task=TASK) -> tuple[dict, list[dict]]:
+def lm_eval_hf(model_dir, task_dir, peft=None) -> tuple[dict, list[dict]]:
   """lm-eval's results and per-doc samples (in file order) through its hf backend, f32 CPU;
   with `peft`, an adapter directory loaded on the model (`--model_args ...,peft=DIR`)."""
   import lm_eval
@@ -139,14 +140,14 @@ def lm_eval_hf(model_dir, task_dir, peft=None, task=TASK) -> tuple[dict, list[di
   out = lm_eval.simple_evaluate(
     model="hf",
     model_args=f"pretrained={model_dir},dtype=float32" + (f",peft={peft}" if peft else ""),
-    tasks=[task],
+    tasks=[TASK],
     task_manager=TaskManager(include_path=str(task_dir)),
     batch_size=16,
     device="cpu",
     log_samples=True,
     bootstrap_iters=0,
   )
-  return out["results"][task], sorted(out["samples"][task], key=lambda s: s["doc_id"])
+  return out["results"][TASK], sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
 
 
 def ours(model_dir, data, skill=None, decode=False):
@@ -197,14 +198,11 @@ def test_mcqa_choices_and_accuracy_match_lm_eval_hf(files, bos):
 
 
 LABELS = ("inhibitor", "no relation", "upregulator of the target", "substrate", "agonist")
-LABEL_TASK = "mdkif_test_labels"
 
 
-def write_label_task(root) -> None:
-  """Relation-style rows in our Example layout (a context, a query, one of LABELS, most of them
-  several tokens) and the lm-eval task that scores the same prompt against the same labels."""
-  import yaml
-
+def write_label_rows(path) -> pathlib.Path:
+  """Relation-style rows in our Example layout: a context, a query and one of LABELS, most of
+  them several tokens."""
   rng = np.random.default_rng(1)
   rows = [
     {
@@ -215,28 +213,18 @@ def write_label_task(root) -> None:
     }
     for i in range(24)
   ]
-  (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  task = {
-    "task": LABEL_TASK,
-    "dataset_path": "json",
-    "dataset_kwargs": {"data_files": {"test": str(root / "labels.jsonl")}},
-    "test_split": "test",
-    "output_type": "multiple_choice",
-    "doc_to_text": "Context: {{context}}\n{{query}}\nAnswer:",  # the preset context header
-    "doc_to_choice": sorted(LABELS),  # ours: the task's distinct answers, sorted
-    "doc_to_target": "{{" + repr(sorted(LABELS)) + ".index(answer)}}",
-    "metric_list": [{"metric": "acc"}],
-  }
-  (root / "tasks" / f"{LABEL_TASK}.yaml").write_text(yaml.safe_dump(task))
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
 
 
-def test_multi_token_label_candidates_through_the_kv_cache_match_lm_eval_hf(files):
+def test_multi_token_label_candidates_through_the_kv_cache_match_lm_eval_hf(files, tmp_path):
   """Labels of several tokens: lm-eval runs prompt + label once per label; our Decoder runs the
   prompt once and the labels against its KV cache. The same log-likelihoods and choices."""
-  models, data, task_dir = files
-  write_label_task(task_dir.parent)
-  results, samples = lm_eval_hf(models[False], task_dir, task=LABEL_TASK)
-  _, rows, tok, scorer, scores = ours(models[False], task_dir.parent / "labels.jsonl", decode=True)
+  models, _, _ = files
+  data = write_label_rows(tmp_path / "labels.jsonl")
+  BENCH.write_label_task(data, sorted(LABELS), tmp_path / "tasks")  # benchmarks/eval.py --labels
+  results, samples = lm_eval_hf(models[False], tmp_path / "tasks")
+  _, rows, tok, scorer, scores = ours(models[False], data, decode=True)
   assert len(scorer.groups) == len(rows) == len(samples) == 24 and not scorer.fast
   assert max(len(x) for g in scorer.groups for x in g.tokens) > 1  # several tokens: the cache ran
   prompts = {g.row: tok.decode(g.prompt) for g in scorer.groups}
