@@ -73,6 +73,8 @@ DOC_TO_TEXT = (
   "{{question.strip()}}\nA. {{options.A}}\nB. {{options.B}}\nC. {{options.C}}\n"
   "D. {{options.D}}\nAnswer:"
 )
+# label rows (our Example layout) as configs/eval.py:lm_eval_mcqa prompts them
+LABEL_TEXT = "Context: {{context}}\n{{query}}\nAnswer:"
 DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 
 
@@ -185,36 +187,24 @@ def write_label_rows(task_name: str, n: int, out: pathlib.Path) -> list[str]:
   return sorted({r.answer for r in scored})
 
 
-def write_label_task(rows: pathlib.Path, labels: list[str], task_dir: pathlib.Path) -> None:
+def write_task(rows: pathlib.Path, task_dir: pathlib.Path, labels: list[str] | None = None) -> None:
+  """lm-eval's task over `rows`: MMLU's prompt and letters over MedQA-layout rows, or (with
+  `labels`) "Context: {context}\n{query}\nAnswer:" and the labels over our Example layout."""
   import yaml
 
+  if labels is None:
+    text, choices, target = DOC_TO_TEXT, list(LETTERS), "['A', 'B', 'C', 'D'].index(answer_idx)"
+  else:
+    text, choices, target = LABEL_TEXT, labels, f"{labels!r}.index(answer)"
   task = {
     "task": TASK,
     "dataset_path": "json",
     "dataset_kwargs": {"data_files": {"test": str(rows)}},
     "test_split": "test",
     "output_type": "multiple_choice",
-    "doc_to_text": "Context: {{context}}\n{{query}}\nAnswer:",
-    "doc_to_choice": labels,
-    "doc_to_target": "{{" + repr(labels) + ".index(answer)}}",
-    "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
-  }
-  task_dir.mkdir(parents=True, exist_ok=True)
-  (task_dir / f"{TASK}.yaml").write_text(yaml.safe_dump(task))
-
-
-def write_task(rows: pathlib.Path, task_dir: pathlib.Path) -> None:
-  import yaml
-
-  task = {
-    "task": TASK,
-    "dataset_path": "json",
-    "dataset_kwargs": {"data_files": {"test": str(rows)}},
-    "test_split": "test",
-    "output_type": "multiple_choice",
-    "doc_to_text": DOC_TO_TEXT,
-    "doc_to_choice": list(LETTERS),
-    "doc_to_target": "{{['A', 'B', 'C', 'D'].index(answer_idx)}}",
+    "doc_to_text": text,
+    "doc_to_choice": choices,
+    "doc_to_target": "{{" + target + "}}",
     "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
   }
   task_dir.mkdir(parents=True, exist_ok=True)
@@ -479,7 +469,7 @@ def main(argv=None):
     if args.labels:
       labels = write_label_rows(args.labels, args.rows, rows_file)
       n = len(rows_file.read_text().splitlines())
-      write_label_task(rows_file, labels, task_dir)
+      write_task(rows_file, task_dir, labels)
     else:
       n = write_rows(args.data, args.rows, rows_file, scored_ids(args.rows_of))
       write_task(rows_file, task_dir)

@@ -222,7 +222,7 @@ def test_multi_token_label_candidates_through_the_kv_cache_match_lm_eval_hf(file
   prompt once and the labels against its KV cache. The same log-likelihoods and choices."""
   models, _, _ = files
   data = write_label_rows(tmp_path / "labels.jsonl")
-  BENCH.write_label_task(data, sorted(LABELS), tmp_path / "tasks")  # benchmarks/eval.py --labels
+  BENCH.write_task(data, tmp_path / "tasks", sorted(LABELS))  # benchmarks/eval.py --labels
   results, samples = lm_eval_hf(models[False], tmp_path / "tasks")
   _, rows, tok, scorer, scores = ours(models[False], data, decode=True)
   assert len(scorer.groups) == len(rows) == len(samples) == 24 and not scorer.fast
