@@ -260,7 +260,7 @@ def ours_child(args) -> dict:
   graphdef, frozen = nnx.split(base)
   stats_fn = functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef)
   # label rows: multi-token candidates through the prompt's KV cache (the evaluation's path)
-  decoder = evaluate.decoder(tok, c, base) if args.labels else None
+  decoder = evaluate.Decoder(tok, c, base) if args.labels else None
 
   def once():
     rows = suite.read_task_file(pathlib.Path(args.rows_file), LoadReport())

@@ -268,12 +268,6 @@ class Decoder:
     )
 
 
-def decoder(tok, config, model, stacked=None, scale=1.0) -> Decoder:
-  """The Decoder of `model` (merged kernels), or of the unmerged `stacked` skills mixed per
-  row by the gate's weights."""
-  return Decoder(tok, config, model, stacked, scale)
-
-
 def make_scorer(graphdef, frozen, stacked, scale, scorer: TaskScorer, tok, config):
   """score(w_S or None) through the merged kernels (the serving path): W0 + Σ w_s ΔW_s."""
 
@@ -281,7 +275,7 @@ def make_scorer(graphdef, frozen, stacked, scale, scorer: TaskScorer, tok, confi
     params = frozen if w_S is None else serving.merged_params(frozen, stacked, w_S, scale)
     model = nnx.merge(graphdef, params)
     return scorer(
-      functools.partial(merged_stats, params, graphdef=graphdef), decoder(tok, config, model)
+      functools.partial(merged_stats, params, graphdef=graphdef), Decoder(tok, config, model)
     )
 
   return score

@@ -71,7 +71,7 @@ def base_in_context(k: int) -> Callable:
     scorer = make_scorer(t, rows)
     stats_fn = lambda batch: evaluate.merged_stats(t.frozen, batch, graphdef=t.graphdef)  # noqa: E731
     model = nnx.merge(t.graphdef, t.frozen)
-    scores = scorer(stats_fn, evaluate.decoder(t.tok, t.config, model))
+    scores = scorer(stats_fn, evaluate.Decoder(t.tok, t.config, model))
     return fit_router.Fitted(scores, scorer=scorer)
 
   return run

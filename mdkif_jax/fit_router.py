@@ -111,7 +111,7 @@ class Task:
       params = serving.merged_params(self.frozen, self.served, w_S, self.scale)
     stats = lambda batch: evaluate.merged_stats(params, batch, graphdef=self.graphdef)  # noqa: E731
     model = nnx.merge(self.graphdef, params)
-    return self.scorer(stats, evaluate.decoder(self.tok, self.config, model))
+    return self.scorer(stats, evaluate.Decoder(self.tok, self.config, model))
 
 
 @dataclasses.dataclass
@@ -168,7 +168,7 @@ def fit_gate(t: Task) -> Fitted:
   )
   stats = evaluate.gate_stats_fn(gate, t.graphdef, t.packed_params, t.packed, t.scale)
   model = nnx.merge(t.graphdef, t.packed_params)
-  scores = t.scorer(stats, evaluate.decoder(t.tok, t.config, model, t.packed, t.scale))
+  scores = t.scorer(stats, evaluate.Decoder(t.tok, t.config, model, t.packed, t.scale))
   mean_w = np.mean(list(t.scorer.last["weights"].values()), 0)
   return Fitted(scores, mean_w, curve, {"gate": nnx.to_pure_dict(nnx.split(gate)[1])})
 

@@ -53,5 +53,5 @@ def train_and_score(t):
   params = serving.merged_params(t.frozen, adapters, np.ones(1, np.float32), scale)
   stats_fn = lambda batch: evaluate.merged_stats(params, batch, graphdef=t.graphdef)  # noqa: E731
   model = nnx.merge(t.graphdef, params)
-  scores = t.scorer(stats_fn, evaluate.decoder(t.tok, t.config, model))
+  scores = t.scorer(stats_fn, evaluate.Decoder(t.tok, t.config, model))
   return fit_router.Fitted(scores, None, curve)

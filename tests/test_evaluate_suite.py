@@ -234,7 +234,9 @@ def test_the_task_adapters_training_shows_a_progress_bar_over_its_steps(evaluate
     c.progress = True  # not in the cells' identity: the finished cells are kept
   evaluate_suite.train_and_evaluate(c, tmp_path / "run", base=base)
   err = capfd.readouterr().err
-  assert "adalora_task: 100%" in err and f"{c.router.steps}/{c.router.steps}" in err
+  # a bar over the steps (tqdm redraws at most every 0.1 s and a bar that does not stay
+  # clears itself, so the last step it shows depends on timing)
+  assert "adalora_task:" in err and f"/{c.router.steps} [" in err
 
 
 def test_scored_rows_are_never_fit_rows_or_in_context_examples(evaluated):

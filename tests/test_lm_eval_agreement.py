@@ -163,7 +163,7 @@ def ours(model_dir, data, skill=None, decode=False):
   if skill is not None:
     frozen = serving.merged_params(frozen, *skill)
   scorer = evaluate.TaskScorer(rows, rows, tok, c, put=lambda batch: batch)
-  dec = evaluate.decoder(tok, c, nnx.merge(graphdef, frozen)) if decode else None
+  dec = evaluate.Decoder(tok, c, nnx.merge(graphdef, frozen)) if decode else None
   scores = scorer(functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef), dec)
   return c, rows, tok, scorer, scores
 

@@ -176,7 +176,7 @@ def test_choice_scoring_picks_the_planted_answer(tiny):
   slow(stats_fn)
   # the method's decoder: each prompt once into a KV cache, its candidates against it
   cached = _scorer(cfg, tok, label, rows, fast=False)
-  cached(stats_fn, evaluate.decoder(tok, cfg, base))
+  cached(stats_fn, evaluate.Decoder(tok, cfg, base))
   assert len(cached.groups) == len(label)  # no truncation here: one prompt per row
   for i in range(len(label)):
     np.testing.assert_allclose(probe.last["choice"][i], naive[i], rtol=1e-4, atol=1e-4)
@@ -206,7 +206,7 @@ def test_cached_candidates_keep_each_candidates_own_truncated_prompt(tiny):
   # a label of many more tokens than the others joins the candidates
   odd = dataclasses.replace(re_row, answer="no relation stated between these two entities")
   scorer = _scorer(cfg, tok, long, rows + long + [odd], fast=False)
-  scorer(stats_fn, evaluate.decoder(tok, cfg, base))
+  scorer(stats_fn, evaluate.Decoder(tok, cfg, base))
   assert len(scorer.groups) > 1 and {g.row for g in scorer.groups} == {0}
   naive = [_naive(base, tok, cfg, long[0], c) for c in scorer.plan.choices[0]]
   np.testing.assert_allclose(scorer.last["choice"][0], naive, rtol=0, atol=5e-5)
@@ -220,7 +220,7 @@ def test_generated_rows_are_greedy_decodings(tiny):
   cfg.gen.batch_size = 2  # 5 prompts: 3 calls, the last padded
   out = scorer(
     functools.partial(evaluate.merged_stats, params, graphdef=graphdef),
-    evaluate.decoder(tok, cfg, base),
+    evaluate.Decoder(tok, cfg, base),
   )
   texts = scorer.last["texts"]
   assert sorted(texts) == list(range(5))
