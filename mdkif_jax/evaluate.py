@@ -154,12 +154,13 @@ class TaskScorer:
         choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = logp
 
       if cached:
-        K = max((len(g.slots) for g in self.groups), default=0)
+        most = max((len(g.slots) for g in self.groups), default=0)
         C = max((len(c) for g in self.groups for c in g.tokens), default=0)
         for s in range(0, len(self.groups), bs):
           part = self.groups[s : s + bs]
           full = part + [part[-1]] * (bs - len(part))  # one shape per prompt bucket
           w = np.stack([weights[g.row] for g in full]) if weights else None
+          K = min(_pow2(max(len(g.slots) for g in part)), most)
           logp = decoder.candidates([g.prompt for g in full], [g.tokens for g in full], w, K, C)
           scoring.update()
           for g, lp in zip(part, logp, strict=False):
@@ -202,9 +203,17 @@ class PromptGroup:
   slots: list[int]  # each candidate's index into TaskScorer.slow
 
 
+def _pow2(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
 def _prompt_groups(slow, cenc, drop_eos: bool) -> list[PromptGroup]:
-  """The (row, candidate) encodings grouped by row and prompt, sorted by prompt length; a
-  candidate that does not fit max_len (None) is in no group and keeps -inf."""
+  """The (row, candidate) encodings grouped by row and prompt, sorted by their count of
+  candidates (rounded up to a power of two) and then by prompt length; a candidate that does
+  not fit max_len (None) is in no group and keeps -inf. The count comes first because a batch
+  runs as many candidate passes as its largest group has candidates: where truncation splits
+  rows (in-context examples fill max_len, so each label length cuts the context differently),
+  ChemProt's groups hold 1, 2 or 5 of its 13 labels, and mixed batches ran 13 passes each."""
   by_key: dict[tuple, PromptGroup] = {}
   for k, ((i, _), e) in enumerate(zip(slow, cenc, strict=True)):
     if e is None:
@@ -214,7 +223,7 @@ def _prompt_groups(slow, cenc, drop_eos: bool) -> list[PromptGroup]:
     g = by_key.setdefault((i, tuple(prompt)), PromptGroup(i, prompt, [], []))
     g.tokens.append(answer[:-1] if drop_eos else answer)
     g.slots.append(k)
-  return sorted(by_key.values(), key=lambda g: len(g.prompt))
+  return sorted(by_key.values(), key=lambda g: (_pow2(len(g.slots)), len(g.prompt)))
 
 
 @dataclasses.dataclass(frozen=True)
