@@ -169,9 +169,9 @@ def write_rows(src: pathlib.Path, n: int, out: pathlib.Path, ids: set[str] | Non
   return len(rows)
 
 
-def write_label_rows(task_name: str, n: int, out: pathlib.Path) -> list[str]:
+def write_label_rows(task_name: str, n: int, out: pathlib.Path) -> tuple[int, list[str]]:
   """The first `n` scored rows of a suite task (configs/eval.py:paper's data and split) in our
-  Example layout; returns their labels, sorted (both sides' candidates)."""
+  Example layout; returns the count written and their labels, sorted (both sides' candidates)."""
   from configs import eval as eval_config
   from mdkif_jax.data import suite
   from mdkif_jax.data.example import LoadReport
@@ -184,7 +184,7 @@ def write_label_rows(task_name: str, n: int, out: pathlib.Path) -> list[str]:
     {"skill": r.skill, "context": r.context, "query": r.query, "answer": r.answer} for r in scored
   ]
   out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-  return sorted({r.answer for r in scored})
+  return len(recs), sorted({r.answer for r in scored})
 
 
 def write_task(rows: pathlib.Path, task_dir: pathlib.Path, labels: list[str] | None = None) -> None:
@@ -467,8 +467,7 @@ def main(argv=None):
     args.task_dir = str(pathlib.Path(tmp) / "tasks")
     rows_file, task_dir = pathlib.Path(args.rows_file), pathlib.Path(args.task_dir)
     if args.labels:
-      labels = write_label_rows(args.labels, args.rows, rows_file)
-      n = len(rows_file.read_text().splitlines())
+      n, labels = write_label_rows(args.labels, args.rows, rows_file)
       write_task(rows_file, task_dir, labels)
     else:
       n = write_rows(args.data, args.rows, rows_file, scored_ids(args.rows_of))

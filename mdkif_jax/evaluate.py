@@ -104,7 +104,16 @@ class TaskScorer:
           batch["choice_ids"][r, : len(fast.get(i, ()))] = fast.get(i, ())
       self.gold.append((idx, put(batch)))
     self.slow, self._expanded, self._cenc, self.groups = slow, None, [], []
-    self._pack = lambda enc: task.pack(enc, tok, dcfg, bs, multiple, True, drop_eos=bool(eos))
+    # the expanded path (no decoder) packs its rows only when first asked: see `expanded`
+    self._pack = functools.partial(
+      task.pack,
+      tok=tok,
+      data_cfg=dcfg,
+      batch_size=bs,
+      multiple=multiple,
+      by_length=True,
+      drop_eos=bool(eos),
+    )
     self.put = put
     if slow:
       cand = [dataclasses.replace(rows[i], answer=self.plan.choices[i][j]) for i, j in slow]
