@@ -3,8 +3,8 @@ lm-evaluation-harness's `hf` backend, the same rows and SmolLM2-135M-Instruct we
 another transformers directory, `--model`), one run. Two kinds of rows:
   MCQA (default)     one-token candidates " A".." D": one forward per row on both sides
   --labels TASK      a suite task's label rows (chemprot: 13 relation labels of 1-9 tokens):
-                     lm-eval runs prompt + label once per label; ours runs the prompt once into
-                     a KV cache and scores every label against it (model/candidates.py)
+                     lm-eval runs prompt + label once per label; ours runs the prompt once with
+                     every label after it, in one sequence (model/candidates.py)
 
 Weights: the packaged GGUF (Q4_1), dequantized to f32 by transformers and saved once as a HF
 directory (cached under $MDKIF_CACHE or ~/.cache/mdkif_jax/hf/); both frameworks load that
@@ -259,7 +259,7 @@ def ours_child(args) -> dict:
   load_s = time.perf_counter() - t
   graphdef, frozen = nnx.split(base)
   stats_fn = functools.partial(evaluate.merged_stats, frozen, graphdef=graphdef)
-  # label rows: multi-token candidates through the prompt's KV cache (the evaluation's path)
+  # label rows: multi-token candidates after one prompt pass (the evaluation's path)
   decoder = evaluate.Decoder(tok, c, base) if args.labels else None
 
   def once():

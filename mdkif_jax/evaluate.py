@@ -61,7 +61,7 @@ class TaskScorer:
 
   Rows are batched by length (less padding). Label rows: when every candidate is one token,
   their log-likelihoods come from the gold pass itself (`choice_ids`); otherwise the method's
-  `Decoder` runs each row's prompt once into a KV cache and scores its candidates against it
+  `Decoder` runs each row's prompt once with its candidates after it, in one sequence
   (model/candidates.py; rows of `router.batch_size` prompts). Without a decoder, each
   (row, candidate) is one more row through stats_fn, the same jitted forward as the gold pass
   (lm-eval's way: K candidates cost K prompt passes). Either way a candidate's tokens and prompt
@@ -237,7 +237,7 @@ def _prompt_groups(slow, cenc, drop_eos: bool) -> list[PromptGroup]:
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-  """One method's model for TaskScorer's KV-cache passes: greedy generation and candidate
+  """One method's model for TaskScorer's own passes: greedy generation and candidate
   log-likelihoods, through `model` (merged kernels) or with the unmerged skills `stacked` mixed
   per row by the weights the scorer passes (the gate's)."""
 

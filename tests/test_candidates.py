@@ -1,4 +1,4 @@
-"""Candidate log-likelihoods through a shared prompt KV cache (model/candidates.py) against one
+"""Candidate log-likelihoods after one shared prompt pass (model/candidates.py) against one
 plain forward of prompt + candidate per pair: the base and per-row skill mixtures (the gate)."""
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ local task (MMLU's prompt) and by our TaskScorer with configs/eval.py:lm_eval_mc
 Same prompts, same per-candidate log-likelihoods, same per-row choices, same acc and acc_norm,
 for a tokenizer without BOS (SmolLM2's) and one that adds BOS (as Llama 2's does). Beneath it,
 the token ids of the prompt and the answer are those of lm-eval's own `_encode_pair`. And
-labels of several tokens, which our Decoder scores against one prompt KV cache and lm-eval as
-one full sequence per label, agree the same way.
+labels of several tokens, which our Decoder scores in one sequence of the prompt and all of them
+and lm-eval as one full sequence per label, agree the same way.
 
 lm-eval is a test-only dependency (requirements-test.txt): it is the ground truth here.
 """
@@ -153,7 +153,7 @@ def lm_eval_hf(model_dir, task_dir, peft=None) -> tuple[dict, list[dict]]:
 def ours(model_dir, data, skill=None, decode=False):
   """Our scoring of the file's rows with configs/eval.py:lm_eval_mcqa: the base, or with
   `skill` = (stacked adapters, weights, scale) merged into its kernels; `decode`: with the
-  model's Decoder, as the evaluation runs it (multi-token candidates through a KV cache)."""
+  model's Decoder, as the evaluation runs it (multi-token candidates after one prompt pass)."""
   c = eval_config.get_config("lm_eval_mcqa")
   c.model.source = str(model_dir)
   rows = suite.read_task_file(data, LoadReport())
@@ -217,9 +217,9 @@ def write_label_rows(path) -> pathlib.Path:
   return path
 
 
-def test_multi_token_label_candidates_through_the_kv_cache_match_lm_eval_hf(files, tmp_path):
+def test_multi_token_label_candidates_scored_after_one_prompt_match_lm_eval_hf(files, tmp_path):
   """Labels of several tokens: lm-eval runs prompt + label once per label; our Decoder runs the
-  prompt once and the labels against its KV cache. The same log-likelihoods and choices."""
+  prompt once, every label after it in the same sequence. The same log-likelihoods and choices."""
   models, _, _ = files
   data = write_label_rows(tmp_path / "labels.jsonl")
   BENCH.write_task(data, tmp_path / "tasks", sorted(LABELS))  # benchmarks/eval.py --labels

@@ -174,7 +174,7 @@ def test_choice_scoring_picks_the_planted_answer(tiny):
   }
   slow = _scorer(cfg, tok, label, rows, fast=False)
   slow(stats_fn)
-  # the method's decoder: each prompt once into a KV cache, its candidates against it
+  # the method's decoder: each prompt once, its candidates after it in the same pass
   cached = _scorer(cfg, tok, label, rows, fast=False)
   cached(stats_fn, evaluate.Decoder(tok, cfg, base))
   assert len(cached.groups) == len(label)  # no truncation here: one prompt per row

@@ -2,11 +2,13 @@
 
 Scoring each (prompt, candidate) as a sequence of its own (lm-eval's way, and ours without a
 KV cache) runs a prompt of P tokens K times for K candidates: ChemProt's 13 relation labels
-made every scored row 13 full forward passes. Here the prompt runs once into a KV cache and
-the candidates read it: one prefill of P tokens and K passes of C candidate tokens. The
-candidates take turns in the same cache slots [P, P + C) (a scan over candidates with the cache
-in its carry: each pass overwrites the slots the previous one wrote and attends only to the
-prompt and its own tokens), so memory is one prompt's cache, not K copies.
+made every scored row 13 full forward passes. Here one sequence holds the prompt and then all
+K candidates, [prompt | cand_1 | ... | cand_K], in one forward pass: each candidate is its own
+segment that sees the prompt (`hidden`'s shared_prefix) and its own earlier tokens but not the
+other candidates, and its positions continue the prompt's, so each candidate computes exactly
+what prompt + candidate computes alone. P + K*C tokens in one pass instead of a prefill and K
+small passes of C tokens into a KV cache (the first version: a scan over candidates, latency-
+bound on CPU, where matmuls of a few rows run far below peak; docs/benchmarks.md).
 
 Prompts are left-padded to a length bucket (positions from the padding mask, as generation
 does), candidates right-padded to one length: a padded prompt or candidate computes what it
@@ -30,30 +32,28 @@ from mdkif_jax.model import generate, llama
 def _logprobs(graphdef, params, tokens_BP, mask_BP, cand_BKC, cmask_BKC, adapters, adapter_ctx):
   model = nnx.merge(graphdef, params)
   B, P = tokens_BP.shape
-  C = cand_BKC.shape[2]
-  kw = dict(adapters=adapters, adapter_ctx=adapter_ctx)
-  cache = llama.init_cache(model.cfg, B, P + C, model.numerics.compute_dtype)
+  _, K, C = cand_BKC.shape
   positions = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-  h, cache = model.hidden(
-    tokens_BP, positions_BT=positions, mask_BT=mask_BP, cache=cache, cache_index=0, **kw
+  cand_pos = positions[:, -1:, None] + 1 + jnp.arange(C, dtype=jnp.int32)[None, None]
+  # candidate k is segment k + 2 (the prompt is 1); its padding is 0, never attended to
+  seg_BKC = cmask_BKC * (jnp.arange(K, dtype=jnp.int32)[None, :, None] + 2)
+  h, _ = model.hidden(
+    jnp.concatenate([tokens_BP, cand_BKC.reshape(B, K * C)], axis=1),
+    positions_BT=jnp.concatenate(
+      [positions, jnp.broadcast_to(cand_pos, (B, K, C)).reshape(B, -1)], 1
+    ),
+    mask_BT=jnp.concatenate([mask_BP, seg_BKC.reshape(B, K * C)], axis=1),
+    adapters=adapters,
+    adapter_ctx=adapter_ctx,
+    shared_prefix=P,
   )
-  # the prompt's last position predicts every candidate's first token
-  first_BV = jax.nn.log_softmax(model.logits(h[:, -1:])[:, 0], axis=-1)
-  cand_pos = positions[:, -1:] + 1 + jnp.arange(C, dtype=jnp.int32)[None]
-
-  def one(cache, xs):
-    tok_BC, m_BC = xs
-    h, cache = model.hidden(
-      tok_BC, positions_BT=cand_pos, mask_BT=m_BC, cache=cache, cache_index=P, **kw
-    )
-    logp = jax.nn.log_softmax(model.logits(h[:, :-1]), axis=-1)  # [B, C-1, V]
-    rest = jnp.take_along_axis(logp, tok_BC[:, 1:, None], axis=-1)[..., 0]
-    head = jnp.take_along_axis(first_BV, tok_BC[:, :1], axis=-1)[:, 0]
-    return cache, head + jnp.sum(jnp.where(m_BC[:, 1:] > 0, rest, 0.0), axis=-1)
-
-  xs = (jnp.swapaxes(cand_BKC, 0, 1), jnp.swapaxes(cmask_BKC, 0, 1))
-  _, out_KB = jax.lax.scan(one, cache, xs)
-  return out_KB.T
+  # row 0: the prompt's last position (predicts every candidate's first token); row
+  # 1 + k*C + c: candidate k's token c (predicts its token c + 1)
+  logp = jax.nn.log_softmax(model.logits(h[:, P - 1 :]).astype(jnp.float32), axis=-1)
+  c_idx = jnp.arange(C)[None, :]
+  rows_KC = jnp.where(c_idx == 0, 0, jnp.arange(K)[:, None] * C + c_idx)
+  tok_lp = logp[jnp.arange(B)[:, None, None], rows_KC[None], cand_BKC]  # [B, K, C]
+  return jnp.sum(jnp.where(cmask_BKC > 0, tok_lp, 0.0), axis=-1)
 
 
 def candidate_logprobs(

@@ -115,6 +115,7 @@ class Llama(nnx.Module):
     cache: dict | None = None,
     cache_index: jax.Array | None = None,
     layers: list | None = None,
+    shared_prefix: int = 0,
   ) -> tuple[jax.Array, dict | None]:
     """Final-norm hidden states [B, T, D] (and the updated KV cache when one is given).
 
@@ -129,6 +130,9 @@ class Llama(nnx.Module):
       layers then run unrolled on them (the same ops in the same order as the scan). The scan
       slices, i.e. copies, every layer's weights on each call, which doubles the memory
       traffic of a memory-bound decode step; generation slices once per call instead.
+    shared_prefix: the real keys in slots [0, shared_prefix) are seen by every later query,
+      whatever its segment: one prompt followed by several continuations, each its own segment,
+      that see the prompt but not each other (model/candidates.py).
     """
     cfg, num = self.cfg, self.numerics
     B, T = tokens_BT.shape
@@ -142,7 +146,9 @@ class Llama(nnx.Module):
     x = self._constrain(x, ("batch", "length", "act_embed"))
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict())
     sin, cos = rope_tables(positions_BT, inv_freq)  # sin is signed: see apply_rope
-    bias_BTS, k_mask, k_pos = self._attention_bias(positions_BT, mask_BT, cache, cache_index)
+    bias_BTS, k_mask, k_pos = self._attention_bias(
+      positions_BT, mask_BT, cache, cache_index, shared_prefix
+    )
     scanned = None if adapters is None else adapter_ctx.scan_inputs(adapters)
 
     def block(carry, xs):
@@ -169,7 +175,7 @@ class Llama(nnx.Module):
       new_cache = {"k": kv[0], "v": kv[1], "mask": k_mask, "pos": k_pos}
     return x, new_cache
 
-  def _attention_bias(self, positions_BT, mask_BT, cache, cache_index):
+  def _attention_bias(self, positions_BT, mask_BT, cache, cache_index, shared_prefix=0):
     """(additive bias [B, T, S] f32, key mask [B, S], key positions [B, S])."""
     T = positions_BT.shape[1]
     if cache is None:
@@ -186,10 +192,11 @@ class Llama(nnx.Module):
       k_idx = jnp.arange(S)
     # Causality by slot index (padding is masked separately); sliding window by position.
     # Segments: real keys of the query's own segment (padding queries, whose outputs are
-    # unused, see every real key up to their slot). Generation passes 0/1 masks (segment 1).
+    # unused, see every real key up to their slot), and the real keys of a shared prefix.
+    # Generation passes 0/1 masks (segment 1).
     q_seg, k_seg = mask_BT[:, :, None], k_mask[:, None, :]
     allowed = (k_idx[None, :] <= q_idx[:, None])[None] & (k_seg > 0)
-    allowed &= (q_seg == k_seg) | (q_seg == 0)
+    allowed &= (q_seg == k_seg) | (q_seg == 0) | (k_idx < shared_prefix)[None, None, :]
     if self.cfg.sliding_window is not None:
       allowed &= (positions_BT[:, :, None] - k_pos[:, None, :]) < self.cfg.sliding_window
     return jnp.where(allowed, 0.0, jnp.finfo(F32).min).astype(F32), k_mask, k_pos
