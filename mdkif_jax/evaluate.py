@@ -62,7 +62,8 @@ class TaskScorer:
   Rows are batched by length (less padding). Label rows: when every candidate is one token,
   their log-likelihoods come from the gold pass itself (`choice_ids`); otherwise the method's
   `Decoder` runs each row's prompt once with its candidates after it, in one sequence
-  (model/candidates.py; rows of `router.batch_size` prompts). Without a decoder, each
+  (model/candidates.py; rows of `router.batch_size` prompts), and with merged kernels the gold
+  answer rides along there too (`__call__`). Without a decoder, each
   (row, candidate) is one more row through stats_fn, the same jitted forward as the gold pass
   (lm-eval's way: K candidates cost K prompt passes). Either way a candidate's tokens and prompt
   are exactly those of the row with that candidate as its answer (`task.encode_rows`, the EOS
@@ -103,7 +104,7 @@ class TaskScorer:
         for r, i in enumerate(idx):
           batch["choice_ids"][r, : len(fast.get(i, ()))] = fast.get(i, ())
       self.gold.append((idx, put(batch)))
-    self.slow, self._expanded, self._cenc, self.groups = slow, None, [], []
+    self.slow, self._expanded, self._unfolded, self._cenc, self.groups = slow, None, None, [], []
     # the expanded path (no decoder) packs its rows only when first asked: see `expanded`
     self._pack = functools.partial(
       task.pack,
@@ -115,10 +116,22 @@ class TaskScorer:
       drop_eos=bool(eos),
     )
     self.put = put
+    self.folded: frozenset[int] = frozenset()
     if slow:
       cand = [dataclasses.replace(rows[i], answer=self.plan.choices[i][j]) for i, j in slow]
       self._cenc = task.encode_rows(cand, tok, dcfg)
-      self.groups = _prompt_groups(slow, self._cenc, drop_eos=bool(eos))
+      # a row's gold answer is one of its candidates, encoded exactly as the answer pass
+      # encodes the row: its stats can come from the candidate pass (see __call__)
+      gold_slots = {
+        k: i
+        for k, (i, _) in enumerate(slow)
+        if self._cenc[k] is not None
+        and enc[i] is not None
+        and np.array_equal(self._cenc[k].tokens, enc[i].tokens)
+      }
+      self.folded = frozenset(gold_slots.values())
+      self.groups = _prompt_groups(slow, self._cenc, drop_eos=bool(eos), gold_slots=gold_slots)
+      self._unfolded_enc = [None if i in self.folded else e for i, e in enumerate(enc)]
     gen = sorted(
       (i for i in self.plan.generated if enc[i] is not None), key=lambda i: enc[i].answer_start
     )
@@ -130,6 +143,15 @@ class TaskScorer:
     return reporting.progress_bar(self.progress, total=total, desc=desc, unit="call", leave=False)
 
   @property
+  def unfolded(self) -> list:
+    """The answer pass's batches without the rows whose stats the candidate pass gives."""
+    if self._unfolded is None:
+      rest = self._unfolded_enc if self.folded else []
+      packed = self._pack(rest, drop_eos=False) if any(e is not None for e in rest) else []
+      self._unfolded = [(idx, self.put(b)) for idx, b in packed]
+    return self._unfolded
+
+  @property
   def expanded(self) -> list:
     """(indices into `slow`, device batch) of every (row, candidate) as a row of its own."""
     if self._expanded is None:
@@ -139,14 +161,21 @@ class TaskScorer:
 
   def __call__(self, stats_fn, decoder: Decoder | None = None) -> dict[str, float]:
     """stats_fn(batch) -> per-row stats (router.mixture_stats; "weights" [B, S] for the gate);
-    decoder: the method's model for generation and cached candidate scoring (None: no
-    generated rows, and multi-token candidates scored as rows of their own)."""
+    decoder: the same model as stats_fn's, for generation and the one-pass candidate scoring
+    (None: no generated rows, and multi-token candidates scored as rows of their own).
+
+    With a decoder of merged kernels, a multi-token label row's answer stats come from its
+    candidate pass (the gold answer, EOS included, is one more candidate of its prompt): the
+    answer pass skips that row, which was half the scoring of a label task with a few short
+    labels. The gate's pass stays: it gives the per-row weights the candidates are scored with."""
     gold, choice, weights = [], {}, {}
     bs = int(self.config.router.batch_size)
-    cached = decoder is not None
-    n = -(-len(self.groups) // bs) if cached else len(self.expanded)
-    with self._bar(len(self.gold) + n, "score") as scoring:
-      for idx, batch in self.gold:
+    one_pass = decoder is not None
+    fold = one_pass and decoder.stacked is None and bool(self.folded)
+    answer_pass = self.unfolded if fold else self.gold
+    n = -(-len(self.groups) // bs) if one_pass else len(self.expanded)
+    with self._bar(len(answer_pass) + n, "score") as scoring:
+      for idx, batch in answer_pass:
         st = jax.device_get(stats_fn(batch))  # the device read also paces the bar
         scoring.update()
         gold.append(st)
@@ -162,19 +191,30 @@ class TaskScorer:
         i, j = self.slow[k]
         choice.setdefault(i, np.full(len(self.plan.choices[i]), -np.inf))[j] = logp
 
-      if cached:
-        most = max((len(g.slots) for g in self.groups), default=0)
+      if one_pass:
+        most = max((len(g.tokens) for g in self.groups), default=0)
         C = max((len(c) for g in self.groups for c in g.tokens), default=0)
+        folded = {k: [] for k in STAT_KEYS}
         for s in range(0, len(self.groups), bs):
           part = self.groups[s : s + bs]
           full = part + [part[-1]] * (bs - len(part))  # one shape per prompt bucket
           w = np.stack([weights[g.row] for g in full]) if weights else None
-          K = min(_pow2(max(len(g.slots) for g in part)), most)
-          logp = decoder.candidates([g.prompt for g in full], [g.tokens for g in full], w, K, C)
+          K = min(_pow2(max(len(g.tokens) for g in part)), most)
+          logp, hits = decoder.candidates(
+            [g.prompt for g in full], [g.tokens for g in full], w, K, C, hits=True
+          )
           scoring.update()
-          for g, lp in zip(part, logp, strict=False):
+          for g, lp, hit in zip(part, logp, hits, strict=False):
             for k, v in zip(g.slots, lp, strict=False):
               put_choice(k, float(v))
+            if fold and g.gold is not None:
+              n_tok = len(g.tokens[g.gold])
+              folded["nll"].append(-float(lp[g.gold]))
+              folded["tokens"].append(n_tok)
+              folded["correct"].append(int(hit[g.gold]))
+              folded["exact"].append(float(int(hit[g.gold]) == n_tok))
+        if fold:
+          gold.append({k: np.asarray(v, np.float64) for k, v in folded.items()})
       else:
         for idx, batch in self.expanded:
           st = jax.device_get(stats_fn(batch))
@@ -210,29 +250,46 @@ class PromptGroup:
   prompt: list[int]
   tokens: list[list[int]]  # each candidate's scored tokens (the answer without its EOS)
   slots: list[int]  # each candidate's index into TaskScorer.slow
+  # the entry of `tokens` that is the row's gold answer as the answer pass scores it (EOS
+  # included: an entry after the candidates), or None when this prompt is not the gold's
+  gold: int | None = None
 
 
 def _pow2(n: int) -> int:
   return 1 << (n - 1).bit_length()
 
 
-def _prompt_groups(slow, cenc, drop_eos: bool) -> list[PromptGroup]:
+def _prompt_groups(slow, cenc, drop_eos: bool, gold_slots=()) -> list[PromptGroup]:
   """The (row, candidate) encodings grouped by row and prompt, sorted by their count of
   candidates (rounded up to a power of two) and then by prompt length; a candidate that does
-  not fit max_len (None) is in no group and keeps -inf. The count comes first because a batch
-  runs as many candidate passes as its largest group has candidates: where truncation splits
-  rows (in-context examples fill max_len, so each label length cuts the context differently),
-  ChemProt's groups hold 1, 2 or 5 of its 13 labels, and mixed batches ran 13 passes each."""
+  not fit max_len (None) is in no group and keeps -inf. The count comes first because a batch's
+  sequences hold as many candidate segments as its largest group has candidates: where
+  truncation splits rows (in-context examples fill max_len, so each label length cuts the
+  context differently), ChemProt's groups hold 1, 2 or 5 of its 13 labels, and mixed batches
+  would pad each to 13.
+  gold_slots: the slots that are their row's gold answer; its group gets the gold entry."""
   by_key: dict[tuple, PromptGroup] = {}
+  golds = {}
   for k, ((i, _), e) in enumerate(zip(slow, cenc, strict=True)):
     if e is None:
       continue
     prompt = e.tokens[: e.answer_start].tolist()
     answer = e.tokens[e.answer_start :].tolist()
-    g = by_key.setdefault((i, tuple(prompt)), PromptGroup(i, prompt, [], []))
+    key = (i, tuple(prompt))
+    g = by_key.setdefault(key, PromptGroup(i, prompt, [], []))
     g.tokens.append(answer[:-1] if drop_eos else answer)
     g.slots.append(k)
-  return sorted(by_key.values(), key=lambda g: (_pow2(len(g.slots)), len(g.prompt)))
+    if k in gold_slots:
+      golds[key] = (answer, len(g.slots) - 1)
+  groups = []
+  for key, g in by_key.items():
+    if key in golds:
+      answer, at = golds[key]
+      g = dataclasses.replace(g, tokens=g.tokens + [answer], gold=len(g.tokens))
+      if not drop_eos:  # the candidate is already the whole answer
+        g = dataclasses.replace(g, tokens=g.tokens[:-1], gold=at)
+    groups.append(g)
+  return sorted(groups, key=lambda g: (_pow2(len(g.tokens)), len(g.prompt)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +330,9 @@ class Decoder:
       **self._adapters(weights_BS),
     )
 
-  def candidates(self, prompts, cands, weights_BS=None, num=None, length=None) -> np.ndarray:
-    """[B, K] Σ log p(candidate | prompt), each prompt run once (model/candidates.py)."""
+  def candidates(self, prompts, cands, weights_BS=None, num=None, length=None, hits=False):
+    """[B, K] Σ log p(candidate | prompt), each prompt run once (model/candidates.py); hits:
+    also [B, K] each candidate's tokens that are the argmax at their position."""
     return candidates.candidate_logprobs(
       self.model,
       prompts,
@@ -282,6 +340,7 @@ class Decoder:
       pad_id=self._pad,
       num_candidates=num,
       candidate_len=length,
+      hits=hits,
       **self._adapters(weights_BS),
     )
 

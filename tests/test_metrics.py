@@ -212,6 +212,32 @@ def test_cached_candidates_keep_each_candidates_own_truncated_prompt(tiny):
   np.testing.assert_allclose(scorer.last["choice"][0], naive, rtol=0, atol=5e-5)
 
 
+def test_label_rows_answer_stats_from_the_candidate_pass_equal_the_answer_pass(tiny):
+  """With merged kernels a multi-token label row's gold answer (EOS included) rides along with
+  its candidates and the answer pass skips the row: the same loss, token accuracy and exact
+  match as the answer pass over every row, beside generated rows that still take it, and for a
+  truncated row whose gold has a prompt of its own."""
+  cfg, base, tok, rows = tiny
+  graphdef, params = nnx.split(base)
+  stats_fn = functools.partial(evaluate.merged_stats, params, graphdef=graphdef)
+  label = [r for s in ("mcqa", "nli", "re") for r in [r for r in rows if r.skill == s][:2]]
+  re_row = next(r for r in rows if r.skill == "re")
+  long = dataclasses.replace(re_row, context=" ".join([re_row.context] * 40))
+  odd = dataclasses.replace(re_row, answer="no relation stated between these two entities")
+  gen = [r for r in rows if r.skill == "ts"][:2]
+  scored = label + [long] + gen
+  task_rows = rows + [long, odd]
+  answer_pass = _scorer(cfg, tok, scored, task_rows, fast=False)
+  want = answer_pass(stats_fn)
+  folded = _scorer(cfg, tok, scored, task_rows, fast=False)
+  got = folded(stats_fn, evaluate.Decoder(tok, cfg, base))
+  assert folded.folded == set(range(len(label) + 1))  # every label row, the truncated one too
+  assert sum(int(np.sum(idx >= 0)) for idx, _ in folded.unfolded) == len(gen)
+  for k in ("loss", "token_acc", "exact"):
+    assert got[k] == pytest.approx(want[k], abs=1e-5), k
+  assert got["accuracy"] == want["accuracy"]
+
+
 def test_generated_rows_are_greedy_decodings(tiny):
   cfg, base, tok, rows = tiny
   graphdef, params = nnx.split(base)

@@ -52,8 +52,11 @@ def _logprobs(graphdef, params, tokens_BP, mask_BP, cand_BKC, cmask_BKC, adapter
   logp = jax.nn.log_softmax(model.logits(h[:, P - 1 :]).astype(jnp.float32), axis=-1)
   c_idx = jnp.arange(C)[None, :]
   rows_KC = jnp.where(c_idx == 0, 0, jnp.arange(K)[:, None] * C + c_idx)
-  tok_lp = logp[jnp.arange(B)[:, None, None], rows_KC[None], cand_BKC]  # [B, K, C]
-  return jnp.sum(jnp.where(cmask_BKC > 0, tok_lp, 0.0), axis=-1)
+  b = jnp.arange(B)[:, None, None]
+  tok_lp = logp[b, rows_KC[None], cand_BKC]  # [B, K, C]
+  hit = jnp.argmax(logp, axis=-1)[b, rows_KC[None]] == cand_BKC  # the greedy token, teacher-forced
+  real = cmask_BKC > 0
+  return jnp.sum(jnp.where(real, tok_lp, 0.0), axis=-1), jnp.sum(hit & real, axis=-1)
 
 
 def candidate_logprobs(
@@ -67,11 +70,14 @@ def candidate_logprobs(
   num_candidates: int | None = None,
   candidate_len: int | None = None,
   prompt_multiple: int = 64,
-) -> np.ndarray:
+  hits: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Σ log p(candidate tokens | prompt) [B, K] (f32) for each prompt's candidates; entries past
   a prompt's own candidates are meaningless. num_candidates / candidate_len fix K and the
   padded candidate length (one compiled program for all the batches of a task); by default
-  the batch's own."""
+  the batch's own. hits: also return [B, K] how many of each candidate's tokens are the argmax
+  at their position (a candidate that is a row's whole answer gives that row's token accuracy
+  and greedy exact match, as the answer pass would)."""
   if any(len(c) == 0 for cs in candidates for c in cs):
     raise ValueError("empty candidate: every candidate needs at least one token")
   K = num_candidates or max(len(cs) for cs in candidates)
@@ -94,11 +100,11 @@ def candidate_logprobs(
       cand[b, k, : len(c)] = c
       cmask[b, k, : len(c)] = 1
   graphdef, params = nnx.split(model)
-  out = _logprobs(
+  logp, hit = _logprobs(
     graphdef,
     params,
     *map(jnp.asarray, (tokens, mask, cand, cmask)),
     adapters,
     adapter_ctx,
   )
-  return np.asarray(out)
+  return (np.asarray(logp), np.asarray(hit)) if hits else np.asarray(logp)
