@@ -572,6 +572,7 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
         res["tracks"][track][method] = {
           **stats.relative_gain(ms, bs),
           "mean_delta": stats.mean_difference(ms, bs),  # in metric points
+          "gain_of_means": stats.gain_of_means(ms, bs),  # the mean score's relative gain
         }
     # the router's mean relative gain over each reference (over adalora_task: its score share
     # minus 1), for the tracks where every task scored both

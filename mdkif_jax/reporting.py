@@ -485,10 +485,14 @@ def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
   out = []
   if all(d):
     wins, sure = _wins(d)
-    out += [
-      f"gd vs base: higher on {wins} of {len(d)} tasks, the Δ interval above 0 on {sure}.",
-      "",
-    ]
+    line = f"gd vs base: higher on {wins} of {len(d)} tasks, the Δ interval above 0 on {sure}"
+    g = results.get("tracks", {}).get(track, {}).get("gd", {}).get("gain_of_means")
+    if g and np.isfinite(g["gain"]):
+      line += (
+        f"; the mean score {g['gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}] over the base's"
+        " (the relative gain of the mean: a task whose base scores near 0 counts by its points)"
+      )
+    out += [line + ".", ""]
   vs = results.get("router_vs", {}).get(track, {})
   if not vs:
     return out

@@ -118,6 +118,7 @@ def test_every_task_and_method_has_a_score_an_interval_and_a_paired_difference(e
 
 def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
   _, _, root, results = evaluated
+  gains = 0
   for track in ("custom", "unseen_data"):
     tasks = [t for t in results["tasks"].values() if t["track"] == track]
     vs = results["router_vs"][track]
@@ -135,6 +136,14 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
           d["mean"], t["methods"]["gd"]["score"] - t["methods"][ref]["score"], atol=1e-12
         )
         assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+    base = [t["methods"]["base"]["score"] for t in tasks]
+    g = results["tracks"][track]["gd"]["gain_of_means"]
+    if sum(base) > 0:
+      np.testing.assert_allclose(g["gain"], sum(gd) / sum(base) - 1, rtol=1e-9)
+      gains += 1
+    else:  # the tiny model's base can score 0 on a track: no relative gain
+      assert np.isnan(g["gain"])
+  assert gains  # a track with a relative gain of the mean score
   table = (root / "run" / "results.md").read_text()
   assert table.count("| gd minus |") == 2 and "gd vs base: higher on" in table
   d = [results["tasks"][n]["methods"]["gd"]["delta_vs_base"] for n in ("demo", "mine")]

@@ -136,3 +136,15 @@ def test_the_weights_heatmap_is_drawn_only_where_a_task_has_the_routers_weights(
   res["tasks"]["t"]["methods"]["gd"]["weights"] = {"qa": 0.1, "ner": 1.2}
   assert reporting.plot_suite_weights(tmp_path / "w.png", res)
   assert (tmp_path / "w.png").stat().st_size > 0
+
+
+def test_the_router_line_gives_the_gain_of_the_mean_score():
+  res = _results({"base": 0.4, "gd": 0.5})
+  line = next(x for x in reporting.results_table(res) if x.startswith("gd vs base"))
+  assert line == "gd vs base: higher on 1 of 1 tasks, the Δ interval above 0 on 0."
+  gain = {"mean_relative_gain": 0.25, "ci": [0.1, 0.4], "tasks": 1}
+  of_means = {"gain": 0.25, "ci": [0.1, 0.4], "tasks": 1}
+  res["tracks"]["unseen_data"] = {"gd": gain | {"gain_of_means": of_means}}
+  line = next(x for x in reporting.results_table(res) if x.startswith("gd vs base"))
+  assert line.startswith("gd vs base: higher on 1 of 1 tasks, the Δ interval above 0 on 0; the")
+  assert "mean score +25.0% [+10.0%, +40.0%] over the base's" in line

@@ -86,3 +86,18 @@ def test_label_metrics_count_only_the_label_rows_of_a_mixed_task():
   out = _outcomes(["yes", "no", ""], ["yes", "yes", ""])
   assert metrics.metric_on("accuracy", out, np.arange(3)) == 0.5
   assert metrics.metric_on("accuracy", out, np.asarray([2, 2, 0])) == 1.0
+
+
+def test_the_gain_of_the_mean_score_weighs_each_task_by_its_base_score():
+  b1 = stats.Estimate(0.5, (0, 1), 2, np.asarray([0.5, 0.4]))
+  m1 = stats.Estimate(0.6, (0, 1), 2, np.asarray([0.6, 0.6]))
+  b2 = stats.Estimate(0.003, (0, 1), 2, np.asarray([0.0, 0.01]))
+  m2 = stats.Estimate(0.373, (0, 1), 2, np.asarray([0.3, 0.4]))
+  g = stats.gain_of_means([m1, m2], [b1, b2])
+  assert g["gain"] == pytest.approx((0.6 + 0.373) / (0.5 + 0.003) - 1) and g["tasks"] == 2
+  # the mean of per-task gains is +6,150% here, carried by the near-zero base
+  assert stats.relative_gain([m1, m2], [b1, b2])["mean_relative_gain"] > 60
+  boot = [(0.6 + 0.3) / 0.5 - 1, (0.6 + 0.4) / 0.41 - 1]  # both tasks resampled together
+  assert g["ci"] == pytest.approx(list(stats.interval(np.asarray(boot))))
+  zero = stats.Estimate(0.0, (0, 0), 2, np.asarray([0.0, 0.0]))
+  assert np.isnan(stats.gain_of_means([m1], [zero])["gain"])
