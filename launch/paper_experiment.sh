@@ -15,7 +15,10 @@
 # JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
 #
 # A piece is rerun after an interruption (it continues from its checkpoint or cells) and
-# skipped once it has finished; its timings.tsv rows add up to its total.
+# skipped once it has finished. timings.tsv gets a row for each run of a piece that ends (done
+# or failed); a run killed with its session leaves none, so a piece's wall and CPU time are
+# its evaluation cells' own (`seconds`, `cpu_seconds`) and stage 1's metrics.jsonl
+# (`interval_wall_s`, `interval_cpu_s`).
 #
 # Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON
 # (default .venv/bin/python if present, else python3), PIECES (default: all, in the order
