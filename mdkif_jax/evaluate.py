@@ -117,6 +117,7 @@ class TaskScorer:
     )
     self.put = put
     self.folded: frozenset[int] = frozenset()
+    self._unfolded_enc = []  # the answer pass's rows when the candidate pass gives the rest
     if slow:
       cand = [dataclasses.replace(rows[i], answer=self.plan.choices[i][j]) for i, j in slow]
       self._cenc = task.encode_rows(cand, tok, dcfg)
@@ -146,7 +147,7 @@ class TaskScorer:
   def unfolded(self) -> list:
     """The answer pass's batches without the rows whose stats the candidate pass gives."""
     if self._unfolded is None:
-      rest = self._unfolded_enc if self.folded else []
+      rest = self._unfolded_enc
       packed = self._pack(rest, drop_eos=False) if any(e is not None for e in rest) else []
       self._unfolded = [(idx, self.put(b)) for idx, b in packed]
     return self._unfolded
@@ -285,9 +286,10 @@ def _prompt_groups(slow, cenc, drop_eos: bool, gold_slots=()) -> list[PromptGrou
   for key, g in by_key.items():
     if key in golds:
       answer, at = golds[key]
-      g = dataclasses.replace(g, tokens=g.tokens + [answer], gold=len(g.tokens))
-      if not drop_eos:  # the candidate is already the whole answer
-        g = dataclasses.replace(g, tokens=g.tokens[:-1], gold=at)
+      if drop_eos:  # the whole answer after the candidates
+        g = dataclasses.replace(g, tokens=g.tokens + [answer], gold=len(g.tokens))
+      else:  # the candidate is already the whole answer
+        g = dataclasses.replace(g, gold=at)
     groups.append(g)
   return sorted(groups, key=lambda g: (_pow2(len(g.tokens)), len(g.prompt)))
 
