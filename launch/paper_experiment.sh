@@ -10,9 +10,17 @@
 # checkpoint), curve (the unseen-data track at steps 75 and 150, then the plot), union and
 # lora (the controls' stage 1), eval_union and eval_lora (their evaluation; curve and the
 # controls copy the skill-free base cells from eval, so eval runs first), controls (the GD
-# router of eval against each control's, row by row: python -m mdkif_jax.compare). Each piece's
-# wall, CPU and peak memory are appended to $RUNS/timings.tsv; the small outputs (results
-# JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
+# router of eval against each control's, row by row: python -m mdkif_jax.compare), archive
+# (no computing: the finished cells of every evaluation so far into $PUBLISH, as below). Each
+# piece's wall, CPU and peak memory are appended to $RUNS/timings.tsv; the small outputs
+# (results JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
+#
+# Runs do not outlive a new checkout ($RUNS is not in git), so an evaluation's cells are
+# archived in $PUBLISH/NAME/cells (python -m mdkif_jax.cells_archive: the data's answers as
+# digests) when it finishes, and by `PIECES=archive` before a session ends with one unfinished;
+# commit them. An evaluation restores the archived cells instead of recomputing them
+# (--config.restore_cells_from) once its config, prompting and skills are the archive's: stage 1
+# retrained from scratch gives the same weights bit for bit (same code, same machine kind).
 #
 # A piece is rerun after an interruption (it continues from its checkpoint or cells) and
 # skipped once it has finished. timings.tsv gets a row for each run of a piece that ends (done
@@ -60,11 +68,19 @@ run() {
 
 main() { run "$1" "$PYTHON" -m mdkif_jax.main "${@:2}"; }
 
-publish() {  # publish NAME: the evaluation's small outputs
+archive() {  # archive NAME: the evaluation's finished cells, without the data's answers
+  "$PYTHON" -m mdkif_jax.cells_archive "$RUNS/$1" "$PUBLISH/$1"
+}
+
+publish() {  # publish NAME: the evaluation's small outputs and its cells
   mkdir -p "$PUBLISH/$1"
   cp "$RUNS/$1"/results.{json,md,png} "$RUNS/$1"/{cells_identity,prompting}.json "$PUBLISH/$1/"
   if [[ -f $RUNS/$1/router_weights.png ]]; then cp "$RUNS/$1/router_weights.png" "$PUBLISH/$1/"; fi
+  archive "$1"
 }
+
+# restore NAME: the flag that restores the archived cells of evaluation NAME, if any
+restore() { if [[ -d $PUBLISH/$1/cells ]]; then echo "--config.restore_cells_from=$PUBLISH/$1"; fi; }
 
 [[ -f $RUNS/timings.tsv ]] || printf 'piece\tcommit\tfinished\twall_s\tcpu_s\tpeak_rss_gb\n' >"$RUNS/timings.tsv"
 for piece in $PIECES; do
@@ -72,14 +88,15 @@ for piece in $PIECES; do
     skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
     eval)
       main eval --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
-        --workdir="$RUNS/eval"
+        --workdir="$RUNS/eval" $(restore eval)
       publish eval
       ;;
     curve)
       for step in 75 150; do
         main "curve_$step" --config=configs/eval.py:paper,curve \
           --config.skills_from="$RUNS/skill" --config.skills_step=$step \
-          --config.reuse_cells_from="$RUNS/eval" --workdir="$RUNS/curve_$step"
+          --config.reuse_cells_from="$RUNS/eval" --workdir="$RUNS/curve_$step" \
+          $(restore "curve_$step")
         publish "curve_$step"
       done
       "$PYTHON" -m mdkif_jax.curve "$RUNS/skill" "$RUNS/curve_75" "$RUNS/curve_150" \
@@ -89,15 +106,20 @@ for piece in $PIECES; do
     eval_union | eval_lora)
       main "$piece" --config=configs/eval.py:paper,control \
         --config.skills_from="$RUNS/${piece#eval_}" --config.reuse_cells_from="$RUNS/eval" \
-        --workdir="$RUNS/$piece"
+        --workdir="$RUNS/$piece" $(restore "$piece")
       publish "$piece"
       ;;
     controls)
       run controls "$PYTHON" -m mdkif_jax.compare "$RUNS/eval" "$RUNS/eval_union" "$RUNS/eval_lora" \
         --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out "$PUBLISH/controls.png"
       ;;
+    archive)
+      for name in eval curve_75 curve_150 eval_union eval_lora; do
+        if [[ -d $RUNS/$name/cells ]]; then archive "$name"; fi
+      done
+      ;;
     *)
-      echo "error: unknown piece $piece (skill eval curve union lora eval_union eval_lora controls)" >&2
+      echo "error: unknown piece $piece (skill eval curve union lora eval_union eval_lora controls archive)" >&2
       exit 2
       ;;
   esac

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -285,6 +286,18 @@ class Skills:
 
   def __iter__(self):  # (stacked, names, scale) = load_skills(...)
     return iter((self.stacked, self.names, self.scale))
+
+  def fingerprint(self) -> dict:
+    """The skills' names, scale and a SHA-256 of every adapter array: an evaluation's cells
+    belong to these exact weights (a retrained stage 1 that reproduces them bit for bit keeps
+    its cells; one that does not is told apart)."""
+    h = hashlib.sha256()
+    for t in sorted(self.stacked):
+      for k in sorted(self.stacked[t]):
+        a = np.ascontiguousarray(jax.device_get(self.stacked[t][k]), np.float32)
+        h.update(f"{t}.{k}{a.shape}".encode())
+        h.update(a.tobytes())
+    return {"skills": list(self.names), "scale": self.scale, "sha256": h.hexdigest()}
 
 
 def stage1_runs(workdir: str | pathlib.Path) -> list[pathlib.Path]:

@@ -13,7 +13,9 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
    evaluation skips every finished cell; one under another config (`cell_identity`: every
    field but the task and method lists, progress and bootstrap) is refused. With
    `reuse_cells_from`, the skill-free cells (base, base_k<k>) are copied from another
-   evaluation of the same config and prompting (a learning-curve point, a control);
+   evaluation of the same config and prompting (a learning-curve point, a control); with
+   `restore_cells_from`, every cell an archive of this same evaluation holds
+   (cells_archive.py: published without the data's answers) is restored instead;
 4. assembles the cells: per (task, method) the headline metric with its 95% bootstrap
    interval over scored rows and the paired difference to the base; per track the mean
    relative gain over the base (stats.py). Writes results.json, results.md, results.png and
@@ -36,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from mdkif_jax import (
+  cells_archive,
   checkpoint,
   evaluate,
   fit_router,
@@ -190,6 +193,7 @@ class Shared:
   skills: tuple[str, ...]
   tok: object
   mesh: object
+  fingerprint: dict  # the skills' (checkpoint.Skills.fingerprint): what the cells belong to
 
 
 def with_prompting(config, stage1_serving: dict | None):
@@ -209,8 +213,9 @@ def load_shared(config, base, mesh) -> Shared:
   served = serving.serving_stack(skills.stacked)
   packed_params, packed = serving.packed_params(frozen, served)
   tok = tokenizer.load_tokenizer(tokenizer.tokenizer_source(config.model))
+  scale, names, fp = skills.scale, skills.names, skills.fingerprint()
   return Shared(
-    config, graphdef, frozen, served, packed_params, packed, skills.scale, skills.names, tok, mesh
+    config, graphdef, frozen, served, packed_params, packed, scale, names, tok, mesh, fp
   )
 
 
@@ -266,6 +271,11 @@ def run_cell(t, run) -> dict:
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
   scorer = out.scorer or t.scorer
   oc = metrics.outcomes(scorer.plan, scorer.last["choice"], scorer.last["texts"])
+  predictions = evaluate.prediction_records("", scorer, t.score_rows)
+  answers = {r.answer for r in (*t.fit_rows, *t.score_rows)}
+  for p in predictions:  # majority's are fit rows' answers: cells_archive keeps only a digest
+    if p["kind"] == "generated" and p["prediction"] in answers:
+      p["copies_answer"] = True
   return {
     "scores": out.scores,
     "seconds": seconds,
@@ -279,7 +289,7 @@ def run_cell(t, run) -> dict:
       "rouge": np.nan_to_num(oc.rouge, nan=-1.0).tolist(),
       "counts": oc.counts.tolist(),
     },
-    "predictions": evaluate.prediction_records("", scorer, t.score_rows),
+    "predictions": predictions,
   }
 
 
@@ -308,7 +318,15 @@ def read_cells(workdir: pathlib.Path, specs, cells) -> dict[tuple[str, str], dic
 
 # Fields that only choose which cells exist or how they are assembled: a rerun may change them
 # (add a task or a method, more bootstrap resamples) and keep the finished cells.
-NOT_IN_CELLS = ("stage", "tasks", "methods", "progress", "bootstrap", "reuse_cells_from")
+NOT_IN_CELLS = (
+  "stage",
+  "tasks",
+  "methods",
+  "progress",
+  "bootstrap",
+  "reuse_cells_from",
+  "restore_cells_from",
+)
 # What may differ between a run and the evaluation it copies skill-free cells from.
 REUSE_MAY_DIFFER = ("skills_from", "skills_step")
 
@@ -405,6 +423,34 @@ def record_prompting(workdir: pathlib.Path, run_config, src: pathlib.Path | None
     )
 
 
+def record_skills(workdir: pathlib.Path, fingerprint: dict) -> None:
+  """skills.json: the fingerprint of the skills this workdir's cells were computed with,
+  written by its first run and checked by every later one (skills_from names a directory;
+  a stage 1 retrained there to other weights would otherwise mix into the finished cells)."""
+  path = workdir / "skills.json"
+  if path.exists():
+    saved = json.loads(path.read_text())
+    if saved != fingerprint:
+      what = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+      raise checkpoint.CheckpointMismatchError(
+        f"{workdir}: its cells were computed with other skills ({', '.join(what)} differ from "
+        f"{path}: was stage 1 retrained?); use another --workdir, or delete "
+        f"{workdir / 'cells'} to start over"
+      )
+  elif jax.process_index() == 0:
+    write_json(path, fingerprint)
+
+
+def restore_source(config, workdir: pathlib.Path) -> pathlib.Path | None:
+  """The archive --config.restore_cells_from names, once its identity, prompting and skills
+  are checked to equal this run's (None when not set)."""
+  if not config.get("restore_cells_from"):
+    return None
+  src = pathlib.Path(config.restore_cells_from)
+  cells_archive.check_source(src, workdir)
+  return src
+
+
 def copy_cell(src: pathlib.Path, spec, cell: str, score_rows) -> dict | None:
   """A skill-free cell of the reuse source, checked to have scored exactly these rows with
   these answers (the data on disk may have changed since); None when it has no such cell."""
@@ -440,6 +486,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
     )
   sh = load_shared(config, base, mesh)
   record_prompting(workdir, sh.config, src)
+  record_skills(workdir, sh.fingerprint)
+  archived = restore_source(config, workdir)
   report = LoadReport()
   rows = load_rows(sh.config, specs, report)
   cells = cells_of(table, sh.config.cmaes.seeds)
@@ -457,9 +505,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   with bar:
     for spec, cell, run in todo:
       bar.set_postfix_str(f"{spec.name}/{cell}")
-      copied = copy_cell(src, spec, cell, rows[spec.name][1]) if src else None
+      scored = rows[spec.name][1]
+      # which scored rows, in order: what lets an archived cell be restored (cells_archive)
+      order = {"rows_digest": cells_archive.rows_digest(scored)}
+      restored = (
+        cells_archive.restore(archived, spec.name, cell, scored, rows[spec.name][0])
+        if archived
+        else None
+      )
+      copied = restored or (copy_cell(src, spec, cell, scored) if src else None)
       if copied is not None:  # its seconds stay the source's: the cost of computing it
-        write_json(workdir / "cells" / spec.name / f"{cell}.json", copied)
+        write_json(workdir / "cells" / spec.name / f"{cell}.json", copied | order)
         bar.update()
         continue
       if spec.name not in built:
@@ -469,7 +525,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
       if run == "uniform":
         S = len(sh.skills)
         run = fit_router.fixed(np.full(S, 1.0 / S, np.float32))
-      write_json(workdir / "cells" / spec.name / f"{cell}.json", run_cell(t, run))
+      write_json(workdir / "cells" / spec.name / f"{cell}.json", run_cell(t, run) | order)
       bar.update()
   done = read_cells(workdir, specs, cells)
   results = assemble(config, sh, specs, cells, rows, done)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import eval as eval_config
-from mdkif_jax import evaluate_suite
+from mdkif_jax import cells_archive, evaluate_suite
 from mdkif_jax.checkpoint import CheckpointMismatchError
 from mdkif_jax.data import suite
 from mdkif_jax.data.example import LoadReport
@@ -392,3 +392,65 @@ def test_base_cells_are_copied_from_another_evaluation_of_the_same_prompting(eva
   (tmp_path / "run" / "prompting.json").write_text(json.dumps(mine | {"max_len": 9}))
   with pytest.raises(CheckpointMismatchError, match=r"run: its cells were prompted otherwise"):
     evaluate_suite.train_and_evaluate(c3, tmp_path / "run", base=base)
+
+
+def test_an_archive_without_the_datas_answers_restores_every_cell(evaluated, tmp_path):
+  """cells_archive publishes the cells with digests in place of the reference answers; a new
+  workdir restores them all (answers re-joined from the data) and assembles the same table; an
+  archive of other rows, answers, skills or config is refused, naming what differs."""
+  c, base, root, results = evaluated
+  arch = tmp_path / "arch"
+  cells_archive.main([str(root / "run"), str(arch)])
+  originals = {p.relative_to(root / "run"): p for p in (root / "run" / "cells").rglob("*.json")}
+  assert {p.relative_to(arch) for p in (arch / "cells").rglob("*.json")} == set(originals)
+  answers = {
+    p["answer"]
+    for path in originals.values()
+    for p in json.loads(path.read_text())["predictions"]
+    if len(p["answer"]) > 12  # the generated rows' reference texts
+  }
+  assert answers
+  for path in (arch / "cells").rglob("*.json"):
+    text = path.read_text()
+    assert '"answer"' not in text and '"gold"' not in text, path
+    assert not [a for a in answers if json.dumps(a)[1:-1] in text], path
+  marked = arch / "cells" / "mine" / "gd.json"
+  cell = json.loads(marked.read_text())
+  cell["scores"]["accuracy"] = 0.123456  # a value no computation gives: proves the restore
+  marked.write_text(json.dumps(cell))
+
+  c2 = c.copy_and_resolve_references()
+  c2.restore_cells_from = str(arch)
+  again = evaluate_suite.train_and_evaluate(c2, tmp_path / "run", base=base)
+  for rel, path in originals.items():
+    got = json.loads((tmp_path / "run" / rel).read_text())
+    assert got.pop("restored_from") == str(arch), rel
+    want = json.loads(path.read_text())
+    if rel.parts[-2:] == ("mine", "gd.json"):
+      want["scores"]["accuracy"] = 0.123456
+    assert got == want, rel
+  assert again["tasks"]["demo"] == results["tasks"]["demo"]
+
+  # an answer that differs in this copy of the data, rows in another order, other skills
+  demo = next((arch / "cells" / "demo").glob("*.json"))
+  good = demo.read_text()
+  cell = json.loads(good)
+  i = next(i for i, d in enumerate(cell["outcomes"]["gold_digest"]) if d)
+  cell["outcomes"]["gold_digest"][i] = cells_archive.digest("another answer")
+  demo.write_text(json.dumps(cell))
+  with pytest.raises(CheckpointMismatchError, match=rf"row {i} \(.*\) has another answer"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "second", base=base)
+  demo.write_text(json.dumps(json.loads(good) | {"rows_digest": "0" * 16}))
+  with pytest.raises(CheckpointMismatchError, match=r"scored other rows than this run's 10"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "third", base=base)
+  demo.write_text(good)
+  skills = json.loads((arch / "skills.json").read_text())
+  (arch / "skills.json").write_text(json.dumps(skills | {"sha256": "0" * 64}))
+  with pytest.raises(CheckpointMismatchError, match=r"its skills.json differs .*\(sha256\)"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "fourth", base=base)
+  with pytest.raises(CheckpointMismatchError, match=r"holds the cells of another evaluation"):
+    cells_archive.archive(root / "run", arch)
+  # the workdir's own cells are pinned to its skills by its first run
+  (tmp_path / "run" / "skills.json").write_text(json.dumps(skills | {"scale": 2.0}))
+  with pytest.raises(CheckpointMismatchError, match=r"computed with other skills \(scale differ"):
+    evaluate_suite.train_and_evaluate(c, tmp_path / "run", base=base)

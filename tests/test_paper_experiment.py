@@ -1,7 +1,9 @@
 """launch/paper_experiment.sh runs docs/results.md's pieces in order with the right flags,
-times each one, publishes only the small outputs, and stops at the first failing piece."""
+times each one, publishes only the small outputs and the archived cells, restores those in a
+new checkout, and stops at the first failing piece."""
 
 import pathlib
+import shutil
 import subprocess
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "paper_experiment.sh"
@@ -19,6 +21,9 @@ if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
   for f in results.{json,md,png} {cells_identity,prompting}.json; do echo "$f" > "$w/$f"; done
   echo big > "$w/cells/cell.json"
   [[ $w == *curve_75 ]] || echo png > "$w/router_weights.png"  # none: published without it
+fi
+if [[ $* == *"-m mdkif_jax.cells_archive"* ]]; then  # -m mdkif_jax.cells_archive WORKDIR DEST
+  mkdir -p "$4/cells" && echo stripped > "$4/cells/cell.json"
 fi
 if [[ $* == *"-m mdkif_jax.curve"* || $* == *"-m mdkif_jax.compare"* ]]; then
   for a in "$@"; do last=$a; done
@@ -50,24 +55,30 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   proc, calls = _run(tmp_path)
   assert proc.returncode == 0, proc.stderr
   runs = tmp_path / "runs"
+  pub = tmp_path / "pub"
   want = [
     f"-m mdkif_jax.main --config=configs/skill.py:paper --workdir={runs}/skill",
     f"-m mdkif_jax.main --config=configs/eval.py:paper --config.skills_from={runs}/skill "
     f"--workdir={runs}/eval",
+    f"-m mdkif_jax.cells_archive {runs}/eval {pub}/eval",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,curve --config.skills_from={runs}/skill "
     f"--config.skills_step=75 --config.reuse_cells_from={runs}/eval "
     f"--workdir={runs}/curve_75",
+    f"-m mdkif_jax.cells_archive {runs}/curve_75 {pub}/curve_75",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,curve --config.skills_from={runs}/skill "
     f"--config.skills_step=150 --config.reuse_cells_from={runs}/eval "
     f"--workdir={runs}/curve_150",
+    f"-m mdkif_jax.cells_archive {runs}/curve_150 {pub}/curve_150",
     f"-m mdkif_jax.curve {runs}/skill {runs}/curve_75 {runs}/curve_150 {runs}/eval "
     f"--out {tmp_path}/pub/learning_curve.png",
     f"-m mdkif_jax.main --config=configs/skill.py:paper,union --workdir={runs}/union",
     f"-m mdkif_jax.main --config=configs/skill.py:paper,lora --workdir={runs}/lora",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/union "
     f"--config.reuse_cells_from={runs}/eval --workdir={runs}/eval_union",
+    f"-m mdkif_jax.cells_archive {runs}/eval_union {pub}/eval_union",
     f"-m mdkif_jax.main --config=configs/eval.py:paper,control --config.skills_from={runs}/lora "
     f"--config.reuse_cells_from={runs}/eval --workdir={runs}/eval_lora",
+    f"-m mdkif_jax.cells_archive {runs}/eval_lora {pub}/eval_lora",
     f"-m mdkif_jax.compare {runs}/eval {runs}/eval_union {runs}/eval_lora --labels AdaLoRA "
     f"skills union AdaLoRA LoRA skills --out {tmp_path}/pub/controls.png",
   ]
@@ -91,14 +102,40 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   assert "curve_75/prompting.json" in published
   assert "eval/router_weights.png" in published and "curve_75/router_weights.png" not in published
   assert "learning_curve.png" in published and "controls.png" in published
-  assert not any("cells/" in p for p in published)  # the cells stay in the run
+  # the run's cells stay there; what is published is the archive's (answers as digests)
+  assert [p for p in published if "cells/" in p] == [
+    f"{name}/cells/cell.json"
+    for name in ("curve_150", "curve_75", "eval", "eval_lora", "eval_union")
+  ]
+  assert all(p.read_text() == "stripped\n" for p in (tmp_path / "pub").glob("*/cells/*"))
+
+
+def test_a_new_checkout_restores_the_archived_cells_and_archive_saves_an_unfinished_run(tmp_path):
+  _run(tmp_path, pieces="skill eval")
+  shutil.rmtree(tmp_path / "runs")  # a new checkout: $RUNS is not in git, $PUBLISH is
+  (tmp_path / "calls.txt").unlink()
+  proc, calls = _run(tmp_path, pieces="skill eval")
+  assert proc.returncode == 0, proc.stderr
+  assert calls[1].endswith(
+    f"--workdir={tmp_path}/runs/eval --config.restore_cells_from={tmp_path}/pub/eval"
+  )
+  (tmp_path / "runs" / "curve_75" / "cells").mkdir(parents=True)  # a piece cut by a stop
+  (tmp_path / "calls.txt").unlink()
+  proc, calls = _run(tmp_path, pieces="archive")
+  assert proc.returncode == 0, proc.stderr
+  assert calls == [
+    f"-m mdkif_jax.cells_archive {tmp_path}/runs/{name} {tmp_path}/pub/{name}"
+    for name in ("eval", "curve_75")
+  ]
 
 
 def test_a_rerun_skips_the_finished_pieces(tmp_path):
   _run(tmp_path, pieces="skill eval")
   proc, calls = _run(tmp_path, pieces="skill eval lora")
   assert proc.returncode == 0, proc.stderr
-  assert len(calls) == 3 and calls[-1].endswith("--workdir=" + str(tmp_path / "runs" / "lora"))
+  # the finished eval is not rerun, but published (and archived) again
+  assert len(calls) == 5 and calls[-1].endswith("--workdir=" + str(tmp_path / "runs" / "lora"))
+  assert calls[-2] == calls[2] and "cells_archive" in calls[2]
   assert "== skill: done" in proc.stderr
 
 
