@@ -637,7 +637,37 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
       ref = [m for m, _ in by_method.get(r, [])]
       if router and len(ref) == len(router):
         res.setdefault("router_vs", {}).setdefault(track, {})[r] = stats.relative_gain(router, ref)
+  res["all_tasks"] = _all_tasks(est_by_track, len(specs))
   return res
+
+
+def _summary(ms: list, bs: list) -> dict:
+  """ms against bs over tasks: mean relative gain, gain of the mean score, mean Δ in points."""
+  return {
+    **stats.relative_gain(ms, bs),
+    "gain_of_means": stats.gain_of_means(ms, bs),
+    "mean_delta": stats.mean_difference(ms, bs),
+  }
+
+
+def _all_tasks(est_by_track: dict, n_tasks: int) -> dict:
+  """Over every task of every track (the issue's bar, reporting._bar_lines): the router
+  against the base and against each reference, for the methods every task scored."""
+  by_method: dict[str, list] = {}
+  for by in est_by_track.values():
+    for method, pairs in by.items():
+      by_method.setdefault(method, []).extend(pairs)
+  out: dict = {"tasks": n_tasks}
+  router = by_method.get(ROUTER, [])
+  if len(router) != n_tasks:
+    return out
+  ms = [m for m, _ in router]
+  if all(b is not None for _, b in router):
+    out[ROUTER] = _summary(ms, [b for _, b in router])
+  for r in REFERENCES:
+    if len(ref := by_method.get(r, [])) == n_tasks:
+      out.setdefault("router_vs", {})[r] = _summary(ms, [m for m, _ in ref])
+  return out
 
 
 def write_outputs(workdir: pathlib.Path, results: dict, done: dict) -> None:

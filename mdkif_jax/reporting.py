@@ -224,8 +224,8 @@ def results_table(results: dict) -> list[str]:
   task (the headline metric with its 95% interval; the table's best per task in bold), the
   paired difference to the base, and the mean relative gain over the base; the seeded
   methods' spread, the labels they lean to, their answer NLL, each task's other metrics and
-  the skills the fitted methods weigh most; the GD router against each reference, and
-  against the base over all tasks."""
+  the skills the fitted methods weigh most; the GD router against each reference, against
+  the base over all tasks, and against the project's bar (BAR_*)."""
   lines = [f"# Evaluation of {results['model']} with {len(results['skills'])} skills", ""]
   tracks = sorted({t["track"] for t in results["tasks"].values()})
   for track in tracks:
@@ -249,6 +249,7 @@ def results_table(results: dict) -> list[str]:
     lines += _weight_lines(results, tasks)
     lines += _router_lines(results, track, tasks)
   lines += _overall_lines(results)
+  lines += _bar_lines(results)
   lines += _time_lines(results)
   lines.append("Intervals: 95% bootstrap over scored rows; Δ: the paired difference to the base.")
   return lines
@@ -468,6 +469,71 @@ def _overall_lines(results: dict) -> list[str]:
     f"All {len(d)} tasks: gd higher than the base on {wins}, the Δ interval above 0 on {sure}.",
     "",
   ]
+
+
+# The project's bar for the paper's experiment (issue 21): the GD router above the base on
+# >= 7 of the 9 tasks with the interval of the difference above 0 on >= 5; a mean relative gain
+# over the base >= +10% on each track; on average above the uniform mixture and the best single
+# skill, and >= 90% of the task-specific AdaLoRA's score.
+BAR_TASKS, BAR_WINS, BAR_SURE, BAR_GAIN, BAR_SHARE = 9, 7, 5, 0.10, 0.90
+
+
+def _pct(g: dict, key: str) -> str:
+  return f"{g[key]:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
+
+
+def _bar_lines(results: dict) -> list[str]:
+  """The GD router against the bar above, each part measured (point estimate and 95%
+  interval) and marked met or not by its point estimate ("so far" on fewer than BAR_TASKS)."""
+  every = results.get("all_tasks", {})
+  gd, vs, n = every.get("gd"), every.get("router_vs", {}), every.get("tasks", 0)
+  if not gd:
+    return []
+  d = [t["methods"]["gd"]["delta_vs_base"] for t in results["tasks"].values()]
+  wins, sure = _wins(d)
+  part = "" if n == BAR_TASKS else f" so far ({n} of {BAR_TASKS} tasks)"
+  yes = lambda ok: ("yes" if ok else "no") + part  # noqa: E731
+  rows = [
+    (
+      f"gd above the base on >= {BAR_WINS} of {BAR_TASKS} tasks",
+      f"{wins} of {n}",
+      yes(wins >= BAR_WINS),
+    ),
+    (f"... the Δ interval above 0 on >= {BAR_SURE}", f"{sure} of {n}", yes(sure >= BAR_SURE)),
+  ]
+  for track, by in results.get("tracks", {}).items():
+    g = by.get("gd")
+    if g and g.get("tasks"):
+      of_means = _pct(g["gain_of_means"], "gain")
+      measured = f"{_pct(g, 'mean_relative_gain')} (the mean score: {of_means})"
+      rows.append(
+        (
+          f"mean relative gain over the base >= {BAR_GAIN:+.0%}, {track}",
+          measured,
+          yes(g["mean_relative_gain"] >= BAR_GAIN),
+        )
+      )
+  for ref in ("uniform", "best_single"):
+    if ref in vs:
+      m = vs[ref]["mean_delta"]
+      rows.append((f"gd above {ref} on average", f"mean Δ {signed(m)}", yes(m["mean"] > 0)))
+  if "adalora_task" in vs:
+    g = vs["adalora_task"]["gain_of_means"]
+    share = f"{1 + g['gain']:.1%} [{1 + g['ci'][0]:.1%}, {1 + g['ci'][1]:.1%}] of its mean score"
+    rows.append(
+      (
+        f"gd reaches >= {BAR_SHARE:.0%} of adalora_task",
+        share,
+        yes(1 + g["gain"] >= BAR_SHARE),
+      )
+    )
+  out = ["## Against the bar", "", "| the bar | measured (95% interval) | met |", "|---|---|---|"]
+  out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+  overall = (
+    f"Over all {n} tasks: gd - base {signed(gd['mean_delta'])} points on average; its mean "
+    f"score {_pct(gd['gain_of_means'], 'gain')} over the base's."
+  )
+  return out + ["", overall, ""]
 
 
 def _wins(deltas: list[dict]) -> tuple[int, int]:

@@ -144,8 +144,29 @@ def test_the_router_is_compared_row_by_row_with_each_reference(evaluated):
     else:  # the tiny model's base can score 0 on a track: no relative gain
       assert np.isnan(g["gain"])
   assert gains  # a track with a relative gain of the mean score
+  # over all tasks (the bar): the router's mean Δ to the base and to each reference
+  every, tasks = results["all_tasks"], list(results["tasks"].values())
+  assert every["tasks"] == 2 and set(every["router_vs"]) == {
+    "uniform",
+    "best_single",
+    "adalora_task",
+  }
+  np.testing.assert_allclose(
+    every["gd"]["mean_delta"]["mean"],
+    np.mean([t["methods"]["gd"]["delta_vs_base"]["mean"] for t in tasks]),
+    atol=1e-12,
+  )
+  for ref, g in every["router_vs"].items():
+    d = [t["methods"]["gd"]["delta_vs"][ref]["mean"] for t in tasks]
+    np.testing.assert_allclose(g["mean_delta"]["mean"], np.mean(d), atol=1e-12)
+    assert g["mean_delta"]["ci"][0] <= g["mean_delta"]["mean"] <= g["mean_delta"]["ci"][1]
+    ref_scores = sum(t["methods"][ref]["score"] for t in tasks)
+    if ref_scores > 0:
+      gd_scores = sum(t["methods"]["gd"]["score"] for t in tasks)
+      np.testing.assert_allclose(g["gain_of_means"]["gain"], gd_scores / ref_scores - 1, rtol=1e-9)
   table = (root / "run" / "results.md").read_text()
   assert table.count("| gd minus |") == 2 and "gd vs base: higher on" in table
+  assert "| gd above best_single on average | mean Δ " in table
   d = [results["tasks"][n]["methods"]["gd"]["delta_vs_base"] for n in ("demo", "mine")]
   wins, sure = sum(x["mean"] > 0 for x in d), sum(x["ci"][0] > 0 for x in d)
   overall = f"All 2 tasks: gd higher than the base on {wins}, the Δ interval above 0 on {sure}."

@@ -148,3 +148,56 @@ def test_the_router_line_gives_the_gain_of_the_mean_score():
   line = next(x for x in reporting.results_table(res) if x.startswith("gd vs base"))
   assert line.startswith("gd vs base: higher on 1 of 1 tasks, the Δ interval above 0 on 0; the")
   assert "mean score +25.0% [+10.0%, +40.0%] over the base's" in line
+
+
+def test_the_bar_is_read_part_by_part_from_the_all_task_summaries():
+  res = _results({"base": 0.4, "gd": 0.5, "uniform": 0.45, "best_single": 0.52})
+  for i in range(8):  # 9 tasks: gd above the base on all, the interval above 0 on 3 (t0-t2)
+    t = res["tasks"]["t"]
+    gd = t["methods"]["gd"] | {"delta_vs_base": {"mean": 0.1, "ci": [0.02 - (i >= 3), 0.2]}}
+    res["tasks"][f"t{i}"] = t | {"methods": t["methods"] | {"gd": gd}}
+
+  def summary(m, lo, hi):
+    return {"mean": m, "ci": [lo, hi], "tasks": 9}
+
+  res["tracks"]["unseen_data"] = {
+    "gd": {
+      "mean_relative_gain": 0.25,
+      "ci": [0.1, 0.4],
+      "tasks": 9,
+      "gain_of_means": {"gain": 0.08, "ci": [0.01, 0.15], "tasks": 9},
+    }
+  }
+  res["all_tasks"] = {
+    "tasks": 9,
+    "gd": {
+      "mean_delta": summary(0.1, 0.05, 0.15),
+      "gain_of_means": {"gain": 0.2, "ci": [0.1, 0.3]},
+    },
+    "router_vs": {
+      "uniform": {"mean_delta": summary(0.05, -0.01, 0.1)},
+      "best_single": {"mean_delta": summary(-0.02, -0.05, 0.01)},
+      "adalora_task": {"gain_of_means": {"gain": -0.12, "ci": [-0.2, -0.05]}},
+    },
+  }
+  lines = reporting.results_table(res)
+  i = lines.index("| the bar | measured (95% interval) | met |")
+  assert lines[i + 2 : i + 9] == [
+    "| gd above the base on >= 7 of 9 tasks | 9 of 9 | yes |",
+    "| ... the Δ interval above 0 on >= 5 | 3 of 9 | no |",
+    "| mean relative gain over the base >= +10%, unseen_data | +25.0% [+10.0%, +40.0%] (the mean "
+    "score: +8.0% [+1.0%, +15.0%]) | yes |",
+    "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes |",
+    "| gd above best_single on average | mean Δ -0.020 [-0.050, +0.010] | no |",
+    "| gd reaches >= 90% of adalora_task | 88.0% [80.0%, 95.0%] of its mean score | no |",
+    "",
+  ]
+  assert "Over all 9 tasks: gd - base +0.100 [+0.050, +0.150] points on average" in lines[i + 9]
+  res["all_tasks"]["tasks"] = 4
+  lines = reporting.results_table(res)
+  assert (
+    "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes so far (4 of 9 tasks) |"
+    in lines
+  )
+  del res["all_tasks"]["gd"]  # no base: no bar
+  assert "## Against the bar" not in reporting.results_table(res)
