@@ -49,8 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # skills_from and skills_step, and stage 1's prompting must be the same. "" = compute all.
   c.reuse_cells_from = ""
   # An archive of this same evaluation's cells (python -m mdkif_jax.cells_archive: published
-  # without the data's answers, which come back from data_dir) whose cells this run restores
-  # instead of computing: its config, prompting and skills must equal this run's. "" = none.
+  # without the data's text; the answers come back from data_dir, generated texts stay null)
+  # restored instead of computed: its config, prompting and skills must equal this run's.
+  # "" = none.
   c.restore_cells_from = ""
   c.bootstrap = ml_collections.ConfigDict()
   c.bootstrap.resamples = 1000  # bootstrap resamples of the scored rows per task

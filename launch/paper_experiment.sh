@@ -72,31 +72,34 @@ archive() {  # archive NAME: the evaluation's finished cells, without the data's
   "$PYTHON" -m mdkif_jax.cells_archive "$RUNS/$1" "$PUBLISH/$1"
 }
 
-publish() {  # publish NAME: the evaluation's small outputs and its cells
-  mkdir -p "$PUBLISH/$1"
-  cp "$RUNS/$1"/results.{json,md,png} "$RUNS/$1"/{cells_identity,prompting}.json "$PUBLISH/$1/"
-  if [[ -f $RUNS/$1/router_weights.png ]]; then cp "$RUNS/$1/router_weights.png" "$PUBLISH/$1/"; fi
+publish() {  # publish NAME: its cells and identity files (archive refuses another's), then its tables
   archive "$1"
+  cp "$RUNS/$1"/results.{json,md,png} "$PUBLISH/$1/"
+  if [[ -f $RUNS/$1/router_weights.png ]]; then cp "$RUNS/$1/router_weights.png" "$PUBLISH/$1/"; fi
 }
 
-# restore NAME: the flag that restores the archived cells of evaluation NAME, if any
-restore() { if [[ -d $PUBLISH/$1/cells ]]; then echo "--config.restore_cells_from=$PUBLISH/$1"; fi; }
+# restore NAME: sets `restored` to the flag that restores evaluation NAME's archived cells, if any
+restore() {
+  restored=()
+  if [[ -d $PUBLISH/$1/cells ]]; then restored=("--config.restore_cells_from=$PUBLISH/$1"); fi
+}
 
 [[ -f $RUNS/timings.tsv ]] || printf 'piece\tcommit\tfinished\twall_s\tcpu_s\tpeak_rss_gb\n' >"$RUNS/timings.tsv"
 for piece in $PIECES; do
   case $piece in
     skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
     eval)
+      restore eval
       main eval --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
-        --workdir="$RUNS/eval" $(restore eval)
+        --workdir="$RUNS/eval" "${restored[@]}"
       publish eval
       ;;
     curve)
       for step in 75 150; do
+        restore "curve_$step"
         main "curve_$step" --config=configs/eval.py:paper,curve \
           --config.skills_from="$RUNS/skill" --config.skills_step=$step \
-          --config.reuse_cells_from="$RUNS/eval" --workdir="$RUNS/curve_$step" \
-          $(restore "curve_$step")
+          --config.reuse_cells_from="$RUNS/eval" --workdir="$RUNS/curve_$step" "${restored[@]}"
         publish "curve_$step"
       done
       "$PYTHON" -m mdkif_jax.curve "$RUNS/skill" "$RUNS/curve_75" "$RUNS/curve_150" \
@@ -104,19 +107,25 @@ for piece in $PIECES; do
       ;;
     union | lora) main "$piece" --config=configs/skill.py:paper,$piece --workdir="$RUNS/$piece" ;;
     eval_union | eval_lora)
+      restore "$piece"
       main "$piece" --config=configs/eval.py:paper,control \
         --config.skills_from="$RUNS/${piece#eval_}" --config.reuse_cells_from="$RUNS/eval" \
-        --workdir="$RUNS/$piece" $(restore "$piece")
+        --workdir="$RUNS/$piece" "${restored[@]}"
       publish "$piece"
       ;;
     controls)
       run controls "$PYTHON" -m mdkif_jax.compare "$RUNS/eval" "$RUNS/eval_union" "$RUNS/eval_lora" \
         --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out "$PUBLISH/controls.png"
       ;;
-    archive)
+    archive)  # every evaluation with cells, the others even when one is refused
+      failed=()
       for name in eval curve_75 curve_150 eval_union eval_lora; do
-        if [[ -d $RUNS/$name/cells ]]; then archive "$name"; fi
+        if [[ -d $RUNS/$name/cells ]] && ! archive "$name"; then failed+=("$name"); fi
       done
+      if ((${#failed[@]})); then
+        echo "error: not archived: ${failed[*]} (the reason is above)" >&2
+        exit 1
+      fi
       ;;
     *)
       echo "error: unknown piece $piece (skill eval curve union lora eval_union eval_lora controls archive)" >&2

@@ -1,15 +1,20 @@
-"""An evaluation's finished cells without the data's answers: what is published beside a
-results table, and what a new workdir restores instead of recomputing.
+"""An evaluation's finished cells without the data's text: what is published beside a results
+table, and what a new workdir restores instead of recomputing.
 
-A cell (evaluate_suite.run_cell) keeps each scored row's reference answer beside the method's
-prediction, and a prediction may itself be a data answer (majority answers every row with
-a fit row's; the evaluation marks such predictions `copies_answer`). The project never copies
-the shared datasets, and some of their licences forbid redistributing modified copies
-(HealthFC: CC BY-NC-ND), so an archived cell keeps a digest of each of these instead; `rejoin`
-puts them back from the user's own copy of the data and refuses a row whose answer, or whose
-place in the scored rows, differs. The archive carries the
-evaluation's cells_identity.json, prompting.json and skills.json; evaluate_suite restores from
-it (--config.restore_cells_from) only when all three equal the run's.
+A cell (evaluate_suite.run_cell) keeps each scored row's reference answer, and each generated
+row's text, which may copy the data (a NER list is spans of the input, a summary can repeat
+the question, majority answers with a fit row's answer). The project never copies the shared
+datasets, and some of their licences forbid redistributing modified copies (HealthFC: CC
+BY-NC-ND). So the evaluation also writes, per row, a digest of its answer keyed with the row's
+own input (`row_digest`: with a label task's few answers an unkeyed digest would give the label
+away to anyone who hashes each label), and an archived cell keeps only those: no reference
+answer and no generated text (a restored cell's generated predictions are null; nothing the
+tables read needs them: the ROUGE and list scores are per-row numbers in the outcomes). The
+chosen labels stay: they are the task's label names, not the data. `rejoin` puts the answers
+back from the user's own copy of the data and refuses a row whose digest, or whose place in
+the scored rows, differs. The archive carries the evaluation's cells_identity.json,
+prompting.json and skills.json; evaluate_suite restores from it (--config.restore_cells_from)
+only when they equal the run's.
 
   python -m mdkif_jax.cells_archive runs/paper/eval docs/results/paper/eval
 
@@ -33,105 +38,117 @@ from mdkif_jax.errors import CheckpointMismatchError, ConfigError
 
 # What a restore checks against the run, each written by the evaluation into its workdir.
 IDENTITY_FILES = ("cells_identity.json", "prompting.json", "skills.json")
+# Identity fields that name where things are, not what they are: a checkout with the data or
+# the stage-1 run elsewhere restores the same cells (skills.json and the row digests check
+# what they hold).
+MAY_DIFFER = ("skills_from", "data.data_dir")
 
 
-def digest(text: str) -> str:
-  """A short digest that tells answers apart without holding them."""
-  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+def _sha(*parts: str) -> str:
+  return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
+def row_digest(row, text: str) -> str:
+  """`text` (the row's answer) keyed with the row's id and input: tells answers apart without
+  holding them, and cannot be reversed without the row itself."""
+  return _sha(row.id, row.context, row.query, text)
 
 
 def rows_digest(rows) -> str:
   """The scored rows' ids in order: a restored cell's row i is this run's row i."""
-  return digest("\n".join(r.id for r in rows))
+  return _sha("\n".join(r.id for r in rows))
 
 
-def strip(cell: dict) -> dict:
-  """The cell with every reference answer, and every prediction that copies one, replaced by
-  its digest ("" stays "": a generated row's gold in the outcomes is empty)."""
-  out = copy.deepcopy(cell)
-  o = out["outcomes"]
-  o["gold_digest"] = [digest(g) if g else "" for g in o.pop("gold")]
-  for p in out["predictions"]:
-    p["answer_digest"] = digest(p.pop("answer"))
-    if p.get("copies_answer"):
-      p["prediction_digest"] = digest(p.pop("prediction"))
+def with_digests(cell: dict, rows) -> dict:
+  """The cell as the evaluation writes it: the scored rows' order, and beside every reference
+  answer its row digest (what an archived cell keeps instead)."""
+  out = dict(cell, rows_digest=rows_digest(rows))
+  o = out["outcomes"] = dict(cell["outcomes"])
+  o["gold_digest"] = [row_digest(r, g) if g else "" for r, g in zip(rows, o["gold"], strict=True)]
+  by_id = {r.id: r for r in rows}
+  out["predictions"] = [
+    p | {"answer_digest": row_digest(by_id[p["id"]], p["answer"])} for p in cell["predictions"]
+  ]
   return out
 
 
-def rejoin(archived: dict, rows, where: str, fit_rows=()) -> dict:
+def strip(cell: dict, where: str) -> dict:
+  """The cell without the data's text: no reference answer, no generated text."""
+  if "rows_digest" not in cell or "gold_digest" not in cell["outcomes"]:
+    raise ConfigError(
+      f"{where}: a cell written before row digests; delete it and rerun the evaluation (it "
+      "recomputes only the missing cells)"
+    )
+  out = copy.deepcopy(cell)
+  del out["outcomes"]["gold"]
+  for p in out["predictions"]:
+    del p["answer"]
+    if p["kind"] == "generated":
+      p["prediction"] = None
+  return out
+
+
+def rejoin(archived: dict, rows, where: str) -> dict:
   """The archived cell with the answers of `rows` (this run's scored rows, in order) put
-  back, and the predictions that copy an answer of `rows` or `fit_rows`; CheckpointMismatchError
-  naming `where` if they are not the rows it scored."""
+  back; CheckpointMismatchError naming `where` if they are not the rows it scored."""
   out = copy.deepcopy(archived)
   o = out["outcomes"]
-  want = o.pop("gold_digest")
-  if len(want) != len(rows) or out.get("rows_digest", rows_digest(rows)) != rows_digest(rows):
+  want = o["gold_digest"]
+  if len(want) != len(rows) or out.get("rows_digest") != rows_digest(rows):
     raise CheckpointMismatchError(
-      f"{where}: scored other rows than this run's {len(rows)} (the data or the split "
-      "changed?); drop restore_cells_from"
+      f"{where}: scored other rows, or in another order, than this run's {len(rows)} (the data "
+      "or the split changed?); move the archive away to compute the cells"
     )
   gold = []
   for i, (row, d) in enumerate(zip(rows, want, strict=True)):
-    if d and digest(row.answer) != d:
+    if d and row_digest(row, row.answer) != d:
       raise CheckpointMismatchError(
-        f"{where}: row {i} ({row.id}) has another answer in this copy of the data; drop "
-        "restore_cells_from"
+        f"{where}: row {i} ({row.id}) has another answer in this copy of the data; move the "
+        "archive away to compute the cells"
       )
     gold.append(row.answer if d else "")
   o["gold"] = gold
   by_id = {r.id: r for r in rows}
-  answers = {digest(r.answer): r.answer for r in (*fit_rows, *rows)}
   for p in out["predictions"]:
     row = by_id.get(p["id"])
-    if row is None or digest(row.answer) != p["answer_digest"]:
+    if row is None or row_digest(row, row.answer) != p["answer_digest"]:
       raise CheckpointMismatchError(
-        f"{where}: its prediction for row {p['id']} does not match this run's rows; drop "
-        "restore_cells_from"
+        f"{where}: its prediction for row {p['id']} does not match this run's rows; move the "
+        "archive away to compute the cells"
       )
-    del p["answer_digest"]
     p["answer"] = row.answer
-    if "prediction_digest" in p:
-      copied = answers.get(p.pop("prediction_digest"))
-      if copied is None:
-        raise CheckpointMismatchError(
-          f"{where}: its prediction for row {p['id']} copies an answer this copy of the data "
-          "does not have; drop restore_cells_from"
-        )
-      p["prediction"] = copied
   return out
 
 
-def _differing(a: pathlib.Path, b: pathlib.Path) -> str:
-  """ "" when the two JSON files are equal, else the keys that differ (at most 4)."""
-  x, y = json.loads(a.read_text()), json.loads(b.read_text())
-  if x == y:
-    return ""
+def _differing(x, y, ignore=()) -> str:
+  """ "" when two JSON values are equal but for `ignore`d keys, else the keys that differ."""
   if not (isinstance(x, dict) and isinstance(y, dict)):
-    return "content"
-  return ", ".join(sorted(k for k in {*x, *y} if x.get(k) != y.get(k))[:4])
+    return "" if x == y else "content"
+  return ", ".join(sorted(k for k in {*x, *y} if k not in ignore and x.get(k) != y.get(k))[:4])
 
 
-def check_source(src: pathlib.Path, workdir: pathlib.Path) -> None:
-  """Refuse an archive whose identity files differ from the workdir's, naming the first."""
+def check_source(src: pathlib.Path, ours: dict[str, dict]) -> None:
+  """Refuse an archive whose identity files differ from this run's (`ours`: file name ->
+  its content, from memory: in a multi-process run only process 0 writes the workdir's)."""
   if not (src / "cells").is_dir():
     raise ConfigError(f"--config.restore_cells_from={str(src)!r}: no archived cells ({src}/cells)")
   for name in IDENTITY_FILES:
     if not (src / name).exists():
       raise ConfigError(f"--config.restore_cells_from={str(src)!r}: {src / name} is missing")
-    if keys := _differing(src / name, workdir / name):
+    if keys := _differing(json.loads((src / name).read_text()), ours[name], MAY_DIFFER):
       raise CheckpointMismatchError(
         f"--config.restore_cells_from={str(src)!r}: its {name} differs from this run's "
-        f"({keys}): its cells are not this evaluation's"
+        f"({keys}): its cells are not this evaluation's; move {src} away (launch/"
+        "paper_experiment.sh restores from $PUBLISH/NAME whenever it holds cells)"
       )
 
 
-def restore(src: pathlib.Path, task: str, cell: str, rows, fit_rows) -> dict | None:
+def restore(src: pathlib.Path, task: str, cell: str, rows) -> dict | None:
   """The archived cell with this run's answers, or None when the archive has none."""
   path = src / "cells" / task / f"{cell}.json"
   if not path.exists():
     return None
-  cell = rejoin(json.loads(path.read_text()), rows, str(path), fit_rows)
-  return {"restored_from": str(src)} | cell
+  return {"restored_from": str(src)} | rejoin(json.loads(path.read_text()), rows, str(path))
 
 
 def archive(workdir: pathlib.Path, dest: pathlib.Path) -> int:
@@ -140,24 +157,27 @@ def archive(workdir: pathlib.Path, dest: pathlib.Path) -> int:
     raise ConfigError(f"{workdir}: no evaluation cells to archive ({workdir}/cells is missing)")
   for name in IDENTITY_FILES:
     if not (workdir / name).exists():
-      raise ConfigError(f"{workdir}: {workdir / name} is missing (an evaluation from before it)")
-    if (dest / name).exists() and (keys := _differing(dest / name, workdir / name)):
+      raise ConfigError(
+        f"{workdir}: {workdir / name} is missing (an evaluation from before it: rerun the "
+        "evaluation once with this code; its finished cells are kept)"
+      )
+    ours = json.loads((workdir / name).read_text())
+    if (dest / name).exists() and (keys := _differing(json.loads((dest / name).read_text()), ours)):
       raise CheckpointMismatchError(
         f"{dest} holds the cells of another evaluation (its {name} differs from {workdir}'s: "
-        f"{keys}): archive into another directory"
+        f"{keys}): archive into another directory, or move {dest} away"
       )
+  cells = sorted((workdir / "cells").glob("*/*.json"))
+  stripped = [(p, strip(json.loads(p.read_text()), str(p))) for p in cells]  # all, or none
   dest.mkdir(parents=True, exist_ok=True)
   for name in IDENTITY_FILES:
     shutil.copyfile(workdir / name, dest / name)
-  n = 0
-  for path in sorted((workdir / "cells").glob("*/*.json")):
-    cell = json.loads(path.read_text())
+  for path, cell in stripped:
     out = dest / "cells" / path.parent.name / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     # sorted keys and one line: a re-archived cell that did not change gives the same bytes
-    reporting.write_lines(out, [json.dumps(strip(cell), ensure_ascii=False, sort_keys=True)])
-    n += 1
-  return n
+    reporting.write_lines(out, [json.dumps(cell, ensure_ascii=False, sort_keys=True)])
+  return len(stripped)
 
 
 def main(argv=None) -> None:
@@ -172,7 +192,7 @@ def main(argv=None) -> None:
   except (ConfigError, CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
-  print(f"archived {n} cells of {args.workdir} in {args.dest / 'cells'} (answers as digests)")
+  print(f"archived {n} cells of {args.workdir} in {args.dest / 'cells'} (without the data's text)")
 
 
 if __name__ == "__main__":

@@ -271,11 +271,6 @@ def run_cell(t, run) -> dict:
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
   scorer = out.scorer or t.scorer
   oc = metrics.outcomes(scorer.plan, scorer.last["choice"], scorer.last["texts"])
-  predictions = evaluate.prediction_records("", scorer, t.score_rows)
-  answers = {r.answer for r in (*t.fit_rows, *t.score_rows)}
-  for p in predictions:  # majority's are fit rows' answers: cells_archive keeps only a digest
-    if p["kind"] == "generated" and p["prediction"] in answers:
-      p["copies_answer"] = True
   return {
     "scores": out.scores,
     "seconds": seconds,
@@ -289,7 +284,7 @@ def run_cell(t, run) -> dict:
       "rouge": np.nan_to_num(oc.rouge, nan=-1.0).tolist(),
       "counts": oc.counts.tolist(),
     },
-    "predictions": predictions,
+    "predictions": evaluate.prediction_records("", scorer, t.score_rows),
   }
 
 
@@ -391,14 +386,18 @@ def reuse_source(config) -> pathlib.Path | None:
   return src
 
 
+def prompting_of(run_config) -> dict:
+  """prompting.json's content: the template and max_len the rows are built with."""
+  prompting = {"template": run_config.data.template.to_dict(), "max_len": run_config.data.max_len}
+  return json.loads(json.dumps(prompting))
+
+
 def record_prompting(workdir: pathlib.Path, run_config, src: pathlib.Path | None) -> None:
   """prompting.json: the template and max_len this workdir's rows are built with (stage 1's,
   read from the skills' checkpoint), written by its first run and checked by every later one
   (the config alone does not pin it); with a reuse source, refuse one that prompted otherwise
   (another stage-1 template makes other base prompts)."""
-  ours = json.loads(
-    json.dumps({"template": run_config.data.template.to_dict(), "max_len": run_config.data.max_len})
-  )
+  ours = prompting_of(run_config)
   path = workdir / "prompting.json"
   if path.exists():
     if detail := _identity_diff(json.loads(path.read_text()), ours):
@@ -431,23 +430,28 @@ def record_skills(workdir: pathlib.Path, fingerprint: dict) -> None:
   if path.exists():
     saved = json.loads(path.read_text())
     if saved != fingerprint:
-      what = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+      what = sorted(k for k in {*saved, *fingerprint} if saved.get(k) != fingerprint.get(k))
       raise checkpoint.CheckpointMismatchError(
         f"{workdir}: its cells were computed with other skills ({', '.join(what)} differ from "
-        f"{path}: was stage 1 retrained?); use another --workdir, or delete "
-        f"{workdir / 'cells'} to start over"
+        f"{path}: was stage 1 retrained?); use another --workdir, or delete {workdir / 'cells'} "
+        f"and {path} to start over"
       )
   elif jax.process_index() == 0:
     write_json(path, fingerprint)
 
 
-def restore_source(config, workdir: pathlib.Path) -> pathlib.Path | None:
+def restore_source(config, sh: Shared) -> pathlib.Path | None:
   """The archive --config.restore_cells_from names, once its identity, prompting and skills
   are checked to equal this run's (None when not set)."""
   if not config.get("restore_cells_from"):
     return None
   src = pathlib.Path(config.restore_cells_from)
-  cells_archive.check_source(src, workdir)
+  ours = {
+    "cells_identity.json": cell_identity(config),
+    "prompting.json": prompting_of(sh.config),
+    "skills.json": sh.fingerprint,
+  }
+  cells_archive.check_source(src, ours)
   return src
 
 
@@ -459,10 +463,12 @@ def copy_cell(src: pathlib.Path, spec, cell: str, score_rows) -> dict | None:
     return None
   theirs = json.loads(path.read_text())
   got = sorted((p["id"], p["answer"]) for p in theirs["predictions"])
-  if got != sorted((r.id, r.answer) for r in score_rows):
+  ours = cells_archive.rows_digest(score_rows)
+  in_order = theirs.get("rows_digest", ours) == ours  # (cells from before it: the ids only)
+  if not in_order or got != sorted((r.id, r.answer) for r in score_rows):
     raise checkpoint.CheckpointMismatchError(
-      f"--config.reuse_cells_from: {path} scored other rows than this run's {len(score_rows)} "
-      f"of task {spec.name!r} (the data changed?); drop reuse_cells_from"
+      f"--config.reuse_cells_from: {path} scored other rows (or in another order) than this "
+      f"run's {len(score_rows)} of task {spec.name!r} (the data changed?); drop reuse_cells_from"
     )
   return {"reused_from": str(src)} | theirs  # the first source of a chain of copies wins
 
@@ -487,7 +493,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   sh = load_shared(config, base, mesh)
   record_prompting(workdir, sh.config, src)
   record_skills(workdir, sh.fingerprint)
-  archived = restore_source(config, workdir)
+  archived = restore_source(config, sh)
   report = LoadReport()
   rows = load_rows(sh.config, specs, report)
   cells = cells_of(table, sh.config.cmaes.seeds)
@@ -506,16 +512,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
     for spec, cell, run in todo:
       bar.set_postfix_str(f"{spec.name}/{cell}")
       scored = rows[spec.name][1]
-      # which scored rows, in order: what lets an archived cell be restored (cells_archive)
-      order = {"rows_digest": cells_archive.rows_digest(scored)}
-      restored = (
-        cells_archive.restore(archived, spec.name, cell, scored, rows[spec.name][0])
-        if archived
-        else None
-      )
+      # with the rows' order and answer digests: what lets cells_archive publish it
+      path = workdir / "cells" / spec.name / f"{cell}.json"
+      restored = cells_archive.restore(archived, spec.name, cell, scored) if archived else None
       copied = restored or (copy_cell(src, spec, cell, scored) if src else None)
       if copied is not None:  # its seconds stay the source's: the cost of computing it
-        write_json(workdir / "cells" / spec.name / f"{cell}.json", copied | order)
+        write_json(path, cells_archive.with_digests(copied, scored))
         bar.update()
         continue
       if spec.name not in built:
@@ -525,7 +527,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
       if run == "uniform":
         S = len(sh.skills)
         run = fit_router.fixed(np.full(S, 1.0 / S, np.float32))
-      write_json(workdir / "cells" / spec.name / f"{cell}.json", run_cell(t, run) | order)
+      write_json(path, cells_archive.with_digests(run_cell(t, run), scored))
       bar.update()
   done = read_cells(workdir, specs, cells)
   results = assemble(config, sh, specs, cells, rows, done)

@@ -484,14 +484,15 @@ def _pct(g: dict, key: str) -> str:
 
 def _bar_lines(results: dict) -> list[str]:
   """The GD router against the bar above, each part measured (point estimate and 95%
-  interval) and marked met or not by its point estimate ("so far" on fewer than BAR_TASKS)."""
+  interval) and marked met or not by its point estimate (with the task count where the suite
+  is not the bar's 9 tasks); only for results with every reference the bar names."""
   every = results.get("all_tasks", {})
   gd, vs, n = every.get("gd"), every.get("router_vs", {}), every.get("tasks", 0)
-  if not gd:
-    return []
+  if not gd or set(vs) != {"uniform", "best_single", "adalora_task"}:
+    return []  # not the experiment the bar is for (a learning-curve point, a control)
   d = [t["methods"]["gd"]["delta_vs_base"] for t in results["tasks"].values()]
   wins, sure = _wins(d)
-  part = "" if n == BAR_TASKS else f" so far ({n} of {BAR_TASKS} tasks)"
+  part = "" if n == BAR_TASKS else f" ({n} tasks, not the bar's {BAR_TASKS})"
   yes = lambda ok: ("yes" if ok else "no") + part  # noqa: E731
   rows = [
     (
@@ -519,10 +520,10 @@ def _bar_lines(results: dict) -> list[str]:
       rows.append((f"gd above {ref} on average", f"mean Δ {signed(m)}", yes(m["mean"] > 0)))
   if "adalora_task" in vs:
     g = vs["adalora_task"]["gain_of_means"]
-    share = f"{1 + g['gain']:.1%} [{1 + g['ci'][0]:.1%}, {1 + g['ci'][1]:.1%}] of its mean score"
+    share = f"{1 + g['gain']:.1%} [{1 + g['ci'][0]:.1%}, {1 + g['ci'][1]:.1%}]"
     rows.append(
       (
-        f"gd reaches >= {BAR_SHARE:.0%} of adalora_task",
+        f"gd reaches >= {BAR_SHARE:.0%} of adalora_task's mean score",
         share,
         yes(1 + g["gain"] >= BAR_SHARE),
       )

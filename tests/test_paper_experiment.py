@@ -23,7 +23,9 @@ if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
   [[ $w == *curve_75 ]] || echo png > "$w/router_weights.png"  # none: published without it
 fi
 if [[ $* == *"-m mdkif_jax.cells_archive"* ]]; then  # -m mdkif_jax.cells_archive WORKDIR DEST
+  if [[ -n ${FAIL_ON:-} && $3 == *"$FAIL_ON" ]]; then echo refused >&2; exit 2; fi
   mkdir -p "$4/cells" && echo stripped > "$4/cells/cell.json"
+  cp "$3"/{cells_identity,prompting}.json "$4/"  # as the real one does
 fi
 if [[ $* == *"-m mdkif_jax.curve"* || $* == *"-m mdkif_jax.compare"* ]]; then
   for a in "$@"; do last=$a; done
@@ -119,14 +121,21 @@ def test_a_new_checkout_restores_the_archived_cells_and_archive_saves_an_unfinis
   assert calls[1].endswith(
     f"--workdir={tmp_path}/runs/eval --config.restore_cells_from={tmp_path}/pub/eval"
   )
-  (tmp_path / "runs" / "curve_75" / "cells").mkdir(parents=True)  # a piece cut by a stop
+  for name in ("curve_75", "eval_lora"):  # pieces cut by a stop
+    (tmp_path / "runs" / name / "cells").mkdir(parents=True)
+    for f in ("cells_identity.json", "prompting.json"):
+      (tmp_path / "runs" / name / f).write_text("{}")
   (tmp_path / "calls.txt").unlink()
   proc, calls = _run(tmp_path, pieces="archive")
   assert proc.returncode == 0, proc.stderr
   assert calls == [
     f"-m mdkif_jax.cells_archive {tmp_path}/runs/{name} {tmp_path}/pub/{name}"
-    for name in ("eval", "curve_75")
+    for name in ("eval", "curve_75", "eval_lora")
   ]
+  (tmp_path / "calls.txt").unlink()
+  proc, calls = _run(tmp_path, pieces="archive", fail_on="/curve_75")  # one refused: the rest go on
+  assert proc.returncode == 1 and "not archived: curve_75" in proc.stderr
+  assert len(calls) == 3 and calls[-1].endswith("pub/eval_lora")
 
 
 def test_a_rerun_skips_the_finished_pieces(tmp_path):
