@@ -73,6 +73,11 @@ class Cell:
 
 def _cell(path: pathlib.Path) -> Cell:
   c = _read(path)
+  if "gold_digest" in c.get("outcomes", {}) and "gold" not in c["outcomes"]:
+    raise CompareError(
+      f"{path}: an archived cell (no reference answers: mdkif_jax.cells_archive); restore it "
+      "into an evaluation (--config.restore_cells_from) and compare that"
+    )
   try:
     out = evaluate_suite.read_outcomes(c)
     rows = tuple((p["id"], p["answer"]) for p in c["predictions"])

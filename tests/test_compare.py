@@ -140,6 +140,10 @@ def test_a_cell_whose_outcomes_are_in_another_row_order_is_refused(evals, capsys
       "eval_union/cells/t2/gd.json: not an evaluation cell (KeyError",
     ),
     (
+      lambda d: (d / "cells" / "t2" / "gd.json").write_text('{"outcomes": {"gold_digest": []}}'),
+      "eval_union/cells/t2/gd.json: an archived cell (no reference answers",
+    ),
+    (
       lambda d: (d / "cells" / "t2" / "gd.json").write_text(
         json.dumps(_cell(30) | {"predictions": _cell(30)["predictions"] * 2})
       ),
