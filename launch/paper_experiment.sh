@@ -16,8 +16,8 @@
 # (results JSON/MD/PNG, never checkpoints) are copied to $PUBLISH.
 #
 # Runs do not outlive a new checkout ($RUNS is not in git), so an evaluation's cells are
-# archived in $PUBLISH/NAME/cells (python -m mdkif_jax.cells_archive: the data's answers as
-# digests) when it finishes, and by `PIECES=archive` before a session ends with one unfinished;
+# archived in $PUBLISH/NAME/cells (python -m mdkif_jax.cells_archive: without the data's
+# text) when it finishes, and by `PIECES=archive` before a session ends with one unfinished;
 # commit them. An evaluation restores the archived cells instead of recomputing them
 # (--config.restore_cells_from) once its config, prompting and skills are the archive's: stage 1
 # retrained from scratch gives the same weights bit for bit (same code, same machine kind).
@@ -68,11 +68,11 @@ run() {
 
 main() { run "$1" "$PYTHON" -m mdkif_jax.main "${@:2}"; }
 
-archive() {  # archive NAME: the evaluation's finished cells, without the data's answers
+archive() {  # archive NAME: the evaluation's finished cells, without the data's text
   "$PYTHON" -m mdkif_jax.cells_archive "$RUNS/$1" "$PUBLISH/$1"
 }
 
-publish() {  # publish NAME: its cells and identity files (archive refuses another's), then its tables
+publish() {  # publish NAME: its cells and identity files (archive checks them), its tables
   archive "$1"
   cp "$RUNS/$1"/results.{json,md,png} "$PUBLISH/$1/"
   if [[ -f $RUNS/$1/router_weights.png ]]; then cp "$RUNS/$1/router_weights.png" "$PUBLISH/$1/"; fi

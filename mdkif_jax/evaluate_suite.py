@@ -15,7 +15,7 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
    `reuse_cells_from`, the skill-free cells (base, base_k<k>) are copied from another
    evaluation of the same config and prompting (a learning-curve point, a control); with
    `restore_cells_from`, every cell an archive of this same evaluation holds
-   (cells_archive.py: published without the data's answers) is restored instead;
+   (cells_archive.py: published without the data's text) is restored instead;
 4. assembles the cells: per (task, method) the headline metric with its 95% bootstrap
    interval over scored rows and the paired difference to the base; per track the mean
    relative gain over the base (stats.py). Writes results.json, results.md, results.png and
@@ -512,11 +512,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
     for spec, cell, run in todo:
       bar.set_postfix_str(f"{spec.name}/{cell}")
       scored = rows[spec.name][1]
-      # with the rows' order and answer digests: what lets cells_archive publish it
       path = workdir / "cells" / spec.name / f"{cell}.json"
       restored = cells_archive.restore(archived, spec.name, cell, scored) if archived else None
       copied = restored or (copy_cell(src, spec, cell, scored) if src else None)
       if copied is not None:  # its seconds stay the source's: the cost of computing it
+        # every cell with its rows' order and answer digests: what cells_archive publishes
         write_json(path, cells_archive.with_digests(copied, scored))
         bar.update()
         continue
