@@ -30,7 +30,10 @@
 #
 # Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON
 # (default .venv/bin/python if present, else python3), PIECES (default: all, in the order
-# above), NICE (default 0: the niceness every piece runs at).
+# above), NICE (default 0: the niceness every piece runs at), EVAL_PROCS (default 1: with N > 1
+# the eval piece first runs N processes side by side, eval_part1..N, each on every N-th task
+# of the suite in its own workdir, then gathers their cells into $RUNS/eval and assembles
+# there; an evaluation process keeps about one core busy, so 2 on a 2-core machine).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -41,6 +44,7 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 PIECES=${PIECES:-skill eval curve union lora eval_union eval_lora controls}
 NICE=${NICE:-0}
+EVAL_PROCS=${EVAL_PROCS:-1}
 mkdir -p "$RUNS" "$PUBLISH"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
@@ -90,6 +94,25 @@ for piece in $PIECES; do
     skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
     eval)
       restore eval
+      if ((EVAL_PROCS > 1)) && [[ ! -f $RUNS/.done_eval ]]; then
+        get='from configs import eval as e; print(*e.get_config("paper").tasks)'
+        read -r -a tasks < <("$PYTHON" -c "$get") || true
+        if ((${#tasks[@]} == 0)); then echo "error: no tasks from configs/eval.py:paper" >&2; exit 1; fi
+        pids=()
+        for ((i = 1; i <= EVAL_PROCS; i++)); do
+          part=()
+          for ((j = i - 1; j < ${#tasks[@]}; j += EVAL_PROCS)); do part+=("'${tasks[j]}'"); done
+          list=$(IFS=,; echo "${part[*]}")
+          main "eval_part$i" --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
+            --workdir="$RUNS/eval_part$i" "--config.tasks=($list,)" "${restored[@]}" &
+          pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
+        mkdir -p "$RUNS/eval/cells"
+        for ((i = 1; i <= EVAL_PROCS; i++)); do
+          if [[ -d $RUNS/eval_part$i/cells ]]; then cp -rn "$RUNS/eval_part$i/cells/." "$RUNS/eval/cells/"; fi
+        done
+      fi
       main eval --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
         --workdir="$RUNS/eval" "${restored[@]}"
       publish eval

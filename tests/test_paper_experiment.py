@@ -12,6 +12,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "paper_experim
 # fails when the piece's workdir is named in $FAIL_ON.
 STUB = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
+if [[ $1 == -c ]]; then echo "t1 t2 t3"; exit 0; fi  # the suite's tasks
 for a in "$@"; do
   case $a in --workdir=*) w=${a#--workdir=} ;; esac
 done
@@ -19,7 +20,7 @@ if [[ -n ${w:-} && -n ${FAIL_ON:-} && $w == *"$FAIL_ON" ]]; then echo boom >&2; 
 if [[ -n ${w:-} && $* == *configs/eval.py* ]]; then
   mkdir -p "$w/cells"
   for f in results.{json,md,png} {cells_identity,prompting}.json; do echo "$f" > "$w/$f"; done
-  echo big > "$w/cells/cell.json"
+  echo big > "$w/cells/${w##*/}.json"
   [[ $w == *curve_75 ]] || echo png > "$w/router_weights.png"  # none: published without it
 fi
 if [[ $* == *"-m mdkif_jax.cells_archive"* ]]; then  # -m mdkif_jax.cells_archive WORKDIR DEST
@@ -34,7 +35,7 @@ fi
 """
 
 
-def _run(tmp_path, pieces=None, fail_on=""):
+def _run(tmp_path, pieces=None, fail_on="", **more):
   stub = tmp_path / "python"
   stub.write_text(STUB)
   stub.chmod(0o755)
@@ -45,7 +46,7 @@ def _run(tmp_path, pieces=None, fail_on=""):
     "RUNS": str(tmp_path / "runs"),
     "PUBLISH": str(tmp_path / "pub"),
     "FAIL_ON": fail_on,
-  }
+  } | more
   if pieces is not None:
     env["PIECES"] = pieces
   proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
@@ -159,3 +160,28 @@ def test_a_failing_piece_stops_the_script_naming_its_log(tmp_path):
 def test_an_unknown_piece_is_refused(tmp_path):
   proc, _ = _run(tmp_path, pieces="skill evl")
   assert proc.returncode == 2 and "unknown piece evl" in proc.stderr
+
+
+def test_eval_procs_splits_the_suite_over_processes_then_assembles_their_cells(tmp_path):
+  proc, calls = _run(tmp_path, pieces="eval", EVAL_PROCS="2")
+  assert proc.returncode == 0, proc.stderr
+  runs = tmp_path / "runs"
+  head = f"-m mdkif_jax.main --config=configs/eval.py:paper --config.skills_from={runs}/skill "
+  assert calls[0].startswith("-c ")
+  assert sorted(calls[1:3]) == [
+    head + f"--workdir={runs}/eval_part1 --config.tasks=('t1','t3',)",
+    head + f"--workdir={runs}/eval_part2 --config.tasks=('t2',)",
+  ]
+  assert calls[3] == head + f"--workdir={runs}/eval"
+  assert sorted(p.name for p in (runs / "eval" / "cells").iterdir()) == [
+    "eval.json",
+    "eval_part1.json",
+    "eval_part2.json",
+  ]
+  pieces = [r.split("\t")[0] for r in (tmp_path / "pub" / "timings.tsv").read_text().splitlines()]
+  assert sorted(pieces[1:3]) == ["eval_part1", "eval_part2"] and pieces[3:] == ["eval"]
+
+  (tmp_path / "f").mkdir()
+  proc, calls = _run(tmp_path / "f", pieces="eval", EVAL_PROCS="2", fail_on="/eval_part2")
+  assert proc.returncode == 1 and "piece eval_part2 failed" in proc.stderr
+  assert not any(c.endswith("--workdir=" + str(tmp_path / "f" / "runs" / "eval")) for c in calls)
