@@ -102,12 +102,15 @@ for piece in $PIECES; do
         for ((i = 1; i <= EVAL_PROCS; i++)); do
           part=()
           for ((j = i - 1; j < ${#tasks[@]}; j += EVAL_PROCS)); do part+=("'${tasks[j]}'"); done
+          ((${#part[@]})) || continue # more processes than tasks
           list=$(IFS=,; echo "${part[*]}")
           main "eval_part$i" --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
             --workdir="$RUNS/eval_part$i" "--config.tasks=($list,)" "${restored[@]}" &
           pids+=($!)
         done
-        for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
+        failed=0 # a failed part stops the piece once the others have stopped too
+        for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+        ((failed == 0)) || exit 1
         mkdir -p "$RUNS/eval/cells"
         for ((i = 1; i <= EVAL_PROCS; i++)); do
           if [[ -d $RUNS/eval_part$i/cells ]]; then cp -rn "$RUNS/eval_part$i/cells/." "$RUNS/eval/cells/"; fi

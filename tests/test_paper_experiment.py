@@ -181,6 +181,15 @@ def test_eval_procs_splits_the_suite_over_processes_then_assembles_their_cells(t
   pieces = [r.split("\t")[0] for r in (tmp_path / "pub" / "timings.tsv").read_text().splitlines()]
   assert sorted(pieces[1:3]) == ["eval_part1", "eval_part2"] and pieces[3:] == ["eval"]
 
+  (tmp_path / "m").mkdir()
+  proc, calls = _run(tmp_path / "m", pieces="eval", EVAL_PROCS="4")
+  assert proc.returncode == 0, proc.stderr  # more processes than tasks: one per task
+  assert sorted(c.split("--config.tasks=")[1] for c in calls if "eval_part" in c) == [
+    "('t1',)",
+    "('t2',)",
+    "('t3',)",
+  ]
+
   (tmp_path / "f").mkdir()
   proc, calls = _run(tmp_path / "f", pieces="eval", EVAL_PROCS="2", fail_on="/eval_part2")
   assert proc.returncode == 1 and "piece eval_part2 failed" in proc.stderr
