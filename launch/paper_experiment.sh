@@ -72,8 +72,8 @@ run() {
 
 main() { run "$1" "$PYTHON" -m mdkif_jax.main "${@:2}"; }
 
-archive() {  # archive NAME: the evaluation's finished cells, without the data's text
-  "$PYTHON" -m mdkif_jax.cells_archive "$RUNS/$1" "$PUBLISH/$1"
+archive() {  # archive NAME [AS]: the evaluation's finished cells, without the data's text
+  "$PYTHON" -m mdkif_jax.cells_archive "$RUNS/$1" "$PUBLISH/${2:-$1}"
 }
 
 publish() {  # publish NAME: its cells and identity files (archive checks them), its tables
@@ -147,6 +147,10 @@ for piece in $PIECES; do
       failed=()
       for name in eval curve_75 curve_150 eval_union eval_lora; do
         if [[ -d $RUNS/$name/cells ]] && ! archive "$name"; then failed+=("$name"); fi
+      done
+      for dir in "$RUNS"/eval_part*/cells; do # EVAL_PROCS's parts: the suite's cells too
+        name=$(basename "$(dirname "$dir")")
+        if [[ -d $dir ]] && ! archive "$name" eval; then failed+=("$name"); fi
       done
       if ((${#failed[@]})); then
         echo "error: not archived: ${failed[*]} (the reason is above)" >&2

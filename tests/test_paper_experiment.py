@@ -122,7 +122,7 @@ def test_a_new_checkout_restores_the_archived_cells_and_archive_saves_an_unfinis
   assert calls[1].endswith(
     f"--workdir={tmp_path}/runs/eval --config.restore_cells_from={tmp_path}/pub/eval"
   )
-  for name in ("curve_75", "eval_lora"):  # pieces cut by a stop
+  for name in ("curve_75", "eval_lora", "eval_part2"):  # pieces cut by a stop
     (tmp_path / "runs" / name / "cells").mkdir(parents=True)
     for f in ("cells_identity.json", "prompting.json"):
       (tmp_path / "runs" / name / f).write_text("{}")
@@ -132,11 +132,11 @@ def test_a_new_checkout_restores_the_archived_cells_and_archive_saves_an_unfinis
   assert calls == [
     f"-m mdkif_jax.cells_archive {tmp_path}/runs/{name} {tmp_path}/pub/{name}"
     for name in ("eval", "curve_75", "eval_lora")
-  ]
+  ] + [f"-m mdkif_jax.cells_archive {tmp_path}/runs/eval_part2 {tmp_path}/pub/eval"]
   (tmp_path / "calls.txt").unlink()
   proc, calls = _run(tmp_path, pieces="archive", fail_on="/curve_75")  # one refused: the rest go on
   assert proc.returncode == 1 and "not archived: curve_75" in proc.stderr
-  assert len(calls) == 3 and calls[-1].endswith("pub/eval_lora")
+  assert len(calls) == 4 and calls[-2].endswith("pub/eval_lora")
 
 
 def test_a_rerun_skips_the_finished_pieces(tmp_path):
