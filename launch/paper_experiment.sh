@@ -30,7 +30,10 @@
 #
 # Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON
 # (default .venv/bin/python if present, else python3), PIECES (default: all, in the order
-# above), NICE (default 0: the niceness every piece runs at), EVAL_PROCS (default 1: with N > 1
+# above), NICE (default 0: the niceness every piece runs at; started as its own session, with
+# setsid, the script also sets its session's autogroup niceness: Linux shares the CPU between
+# sessions before it looks at a process's niceness, so a nice 19 chain beside another chain
+# would otherwise still take half the cores), EVAL_PROCS (default 1: with N > 1
 # the eval piece first runs N processes side by side, eval_part1..N, each on every N-th task
 # of the suite in its own workdir, then gathers their cells into $RUNS/eval and assembles
 # there; an evaluation process keeps about one core busy, so 2 on a 2-core machine).
@@ -44,6 +47,9 @@ if [[ -z ${PYTHON:-} ]]; then
 fi
 PIECES=${PIECES:-skill eval curve union lora eval_union eval_lora controls}
 NICE=${NICE:-0}
+if ((NICE > 0)) && [[ $(ps -o sid= -p $$ | tr -d ' ') == "$$" && -w /proc/self/autogroup ]]; then
+  echo "$NICE" >/proc/self/autogroup || true
+fi
 EVAL_PROCS=${EVAL_PROCS:-1}
 mkdir -p "$RUNS" "$PUBLISH"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

@@ -2,6 +2,7 @@
 times each one, publishes only the small outputs and the archived cells, restores those in a
 new checkout, and stops at the first failing piece."""
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "paper_experim
 # fails when the piece's workdir is named in $FAIL_ON.
 STUB = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
+if [[ -n ${NICE_LOG:-} ]]; then { nice; cat /proc/self/autogroup; } > "$NICE_LOG"; fi
 if [[ $1 == -c ]]; then echo "t1 t2 t3"; exit 0; fi  # the suite's tasks
 for a in "$@"; do
   case $a in --workdir=*) w=${a#--workdir=} ;; esac
@@ -46,10 +48,11 @@ def _run(tmp_path, pieces=None, fail_on="", **more):
     "RUNS": str(tmp_path / "runs"),
     "PUBLISH": str(tmp_path / "pub"),
     "FAIL_ON": fail_on,
-  } | more
+  }
   if pieces is not None:
     env["PIECES"] = pieces
-  proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+  cmd = (["setsid"] if more.pop("SETSID", None) else []) + ["bash", str(SCRIPT)]
+  proc = subprocess.run(cmd, env=env | more, capture_output=True, text=True)
   calls = (tmp_path / "calls.txt").read_text().splitlines() if proc.returncode != 2 else []
   return proc, calls
 
@@ -194,3 +197,15 @@ def test_eval_procs_splits_the_suite_over_processes_then_assembles_their_cells(t
   proc, calls = _run(tmp_path / "f", pieces="eval", EVAL_PROCS="2", fail_on="/eval_part2")
   assert proc.returncode == 1 and "piece eval_part2 failed" in proc.stderr
   assert not any(c.endswith("--workdir=" + str(tmp_path / "f" / "runs" / "eval")) for c in calls)
+
+
+def test_a_nice_chain_started_as_its_own_session_also_renices_its_autogroup(tmp_path):
+  """Linux's autogroups share the CPU between sessions first: a nice 19 chain started with
+  setsid would still take a core from a chain beside it unless its autogroup is reniced."""
+  log = tmp_path / "nice.txt"
+  proc, _ = _run(tmp_path, pieces="skill", NICE="7", SETSID="1", NICE_LOG=str(log))
+  assert proc.returncode == 0, proc.stderr
+  niceness, *group = log.read_text().splitlines()
+  assert int(niceness) == min(19, os.nice(0) + 7)  # (the tests may run reniced themselves)
+  if pathlib.Path("/proc/self/autogroup").exists():  # a kernel with autogroups
+    assert group and group[0].endswith("nice 7"), group
