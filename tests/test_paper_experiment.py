@@ -108,7 +108,7 @@ def test_every_piece_in_order_with_its_flags(tmp_path):
   assert "curve_75/prompting.json" in published
   assert "eval/router_weights.png" in published and "curve_75/router_weights.png" not in published
   assert "learning_curve.png" in published and "controls.png" in published
-  # the run's cells stay there; what is published is the archive's (answers as digests)
+  # the run's cells stay there; what is published is the archive's (without the data's text)
   assert [p for p in published if "cells/" in p] == [
     f"{name}/cells/cell.json"
     for name in ("curve_150", "curve_75", "eval", "eval_lora", "eval_union")
