@@ -627,11 +627,7 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
     for method, pairs in by_method.items():
       if all(b is not None for _, b in pairs):
         ms, bs = [m for m, _ in pairs], [b for _, b in pairs]
-        res["tracks"][track][method] = {
-          **stats.relative_gain(ms, bs),
-          "mean_delta": stats.mean_difference(ms, bs),  # in metric points
-          "gain_of_means": stats.gain_of_means(ms, bs),  # the mean score's relative gain
-        }
+        res["tracks"][track][method] = _summary(ms, bs)
     # the router's mean relative gain over each reference (over adalora_task: its score share
     # minus 1), for the tracks where every task scored both
     router = [m for m, _ in by_method.get(ROUTER, [])]
@@ -644,7 +640,8 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
 
 
 def _summary(ms: list, bs: list) -> dict:
-  """ms against bs over tasks: mean relative gain, gain of the mean score, mean Δ in points."""
+  """ms against bs over tasks (a track, or every task): the mean relative gain, the gain of
+  the mean score and the mean Δ in metric points."""
   return {
     **stats.relative_gain(ms, bs),
     "gain_of_means": stats.gain_of_means(ms, bs),
