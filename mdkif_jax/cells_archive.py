@@ -120,11 +120,18 @@ def rejoin(archived: dict, rows, where: str) -> dict:
   return out
 
 
-def _differing(x, y, ignore=()) -> str:
-  """ "" when two JSON values are equal but for `ignore`d keys, else the keys that differ."""
-  if not (isinstance(x, dict) and isinstance(y, dict)):
-    return "" if x == y else "content"
-  return ", ".join(sorted(k for k in {*x, *y} if k not in ignore and x.get(k) != y.get(k))[:4])
+def identity_diff(saved, want, ignore=(), values=True) -> str:
+  """ "" when two JSON values are equal but for `ignore`d keys, else what differs: each key with
+  both values, or (values=False: identity files whose values are long) at most 4 keys' names."""
+  if not (isinstance(saved, dict) and isinstance(want, dict)):
+    return "" if saved == want else "content"
+  changed = sorted(k for k in {*saved, *want} if k not in ignore and saved.get(k) != want.get(k))
+  if not values:
+    return ", ".join(changed[:4])
+  return "; ".join(
+    f"{k}: cells have {json.dumps(saved.get(k))}, this run {json.dumps(want.get(k))}"
+    for k in changed
+  )
 
 
 def check_source(src: pathlib.Path, ours: dict[str, dict]) -> None:
@@ -135,7 +142,9 @@ def check_source(src: pathlib.Path, ours: dict[str, dict]) -> None:
   for name in IDENTITY_FILES:
     if not (src / name).exists():
       raise ConfigError(f"--config.restore_cells_from={str(src)!r}: {src / name} is missing")
-    if keys := _differing(json.loads((src / name).read_text()), ours[name], MAY_DIFFER):
+    if keys := identity_diff(
+      json.loads((src / name).read_text()), ours[name], MAY_DIFFER, values=False
+    ):
       raise CheckpointMismatchError(
         f"--config.restore_cells_from={str(src)!r}: its {name} differs from this run's "
         f"({keys}): its cells are not this evaluation's; move {src} away (launch/"
@@ -162,7 +171,9 @@ def archive(workdir: pathlib.Path, dest: pathlib.Path) -> int:
         "evaluation once with this code; its finished cells are kept)"
       )
     ours = json.loads((workdir / name).read_text())
-    if (dest / name).exists() and (keys := _differing(json.loads((dest / name).read_text()), ours)):
+    if (dest / name).exists() and (
+      keys := identity_diff(json.loads((dest / name).read_text()), ours, values=False)
+    ):
       raise CheckpointMismatchError(
         f"{dest} holds the cells of another evaluation (its {name} differs from {workdir}'s: "
         f"{keys}): archive into another directory, or move {dest} away"

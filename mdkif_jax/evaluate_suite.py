@@ -345,7 +345,7 @@ def check_cells_identity(workdir: pathlib.Path, config) -> None:
   """Refuse to resume cells computed under another config (naming the fields); record it."""
   path, want = workdir / "cells_identity.json", cell_identity(config)
   if path.exists():
-    detail = _identity_diff(json.loads(path.read_text()), want)
+    detail = cells_archive.identity_diff(json.loads(path.read_text()), want)
     if detail:
       raise checkpoint.CheckpointMismatchError(
         f"{workdir}: its finished cells were computed under another config ({detail}); use "
@@ -360,14 +360,6 @@ def skill_free(cell: str) -> bool:
   return cell == "base" or (cell.startswith("base_k") and cell[6:].isdigit())
 
 
-def _identity_diff(saved: dict, want: dict, ignore=()) -> str:
-  changed = sorted(k for k in {*saved, *want} if k not in ignore and saved.get(k) != want.get(k))
-  return "; ".join(
-    f"{k}: cells have {json.dumps(saved.get(k))}, this run {json.dumps(want.get(k))}"
-    for k in changed
-  )
-
-
 def reuse_source(config) -> pathlib.Path | None:
   """The evaluation --config.reuse_cells_from names, once its config is checked to equal this
   one but for REUSE_MAY_DIFFER (None when not set)."""
@@ -377,7 +369,9 @@ def reuse_source(config) -> pathlib.Path | None:
   path = src / "cells_identity.json"
   if not path.exists():
     raise ConfigError(f"--config.reuse_cells_from={str(src)!r}: no evaluation ({path} missing)")
-  detail = _identity_diff(json.loads(path.read_text()), cell_identity(config), REUSE_MAY_DIFFER)
+  detail = cells_archive.identity_diff(
+    json.loads(path.read_text()), cell_identity(config), REUSE_MAY_DIFFER
+  )
   if detail:
     raise checkpoint.CheckpointMismatchError(
       f"--config.reuse_cells_from={str(src)!r}: its cells were computed under another config "
@@ -400,7 +394,7 @@ def record_prompting(workdir: pathlib.Path, run_config, src: pathlib.Path | None
   ours = prompting_of(run_config)
   path = workdir / "prompting.json"
   if path.exists():
-    if detail := _identity_diff(json.loads(path.read_text()), ours):
+    if detail := cells_archive.identity_diff(json.loads(path.read_text()), ours):
       raise checkpoint.CheckpointMismatchError(
         f"{workdir}: its cells were prompted otherwise ({detail}; stage 1's template or max_len "
         "changed); use another --workdir"
@@ -415,7 +409,7 @@ def record_prompting(workdir: pathlib.Path, run_config, src: pathlib.Path | None
       f"--config.reuse_cells_from={str(src)!r}: {theirs} is missing (an evaluation from before "
       "prompting.json: rerun it once, its finished cells are kept, or drop reuse_cells_from)"
     )
-  if detail := _identity_diff(json.loads(theirs.read_text()), ours):
+  if detail := cells_archive.identity_diff(json.loads(theirs.read_text()), ours):
     raise checkpoint.CheckpointMismatchError(
       f"--config.reuse_cells_from={str(src)!r}: its rows were prompted otherwise ({detail}); "
       "its base cells are not this run's: drop reuse_cells_from"
