@@ -93,7 +93,8 @@ def data_config() -> ml_collections.ConfigDict:
   # trains the skills of the top-level `skills` field; this only narrows what is read.
   c.skills = "all"
   # The user's own JSONL files of {"skill", "context"?, "query", "answer", "id"?, "split"?},
-  # relative to data_dir or absolute; loaded as the source "instruct".
+  # relative to data_dir (the working directory when data_dir is None: the demo corpus is
+  # then not loaded) or absolute; loaded as the source "instruct".
   c.instruct_files = ()
   # Datasets loaded with `datasets.load_dataset(name_or_path, config, split=split)`: a hub
   # name (needs network access, or the datasets cache when HF_DATASETS_OFFLINE=1) or a local

@@ -7,7 +7,7 @@ Default (the demo corpus's reserved rows as one task, right after README's first
 
 Presets after a colon, comma-separated, then `key=value` overrides:
 
-  --config=configs/eval.py:paper      # the paper's 9 tasks on ../shared/data, every method
+  --config=configs/eval.py:paper      # the paper's 9 tasks on ../shared/data, 10 methods
   --config=configs/eval.py:tiny       # random tiny model (tests, smoke runs)
   --config=configs/eval.py:lm_eval_mcqa  # lm-evaluation-harness's MCQA prompt, the base only
   --config=configs/eval.py:paper,curve --config.skills_step=75  # a learning-curve point
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # from its checkpoint: the rows the skills saw); "config" = data.template and data.max_len
   # as set here (the lm_eval_mcqa preset).
   c.prompting = "stage1"
-  c.fit_fraction = 0.3  # share of a task's rows (by id hash) that may be fitted on
+  c.fit_fraction = 0.3  # share of a task's rows (by a hash of task and input) that may be fitted on
   c.max_fit_rows = 0  # at most this many fit rows per task (0 = all)
   c.max_scored_rows = 0  # at most this many scored rows per task (0 = all)
   # Another evaluation's workdir whose base and base_k<k> cells (which do not depend on the

@@ -14,7 +14,8 @@ Presets after a colon, comma-separated, then `key=value` overrides:
   --config=configs/router.py:full_baselines        # + each single skill, every router kind,
                                                    #   CMA-ES on k = 5, 20 rows x 3 seeds
   --config=configs/router.py:shared,task=pubmedqa  # a reserved task of ../shared/data
-  --config=configs/router.py:fewshot               # CMA-ES on k = 5, 20, 100 examples
+  --config=configs/router.py:shared,fewshot        # CMA-ES on k = 5, 20, 100 examples (a task
+                                                   #   with >= 100 fit rows: not the demo's 34)
   --config=configs/router.py:gate                  # the input-conditioned router
   --config=configs/router.py:rqe_small             # the real run of docs/results.md
   --config=configs/router.py:meqsum_small          # its second task (ROUGE)
@@ -32,7 +33,7 @@ from configs import common, skill
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "router"  # which stage main.py runs: "skill" | "router" (this file)
+  c.stage = "router"  # which stage main.py runs: "skill" | "router" (this file) | "eval"
   c.model = common.model_config("smollm2_135m")  # the frozen base: the one the skills trained on
   c.mesh = common.mesh_config()  # devices and the logical-axis rule table (as in stage 1)
   # The data section. Its template and max_len are replaced by the stage-1 checkpoint's (the

@@ -26,7 +26,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "skill"  # which stage main.py runs: "skill" (this file) | "router"
+  c.stage = "skill"  # which stage main.py runs: "skill" (this file) | "router" | "eval"
   c.model = common.model_config("smollm2_135m")  # the frozen base (configs/common.py)
   c.mesh = common.mesh_config()  # devices and the logical-axis rule table
   c.adalora = common.adalora_config()  # one AdaLoRA adapter per skill

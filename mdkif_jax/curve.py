@@ -3,7 +3,7 @@ or `--measure gain`: the mean relative gain) against the training examples each 
 seen, one point per evaluation of a stage-1 checkpoint.
 
   python -m mdkif_jax.curve runs/paper/skill runs/paper/curve_75 runs/paper/curve_150 \
-    runs/paper/eval --out docs/results/learning_curve.png
+    runs/paper/eval --out docs/results/paper/learning_curve.png
 
 Each evaluation workdir's cells_identity.json names the stage-1 workdir and step it scored
 (`skills_step`; none = the latest); the examples come from that checkpoint's data position

@@ -122,3 +122,14 @@ def test_bad_conll_and_xml(tmp_path, shared_data):
   assert report.skipped == {str(rqe / "RQE_Train_8588_AMIA2016.xml"): 1}
   with pytest.raises(DataError, match=r"RQE_Train_8588_AMIA2016.xml:3: malformed XML"):
     load_all(cfg(data_dir=str(tmp_path), sources="rqe", strict=True))
+
+
+def test_instruct_files_without_data_dir_load_instead_of_the_demo(tmp_path, monkeypatch):
+  path = write_jsonl(tmp_path / "mine.jsonl", [rec(id="a"), rec(id="b", query="Q2?")])
+  splits = load_all(cfg(instruct_files=(path,)))  # absolute, no data_dir
+  assert sorted(e.id for s in splits.values() for e in s) == ["a", "b"]
+  monkeypatch.chdir(tmp_path)  # relative: to the working directory
+  splits = load_all(cfg(instruct_files=("mine.jsonl",)))
+  assert {e.source for s in splits.values() for e in s} == {"instruct"}
+  with pytest.raises(DataError, match="data.instruct_files: absent.jsonl is not a file"):
+    load_all(cfg(instruct_files=("absent.jsonl",)))

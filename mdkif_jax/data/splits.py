@@ -113,12 +113,16 @@ def _split_name(split: str) -> str:
 def _items(cfg, report: LoadReport):
   """(source name, item) for every converted item the config selects.
 
-  The demo corpus loads only when neither `data_dir` nor `hub_datasets` is set.
+  The demo corpus loads only when none of `data_dir`, `hub_datasets` and `instruct_files` is
+  set; without `data_dir`, `instruct_files` are relative to the working directory.
   """
   hub_specs = hub.parse_specs(cfg.get("hub_datasets", ()))  # Config errors before any loading.
   root = None
   if cfg.get("data_dir") is None:
-    if not hub_specs:
+    if cfg.get("instruct_files"):
+      for item in SOURCES["instruct"].convert(pathlib.Path("."), report, cfg):
+        yield "instruct", item
+    elif not hub_specs:
       for item in demo.items():
         yield "demo", item
   else:

@@ -14,7 +14,7 @@ import dataclasses
 import pathlib
 from collections.abc import Callable, Iterator
 
-from mdkif_jax.data.example import Example, LoadReport, check_example
+from mdkif_jax.data.example import DataError, Example, LoadReport, check_example
 from mdkif_jax.data.sources import kg, qa, text
 from mdkif_jax.data.sources._io import read_json_rows
 
@@ -40,6 +40,8 @@ def instruct(root: pathlib.Path, report: LoadReport, opts) -> Iterator[Item]:
   """
   for rel in opts.get("instruct_files", ()) or ():
     path = pathlib.Path(rel) if pathlib.Path(rel).is_absolute() else root / rel
+    if not path.is_file():  # a typo in the config, not a bad record: never skipped
+      raise DataError(f"data.instruct_files: {path} is not a file")
     for line, row in read_json_rows(path, report, ("skill", "query", "answer")):
       # Checked here, not left to `str()` or to `splits.role_of`: a list context would become
       # its repr, and an unknown split would abort the whole load instead of skipping a line.
