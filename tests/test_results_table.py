@@ -199,3 +199,23 @@ def test_the_bar_is_read_part_by_part_from_the_all_task_summaries():
   assert want + " bar's 9) |" in lines
   del res["all_tasks"]["router_vs"]["adalora_task"]  # a control or a curve point: no bar
   assert "## Against the bar" not in reporting.results_table(res)
+
+
+def test_the_time_table_gives_each_methods_minutes_per_task_and_in_all():
+  res = _results({"base": 0.4, "gd": 0.5})
+  res["tasks"]["u"] = res["tasks"]["t"] | {
+    "methods": {"gd": dict(res["tasks"]["t"]["methods"]["gd"])}
+  }
+  for (t, m), (wall, cpu) in {
+    ("t", "base"): (60, 30),
+    ("t", "gd"): (600, 540),
+    ("u", "gd"): (120, 90),
+  }.items():
+    res["tasks"][t]["methods"][m] |= {"seconds": wall, "cpu_seconds": cpu}
+  lines = reporting.results_table(res)
+  i = lines.index("| CPU minutes | t | u | all tasks |")
+  assert lines[i + 2 : i + 4] == ["| base | 0.5 | - | 0.5 |", "| gd | 9.0 | 1.5 | 10.5 |"]
+  del res["tasks"]["u"]["methods"]["gd"]["cpu_seconds"]  # one cell without CPU time: wall for all
+  lines = reporting.results_table(res)
+  i = lines.index("| wall minutes | t | u | all tasks |")
+  assert lines[i + 3] == "| gd | 10.0 | 2.0 | 12.0 |"
