@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stage-1 workdir(s) holding the skills (<dir>/checkpoints), comma-separated; their skills
   # are stacked on the skill axis in this order. Required.
   c.skills_from = ml_collections.config_dict.placeholder(str)
-  # Checkpoint step to load when skills_from is one workdir; None = the latest.
+  # Checkpoint step to load when skills_from is one workdir; None = the latest, which must be
+  # the run's last step (an unfinished stage 1 is refused: name a step to use it anyway).
   c.skills_step = ml_collections.config_dict.placeholder(int)
   # The downstream task: a source with reserved rows in the split registry
   # (mdkif_jax/data/splits.py, e.g. "pubmedqa", "covid_dialogue", "mmlu_fewshot", "demo"),

@@ -23,7 +23,9 @@
 # retrained from scratch gives the same weights bit for bit (same code, same machine kind).
 #
 # A piece is rerun after an interruption (it continues from its checkpoint or cells) and
-# skipped once it has finished. timings.tsv gets a row for each run of a piece that ends (done
+# skipped once it has finished; one that builds on another (curve and eval_union/eval_lora on
+# eval, eval_union on union, eval_lora on lora, controls on all three evaluations) stops
+# unless that one has finished, so two chains can split the pieces safely. timings.tsv gets a row for each run of a piece that ends (done
 # or failed); a run killed with its session leaves none, so a piece's wall and CPU time are
 # its evaluation cells' own (`seconds`, `cpu_seconds`) and stage 1's metrics.jsonl
 # (`interval_wall_s`, `interval_cpu_s`).
@@ -88,6 +90,28 @@ publish() {  # publish NAME: its cells and identity files (archive checks them),
   if [[ -f $RUNS/$1/router_weights.png ]]; then cp "$RUNS/$1/router_weights.png" "$PUBLISH/$1/"; fi
 }
 
+# needs PIECE...: stop unless each piece has finished (a later piece on an unfinished one
+# would score half-trained skills or recompute cells the other chain is computing)
+needs() {
+  local d
+  for d; do
+    if [[ ! -f $RUNS/.done_$d ]]; then
+      echo "error: piece $piece needs $d finished first (PIECES=$d, or wait for the chain running it)" >&2
+      exit 1
+    fi
+  done
+}
+
+# gather SRC DEST: every file under SRC into DEST but those DEST already has (`cp -n`, whose
+# exit status on a skipped file differs between coreutils releases)
+gather() {
+  local f rel
+  while IFS= read -r -d '' f; do
+    rel=${f#"$1"/}
+    if [[ ! -e $2/$rel ]]; then mkdir -p "$(dirname "$2/$rel")" && cp "$f" "$2/$rel"; fi
+  done < <(find "$1" -type f -print0)
+}
+
 # restore NAME: sets `restored` to the flag that restores evaluation NAME's archived cells, if any
 restore() {
   restored=()
@@ -119,7 +143,7 @@ for piece in $PIECES; do
         ((failed == 0)) || exit 1
         mkdir -p "$RUNS/eval/cells"
         for ((i = 1; i <= EVAL_PROCS; i++)); do
-          if [[ -d $RUNS/eval_part$i/cells ]]; then cp -rn "$RUNS/eval_part$i/cells/." "$RUNS/eval/cells/"; fi
+          if [[ -d $RUNS/eval_part$i/cells ]]; then gather "$RUNS/eval_part$i/cells" "$RUNS/eval/cells"; fi
         done
       fi
       main eval --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
@@ -127,6 +151,7 @@ for piece in $PIECES; do
       publish eval
       ;;
     curve)
+      needs eval
       for step in 75 150; do
         restore "curve_$step"
         main "curve_$step" --config=configs/eval.py:paper,curve \
@@ -139,6 +164,7 @@ for piece in $PIECES; do
       ;;
     union | lora) main "$piece" --config=configs/skill.py:paper,$piece --workdir="$RUNS/$piece" ;;
     eval_union | eval_lora)
+      needs "${piece#eval_}" eval
       restore "$piece"
       main "$piece" --config=configs/eval.py:paper,control \
         --config.skills_from="$RUNS/${piece#eval_}" --config.reuse_cells_from="$RUNS/eval" \
@@ -146,6 +172,7 @@ for piece in $PIECES; do
       publish "$piece"
       ;;
     controls)
+      needs eval eval_union eval_lora
       run controls "$PYTHON" -m mdkif_jax.compare "$RUNS/eval" "$RUNS/eval_union" "$RUNS/eval_lora" \
         --labels "AdaLoRA skills" "union AdaLoRA" "LoRA skills" --out "$PUBLISH/controls.png"
       ;;

@@ -172,7 +172,8 @@ def archive(workdir: pathlib.Path, dest: pathlib.Path) -> int:
       )
     ours = json.loads((workdir / name).read_text())
     if (dest / name).exists() and (
-      keys := identity_diff(json.loads((dest / name).read_text()), ours, values=False)
+      # the paths may differ, as on restore: the archive of a run made elsewhere goes on
+      keys := identity_diff(json.loads((dest / name).read_text()), ours, MAY_DIFFER, values=False)
     ):
       raise CheckpointMismatchError(
         f"{dest} holds the cells of another evaluation (its {name} differs from {workdir}'s: "

@@ -251,6 +251,15 @@ def load_one(workdir, base_cfg, mesh, step=None) -> tuple[dict, dict, float]:
     )
   meta = read_meta(mngr, latest)
   _refuse_other_base(meta, model_identity(base_cfg), ckpt / str(latest))
+  planned = meta.get("train.steps")
+  if step is None and planned is not None and latest < int(planned):
+    # Taking the latest step of an unfinished run would silently score half-trained skills
+    # (and pin an evaluation's cells to them): use one only when it is asked for by step.
+    raise SkillsMismatchError(
+      f"skills_from={str(workdir)!r}: stage 1 there reached step {latest} of {planned} (still "
+      f"training, or stopped): let it finish (rerun stage 1 with --workdir={workdir}), or use "
+      f"this checkpoint on purpose with --config.skills_step={latest} (one workdir only)"
+    )
   S, r, L = len(meta["skills"]), int(meta["init_r"]), base_cfg.num_hidden_layers
   dims = base_cfg.projection_dims()
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -459,6 +459,11 @@ def test_an_archive_without_the_datas_text_restores_every_cell(evaluated, tmp_pa
         p["prediction"] = None  # the one thing an archive does not give back
     assert got == want, rel
   assert again["tasks"]["demo"] == results["tasks"]["demo"]
+  # re-archiving over an archive made where the stage-1 run had another path goes on
+  ident = json.loads((arch / "cells_identity.json").read_text())
+  (arch / "cells_identity.json").write_text(json.dumps(ident | {"skills_from": "/elsewhere"}))
+  cells_archive.archive(root / "run", arch)
+  assert json.loads((arch / "cells_identity.json").read_text()) == ident
 
   demo = next((arch / "cells" / "demo").glob("*.json"))
   good = demo.read_text()

@@ -2,6 +2,7 @@
 of another base model, an unknown task, a task without reserved rows, k larger than the data."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +163,7 @@ def test_bad_task_and_k_larger_than_the_data(tmp_path, base):
 def test_a_real_stage1_checkpoint_loads_as_trained(tmp_path, base):
   from tests.test_train import tiny_config
 
-  stage1_cfg = tiny_config(skills="qa+ner", steps=4)
+  stage1_cfg = tiny_config(skills="qa+ner", steps=4, checkpoint_every=2, keep_checkpoints=2)
   stage1 = train.train_skills(stage1_cfg, tmp_path / "skills", ("qa", "ner"), base=base)
   cfg = tiny(tmp_path)
   stacked, names, scale = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
@@ -173,6 +174,12 @@ def test_a_real_stage1_checkpoint_loads_as_trained(tmp_path, base):
   # stage 1 records how it prompted, for stage 2
   loaded = checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
   assert loaded.serving == checkpoint.serving_meta(stage1_cfg.data)
+  # an unfinished run (its last step gone: still training, or killed) is not taken silently
+  shutil.rmtree(tmp_path / "skills" / "checkpoints" / "4")
+  with pytest.raises(checkpoint.SkillsMismatchError, match="reached step 2 of 4.*skills_step=2"):
+    checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1)))
+  cfg.skills_step = 2  # asked for by step: loads
+  assert checkpoint.load_skills(cfg, base.cfg, sharding.make_mesh((1, 1, 1))).names == names
 
 
 def test_router_config_presets():
