@@ -272,6 +272,7 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
     )
     for n in tasks
   }
+  dagger = None
   for m in methods:
     cells = []
     for n in tasks:
@@ -292,9 +293,20 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
       if g is None or m == "base"
       else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
     )
+    used, total = (g or {}).get("resamples", [0, 0])
+    if used < total and m != "base":
+      gain += "†"
+      dagger = (used, total)
     d = (g or {}).get("mean_delta")
     delta = "-" if d is None or m == "base" else signed(d)
     lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} | {delta} |")
+  if dagger:
+    lines += [
+      "",
+      f"† the interval of the mean relative gain holds the {dagger[0]} of {dagger[1]} resamples "
+      "in which no task's base scores 0 (in the others a relative gain is undefined): read the "
+      "mean Δ, which uses them all.",
+    ]
   return lines + [""]
 
 

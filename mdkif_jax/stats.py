@@ -69,15 +69,22 @@ def relative_gain(
 ) -> dict:
   """The mean over tasks of (method - base) / base (the paper's "+x% over the base"), with
   its interval from the tasks' bootstrap values resampled together. Tasks whose base scores
-  0 are left out (their relative gain is undefined)."""
+  0 are left out (their relative gain is undefined), and so are the resamples in which a task's
+  base scores 0: with a base near 0 the interval is conditional on the base being above 0
+  (`resamples` says how many were used; gain_of_means and mean_difference use them all)."""
   pairs = [(m, b) for m, b in zip(methods, bases, strict=True) if b.score > 0]
   if not pairs:
     return {"mean_relative_gain": float("nan"), "ci": [float("nan")] * 2, "tasks": 0}
   gain = np.mean([(m.score - b.score) / b.score for m, b in pairs])
   with np.errstate(divide="ignore", invalid="ignore"):
     boot = np.mean([(m.boot - b.boot) / np.where(b.boot > 0, b.boot, np.nan) for m, b in pairs], 0)
-  boot = boot[np.isfinite(boot)]
-  return {"mean_relative_gain": float(gain), "ci": list(interval(boot, level)), "tasks": len(pairs)}
+  used = boot[np.isfinite(boot)]  # a resample in which a task's base scores 0 has no gain
+  return {
+    "mean_relative_gain": float(gain),
+    "ci": list(interval(used, level)),
+    "tasks": len(pairs),
+    "resamples": [int(used.size), int(boot.size)],  # [with a gain, in all]
+  }
 
 
 def gain_of_means(

@@ -45,7 +45,11 @@ def test_relative_gain_is_the_mean_over_tasks_and_skips_a_zero_base():
   # task gains: 0.1 / 0.5 = 0.2 and 0.1 / 0.2 = 0.5 -> mean 0.35; the zero base is left out
   assert g["mean_relative_gain"] == pytest.approx(0.35) and g["tasks"] == 2
   # per resample: (0.2 + 0.5) / 2 = 0.35 and (0.5 + 0) / 2 = 0.25
-  assert g["ci"] == pytest.approx([0.275, 0.325])
+  assert g["ci"] == pytest.approx([0.275, 0.325]) and g["resamples"] == [2, 2]
+  # a base near 0 that resamples to 0: that resample has no gain and is counted out
+  near = stats.Estimate(0.1, (0, 1), 2, np.asarray([0.1, 0.0]))
+  g = stats.relative_gain([m1, m2], [b1, near], level=0.5)
+  assert g["resamples"] == [1, 2] and g["ci"] == pytest.approx([(0.2 + 2.0) / 2] * 2)
 
 
 def test_mean_difference_is_in_points_and_keeps_a_near_zero_base():
