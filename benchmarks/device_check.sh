@@ -50,7 +50,6 @@ flags=()
 if [[ $mode == smoke ]]; then
   PY=${PYTHON:-.venv/bin/python}
   flags=(--smoke)
-  export MDKIF_GPU_TESTS_ON_CPU=1  # a second host CPU device stands in for the GPU
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0"  # CPU: compile, not speed
 fi
 OUT=${OUT:-$(mktemp -d /tmp/device_check.XXXXXX)}
