@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mdkif_jax import checkpoint, inspect_report, inspect_step, reporting
+from mdkif_jax import checkpoint, evaluate_suite, inspect_report, inspect_step, metrics, reporting
+from mdkif_jax.data import suite
 from mdkif_jax.peft import adalora
 
 SET_ASIDE = re.compile(r"(\d+)\.damaged(-\d+)?")  # checkpoint._set_aside's names
@@ -180,13 +181,30 @@ def router(workdir: pathlib.Path, step_dir: pathlib.Path, got: dict) -> tuple:
 def evaluation(workdir: pathlib.Path) -> dict:
   """The results table of an evaluation workdir and its finished cells."""
   rep: dict[str, Any] = {"kind": "evaluation", "workdir": str(workdir), "damaged": []}
-  rep["cells"] = {}
+  rep["cells"], rep["cell_scores"] = {}, {}
   for path in sorted((workdir / "cells").glob("*/*.json")):
-    rep["cells"].setdefault(path.parent.name, []).append(path.stem)
+    task = path.parent.name
+    rep["cells"].setdefault(task, []).append(path.stem)
     try:
-      json.loads(path.read_text(encoding="utf-8"))
+      cell = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
       rep["damaged"].append(inspect_step.damage(path.parent, path.name, e))
+      continue
+    # an evaluation still running has no results.json yet: each finished cell's headline
+    # metric (a registered task's first; a task file's accuracy) and its minutes
+    spec = suite.TASKS.get(task)
+    metric = spec.metrics[0] if spec else "accuracy"
+    try:  # from the rows' outcomes, as the table will be (an archived cell has no gold)
+      out = evaluate_suite.read_outcomes(cell)
+      score = metrics.metric_on(metric, out, np.arange(out.n))
+    except (KeyError, TypeError, ValueError):
+      score = (cell.get("scores") or {}).get(metric) if isinstance(cell, dict) else None
+    if score is not None:
+      minutes = cell.get("seconds", 0) / 60
+      rep["cell_scores"].setdefault(task, {"metric": metric, "cells": {}})["cells"][path.stem] = {
+        "score": score,
+        "minutes": minutes,
+      }
   rep["results"] = None
   if (workdir / "results.json").is_file():
     try:

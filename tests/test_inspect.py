@@ -258,6 +258,21 @@ def test_evaluation_report_is_the_results_table_and_a_damaged_cell_is_named(caps
   assert rc == 2 and "uniform.json: JSONDecodeError" in err
 
 
+def test_a_running_evaluation_shows_each_finished_cells_headline_metric(capsys, tmp_path):
+  out = {"gold": ["A", "B", "C", "A"], "pred": ["A", "A", "C", "B"], "rouge": [-1] * 12}
+  out |= {"pred_norm": out["pred"], "counts": [0] * 12}
+  (tmp_path / "cells" / "medmcqa").mkdir(parents=True)
+  cell = {"scores": {"accuracy": 0.9}, "outcomes": out, "seconds": 150}
+  (tmp_path / "cells" / "medmcqa" / "gd.json").write_text(json.dumps(cell))
+  (tmp_path / "cells" / "healthfc").mkdir()
+  archived = {"scores": {"accuracy": 0.6, "macro_f1": 0.25}, "seconds": 60}  # no gold to score
+  (tmp_path / "cells" / "healthfc" / "base.json").write_text(json.dumps(archived))
+  rc, text, _ = _inspect(capsys, tmp_path)
+  assert rc == 0 and "results: none yet" in text
+  assert "  medmcqa (accuracy): gd 0.500 (2)" in text  # from the rows, not the stored 0.9
+  assert "  healthfc (macro_f1): base 0.250 (1)" in text  # the task's headline metric
+
+
 def test_a_path_that_is_no_run_or_a_missing_step_is_one_line(run, capsys, tmp_path):
   rc, _, err = _inspect(capsys, tmp_path)
   assert rc == 2 and err.startswith("error: InspectError: ") and "not a run" in err
