@@ -25,9 +25,10 @@
 # A piece is rerun after an interruption (it continues from its checkpoint or cells) and
 # skipped once it has finished; one that builds on another (curve and eval_union/eval_lora on
 # eval, eval_union on union, eval_lora on lora, controls on all three evaluations) stops
-# unless that one has finished, so two chains can split the pieces safely. timings.tsv gets a row for each run of a piece that ends (done
-# or failed); a run killed with its session leaves none, so a piece's wall and CPU time are
-# its evaluation cells' own (`seconds`, `cpu_seconds`) and stage 1's metrics.jsonl
+# unless that one has finished, so two chains can split the pieces safely. timings.tsv gets
+# a row for each run of a piece that ends (done or failed); a run killed with its session
+# leaves none, so a piece's wall and CPU time are its evaluation cells' own (`seconds`,
+# `cpu_seconds`) and stage 1's metrics.jsonl
 # (`interval_wall_s`, `interval_cpu_s`).
 #
 # Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON

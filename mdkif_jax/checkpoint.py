@@ -257,8 +257,9 @@ def load_one(workdir, base_cfg, mesh, step=None) -> tuple[dict, dict, float]:
     # (and pin an evaluation's cells to them): use one only when it is asked for by step.
     raise SkillsMismatchError(
       f"skills_from={str(workdir)!r}: stage 1 there reached step {latest} of {planned} (still "
-      f"training, or stopped): let it finish (rerun stage 1 with --workdir={workdir}), or use "
-      f"this checkpoint on purpose with --config.skills_step={latest} (one workdir only)"
+      f"training, or stopped): let it finish (rerun stage 1 with --workdir={workdir}), or name "
+      f"this checkpoint to use it on purpose: --config.skills_step={latest} (stage 2 and the "
+      f"evaluation, on one joint-mode workdir) or export's --step {latest}"
     )
   S, r, L = len(meta["skills"]), int(meta["init_r"]), base_cfg.num_hidden_layers
   dims = base_cfg.projection_dims()

@@ -79,7 +79,7 @@ def _cell(path: pathlib.Path) -> Cell:
       "into an evaluation (--config.restore_cells_from) and compare that"
     )
   try:
-    out = evaluate_suite.read_outcomes(c)
+    out = metrics.Outcomes.from_json(c["outcomes"])
     rows = tuple((p["id"], p["answer"]) for p in c["predictions"])
   except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise CompareError(f"{path}: not an evaluation cell ({type(e).__name__}: {e})") from None
@@ -205,10 +205,7 @@ def table(res: dict) -> list[str]:
       if not g["tasks"]:  # every task's control scored 0: no relative gain
         lines.append(f"- {track}: {first} over {o}: {points}, relative gain n/a ({o} scores 0)")
         continue
-      lines.append(
-        f"- {track}: {first} over {o}: {points}, mean relative gain "
-        f"{100 * g['mean_relative_gain']:+.1f}% [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
-      )
+      lines.append(f"- {track}: {first} over {o}: {points}, mean relative gain {reporting.pct(g)}")
   wins = {o: sum(e["first_minus"][o]["ci"][0] > 0 for e in res["tasks"].values()) for o in others}
   losses = {o: sum(e["first_minus"][o]["ci"][1] < 0 for e in res["tasks"].values()) for o in others}
   for o in others:

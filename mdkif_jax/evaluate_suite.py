@@ -277,23 +277,9 @@ def run_cell(t, run) -> dict:
     "cpu_seconds": cpu_seconds,
     "weights": None if out.weights is None else np.asarray(out.weights).tolist(),
     "chosen": out.state.get("chosen"),
-    "outcomes": {
-      "gold": list(oc.gold),
-      "pred": list(oc.pred),
-      "pred_norm": list(oc.pred_norm),
-      "rouge": np.nan_to_num(oc.rouge, nan=-1.0).tolist(),
-      "counts": oc.counts.tolist(),
-    },
+    "outcomes": oc.to_json(),
     "predictions": evaluate.prediction_records("", scorer, t.score_rows),
   }
-
-
-def read_outcomes(cell: dict) -> metrics.Outcomes:
-  o = cell["outcomes"]
-  rouge = np.asarray(o["rouge"], np.float64).reshape(-1, 3)
-  rouge[rouge < 0] = np.nan
-  counts = np.asarray(o["counts"], np.float64).reshape(-1, 3)
-  return metrics.Outcomes(tuple(o["gold"]), tuple(o["pred"]), tuple(o["pred_norm"]), rouge, counts)
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -562,7 +548,7 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
       per_method.setdefault(method, []).append((cell, done[(spec.name, cell)]))
     methods_out, estimates, gold = {}, {}, None
     for method, entries in per_method.items():
-      outs = [read_outcomes(d) for _, d in entries]
+      outs = [metrics.Outcomes.from_json(d["outcomes"]) for _, d in entries]
       est, ests = method_estimate(outs, idx, headline)
       score = est.score
       estimates[method] = est

@@ -11,9 +11,11 @@
 the base with one skill or the router's mixture merged in (or the base alone). `--router` is a
 stage-2 router workdir or an evaluation's cell (EVAL/cells/TASK/gd.json: the weights that
 evaluation scored with, over the skills of its skills_from, which --from must be). `--from` takes
-what --config.skills_from takes (workdirs, peft:PATH). The export is written to OUT.tmp,
-re-read (by our loader, and by transformers/PEFT when torch is installed) and compared with our
-logits on a few rows; README.md records the agreement and this command; then OUT.tmp -> OUT.
+what --config.skills_from takes (workdirs, peft:PATH), at their last step (`--step N`: a
+checkpoint of a run that has not finished; a router brings the step it was fitted on). The
+export is written to OUT.tmp, re-read (by our loader, and by transformers/PEFT when torch is
+installed) and compared with our logits on a few rows; README.md records the agreement and this
+command; then OUT.tmp -> OUT.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ def parse_args(argv):
     "--router",
     help="a stage-2 router workdir, or an evaluation's cell (EVAL/cells/TASK/METHOD.json of a "
     "task-level method: gd, cmaes*, best_single) with --from its skills_from",
+  )
+  p.add_argument(
+    "--step",
+    type=int,
+    help="the checkpoint step of --from (default: its last, which must end its training; a "
+    "--router brings its own)",
   )
   p.add_argument("--format", required=True, choices=("peft", "lora", "hf"))
   p.add_argument("--out", required=True, type=pathlib.Path)
@@ -122,7 +130,7 @@ def _router(args) -> tuple[np.ndarray, list[str] | None, str, int | None]:
   if path is None:
     state, meta = checkpoint.load_router(args.router)
     weights = np.asarray(state["weights"], np.float32)
-    return weights, list(meta["skills"]), meta.get("method", ""), None
+    return weights, list(meta["skills"]), meta.get("method", ""), meta.get("skills_step")
   ident = _cell_identity(args, path)
   method = path.stem
   weights = json.loads(path.read_text()).get("weights")
@@ -141,7 +149,12 @@ def _skills(args, base_cfg):
   """(Skills or None, indices of the chosen skills, router weights over the stack or None)."""
   if not args.skills_from:
     return None, [], None
-  weights, mixed, _, step = _router(args) if args.router else (None, None, "", None)
+  weights, mixed, _, step = _router(args) if args.router else (None, None, "", args.step)
+  if args.router and args.step is not None and args.step != step:
+    raise ExportError(
+      f"--step {args.step}: --router {args.router} was fitted on the skills at step "
+      f"{'the last' if step is None else step}; leave --step out"
+    )
   cfg = types.SimpleNamespace(skills_from=args.skills_from, skills_step=step)
   skills = checkpoint.load_skills(cfg, base_cfg, sharding.make_mesh((1, 1, 1)))
   names = list(skills.names)

@@ -301,6 +301,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
     "gate_hidden": config.gate.hidden,
     "gate_top_k": config.gate.top_k,
     "scale": t.scale,
+    "skills_step": config.get("skills_step"),  # None: the runs' last (export merges these)
   }
   data_state = {"fit_rows": len(t.fit_rows), "score_rows": len(t.score_rows)}
   checkpoint.save_router(workdir, state, meta, data_state)

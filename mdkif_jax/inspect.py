@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mdkif_jax import checkpoint, evaluate_suite, inspect_report, inspect_step, metrics, reporting
+from mdkif_jax import checkpoint, inspect_report, inspect_step, metrics, reporting
 from mdkif_jax.data import suite
 from mdkif_jax.peft import adalora
 
@@ -195,12 +195,14 @@ def evaluation(workdir: pathlib.Path) -> dict:
     spec = suite.TASKS.get(task)
     metric = spec.metrics[0] if spec else "accuracy"
     try:  # from the rows' outcomes, as the table will be (an archived cell has no gold)
-      out = evaluate_suite.read_outcomes(cell)
+      out = metrics.Outcomes.from_json(cell["outcomes"])
       score = metrics.metric_on(metric, out, np.arange(out.n))
-    except (KeyError, TypeError, ValueError):
-      score = (cell.get("scores") or {}).get(metric) if isinstance(cell, dict) else None
-    if score is not None:
-      minutes = cell.get("seconds", 0) / 60
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+      stored = cell.get("scores") if isinstance(cell, dict) else None
+      score = stored.get(metric) if isinstance(stored, dict) else None
+    if isinstance(score, int | float) and not isinstance(score, bool):
+      seconds = cell.get("seconds")
+      minutes = seconds / 60 if isinstance(seconds, int | float) else float("nan")
       rep["cell_scores"].setdefault(task, {"metric": metric, "cells": {}})["cells"][path.stem] = {
         "score": score,
         "minutes": minutes,

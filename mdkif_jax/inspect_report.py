@@ -182,7 +182,7 @@ def evaluation_lines(rep: dict) -> list[str]:
     return out + rep["table"] + damage_lines(rep)
   out.append("results: none yet (no readable results.json); the finished cells, minutes in ():")
   for task, t in rep.get("cell_scores", {}).items():
-    cells = ", ".join(f"{m} {c['score']:.3f} ({c['minutes']:.0f})" for m, c in t["cells"].items())
+    cells = ", ".join(f"{m} {c['score']:.3f} ({c['minutes']:.1f})" for m, c in t["cells"].items())
     out.append(f"  {task} ({t['metric']}): {cells}")
   return out + damage_lines(rep)
 

@@ -247,6 +247,23 @@ class Outcomes:
   def n(self) -> int:
     return len(self.gold)
 
+  def to_json(self) -> dict:
+    """An evaluation cell's `outcomes` (NaN ROUGE as -1: JSON has no NaN)."""
+    return {
+      "gold": list(self.gold),
+      "pred": list(self.pred),
+      "pred_norm": list(self.pred_norm),
+      "rouge": np.nan_to_num(self.rouge, nan=-1.0).tolist(),
+      "counts": self.counts.tolist(),
+    }
+
+  @classmethod
+  def from_json(cls, o: dict) -> Outcomes:
+    rouge = np.asarray(o["rouge"], np.float64).reshape(-1, 3)
+    rouge[rouge < 0] = np.nan
+    counts = np.asarray(o["counts"], np.float64).reshape(-1, 3)
+    return cls(tuple(o["gold"]), tuple(o["pred"]), tuple(o["pred_norm"]), rouge, counts)
+
 
 def outcomes(plan: Plan, choice_scores: dict, texts: dict) -> Outcomes:
   """Per-row outcomes of one scoring (evaluate.TaskScorer.last). A row missing from both

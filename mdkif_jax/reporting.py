@@ -272,7 +272,6 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
     )
     for n in tasks
   }
-  dagger = None
   for m in methods:
     cells = []
     for n in tasks:
@@ -288,30 +287,16 @@ def _method_table(results: dict, track: str, tasks: list[str], methods: list[str
         text += f"<br>Δ {signed(d)}"
       cells.append(text)
     g = results["tracks"].get(track, {}).get(m)
-    gain = (
-      "-"
-      if g is None or m == "base"
-      else f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
-    )
-    used, total = (g or {}).get("resamples", [0, 0])
-    if used < total and m != "base":
-      gain += "†"
-      dagger = (used, total)
+    gain = "-" if g is None or m == "base" else pct(g)
     d = (g or {}).get("mean_delta")
     delta = "-" if d is None or m == "base" else signed(d)
     lines.append(f"| {m} | " + " | ".join(cells) + f" | {gain} | {delta} |")
-  if dagger:
-    lines += [
-      "",
-      f"† the interval of the mean relative gain holds the {dagger[0]} of {dagger[1]} resamples "
-      "in which no task's base scores 0 (in the others a relative gain is undefined): read the "
-      "mean Δ, which uses them all.",
-    ]
   return lines + [""]
 
 
 def _time_lines(results: dict) -> list[str]:
-  """The cells' summed wall time, and CPU time where the cells recorded it."""
+  """The cells' summed wall time, and CPU time where the cells recorded it; a table of each
+  method's minutes per task."""
   entries = [e for t in results["tasks"].values() for e in t["methods"].values()]
   if not all("seconds" in e for e in entries):
     return []
@@ -501,8 +486,12 @@ def _overall_lines(results: dict) -> list[str]:
 BAR_TASKS, BAR_WINS, BAR_SURE, BAR_GAIN, BAR_SHARE = 9, 7, 5, 0.10, 0.90
 
 
-def _pct(g: dict, key: str) -> str:
-  return f"{g[key]:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
+def pct(g: dict, key: str = "mean_relative_gain") -> str:
+  """A relative gain and its interval, in percent; where the interval had to leave resamples
+  out (in those a base resampled to 0: no relative gain), how many it holds."""
+  used, total = g.get("resamples", (0, 0))
+  note = f" (on {used} of {total} resamples)" if used < total else ""
+  return f"{g[key]:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]{note}"
 
 
 def _bar_lines(results: dict) -> list[str]:
@@ -528,8 +517,8 @@ def _bar_lines(results: dict) -> list[str]:
   for track, by in results.get("tracks", {}).items():
     g = by.get("gd")
     if g and g.get("tasks"):
-      of_means = _pct(g["gain_of_means"], "gain")
-      measured = f"{_pct(g, 'mean_relative_gain')} (the mean score: {of_means})"
+      of_means = pct(g["gain_of_means"], "gain")
+      measured = f"{pct(g, 'mean_relative_gain')} (the mean score: {of_means})"
       rows.append(
         (
           f"mean relative gain over the base >= {BAR_GAIN:+.0%}, {track}",
@@ -555,7 +544,7 @@ def _bar_lines(results: dict) -> list[str]:
   out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
   overall = (
     f"Over all {n} tasks: gd - base {signed(gd['mean_delta'])} points on average; its mean "
-    f"score {_pct(gd['gain_of_means'], 'gain')} over the base's."
+    f"score {pct(gd['gain_of_means'], 'gain')} over the base's."
   )
   return out + ["", overall, ""]
 
@@ -593,7 +582,7 @@ def _router_lines(results: dict, track: str, tasks: list[str]) -> list[str]:
     for e in gd.values():
       x = e["delta_vs"][ref]
       cells.append(signed(x))
-    gain = f"{g['mean_relative_gain']:+.1%} [{g['ci'][0]:+.1%}, {g['ci'][1]:+.1%}]"
+    gain = pct(g)
     out.append(f"| {ref} | " + " | ".join(cells) + f" | {gain} |")
   return out + [""]
 

@@ -28,7 +28,7 @@ SKILLS, INIT_R, ALPHA = ("qa", "ner", "sum"), 4, 8.0
 ROUTER_W = np.array([0.7, 0.0, -0.4], np.float32)  # ner unused: its ranks must not be exported
 
 
-def write_stage1(workdir, cfg, skills=SKILLS, init_r=INIT_R, seed=0) -> dict:
+def write_stage1(workdir, cfg, skills=SKILLS, init_r=INIT_R, seed=0, planned=40) -> dict:
   """A stage-1 checkpoint as train_skills writes it, with trained-looking AdaLoRA skills: E
   nonzero except pruned ranks (about a third, and every rank of layer 0's k_proj)."""
   dims, L = cfg.projection_dims(), cfg.num_hidden_layers
@@ -41,7 +41,9 @@ def write_stage1(workdir, cfg, skills=SKILLS, init_r=INIT_R, seed=0) -> dict:
     ad[t] = {**leaf, "E": jnp.asarray(e, jnp.float32)}
   scale = adapters.adapter_scale(ALPHA, init_r)
   meta = checkpoint.run_identity(cfg, skills, adapters.TARGETS, init_r, scale)
-  meta.update({"train.steps": 40, "adalora.tinit": 5, "adalora.tfinal": 10, "adalora.delta_t": 2})
+  meta.update(
+    {"train.steps": planned, "adalora.tinit": 5, "adalora.tfinal": 10, "adalora.delta_t": 2}
+  )
   meta["adalora.target_r"] = 2
   mngr = checkpoint.manager(workdir / "checkpoints", 1, False)
   state = {"adapters": ad, "opt_state": {"mu": ad}, "step": jnp.asarray(40, jnp.int32)}
@@ -50,8 +52,9 @@ def write_stage1(workdir, cfg, skills=SKILLS, init_r=INIT_R, seed=0) -> dict:
   return ad
 
 
-def write_router(workdir, cfg, method="cmaes", skills=SKILLS, w=ROUTER_W):
+def write_router(workdir, cfg, method="cmaes", skills=SKILLS, w=ROUTER_W, **more):
   meta = {"model": checkpoint.model_identity(cfg), "skills": list(skills), "method": method}
+  meta |= more
   checkpoint.save_router(workdir, {"weights": np.asarray(w, np.float32)}, meta, {})
 
 
@@ -171,6 +174,23 @@ def test_router_mixture_exports_as_one_lora_equal_to_the_merged_mixture(tiny):
       "--format",
       "lora",
     )
+
+
+def test_an_unfinished_stage1_exports_only_at_a_named_step(tiny):
+  skills_dir = str(tiny["root"] / "running")
+  write_stage1(tiny["root"] / "running", tiny["base"].cfg, planned=80)  # at step 40 of 80
+  args = ("--from", skills_dir, "--format", "peft", "--skills", "qa")
+  with pytest.raises(SkillsMismatchError, match="reached step 40 of 80.*--step 40"):
+    run_export(tiny, "running", *args)
+  _, out = run_export(tiny, "running", *args, "--step", "40")
+  assert (out / "qa" / "adapter_config.json").is_file()
+  # a router records the step its skills had; export merges those, not the latest
+  write_router(tiny["root"] / "router40", tiny["base"].cfg, skills_step=40)
+  mix = ("--from", skills_dir, "--router", str(tiny["root"] / "router40"), "--format", "lora")
+  _, out = run_export(tiny, "router40", *mix)
+  assert (out / "adapter_config.json").is_file()
+  with pytest.raises(ex.ExportError, match="fitted on the skills at step 40; leave --step out"):
+    run_export(tiny, "router39", *mix, "--step", "39")
 
 
 @pytest.mark.parametrize("merged", ["mixture", "sum"])

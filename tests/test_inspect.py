@@ -267,10 +267,12 @@ def test_a_running_evaluation_shows_each_finished_cells_headline_metric(capsys, 
   (tmp_path / "cells" / "healthfc").mkdir()
   archived = {"scores": {"accuracy": 0.6, "macro_f1": 0.25}, "seconds": 60}  # no gold to score
   (tmp_path / "cells" / "healthfc" / "base.json").write_text(json.dumps(archived))
+  odd = {"outcomes": out | {"pred": ["A"]}, "scores": [0.5]}  # JSON, but not a cell's shape
+  (tmp_path / "cells" / "medmcqa" / "odd.json").write_text(json.dumps(odd))
   rc, text, _ = _inspect(capsys, tmp_path)
-  assert rc == 0 and "results: none yet" in text
-  assert "  medmcqa (accuracy): gd 0.500 (2)" in text  # from the rows, not the stored 0.9
-  assert "  healthfc (macro_f1): base 0.250 (1)" in text  # the task's headline metric
+  assert rc == 0 and "results: none yet" in text and "odd" not in text.split("finished")[-1]
+  assert "  medmcqa (accuracy): gd 0.500 (2.5)" in text  # from the rows, not the stored 0.9
+  assert "  healthfc (macro_f1): base 0.250 (1.0)" in text  # the task's headline metric
 
 
 def test_a_path_that_is_no_run_or_a_missing_step_is_one_line(run, capsys, tmp_path):

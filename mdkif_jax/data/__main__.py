@@ -108,7 +108,9 @@ def main(argv) -> None:
   tok = _tokenizer(cfg)
   template = Template.from_config(data.template)
   hub = ", ".join(str(h) for h in data.get("hub_datasets", ()) or ())
-  where = " + ".join(filter(None, [data.data_dir, hub and f"hub datasets {hub}"]))
+  mine = ", ".join(data.get("instruct_files", ()) or ())
+  parts = [data.data_dir, hub and f"hub datasets {hub}", mine and f"instruct files {mine}"]
+  where = " + ".join(filter(None, parts))
   where = where or "the embedded demo corpus"
   print(f"data: {where}; max_len {data.max_len}; chat template {data.template.chat}")
   names = ["train", "eval"] if _SPLIT.value == "both" else [_SPLIT.value]

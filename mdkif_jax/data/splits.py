@@ -159,7 +159,8 @@ def load_all(cfg, report: LoadReport | None = None) -> dict[str, list[Example]]:
   out: dict[str, list[Example]] = {TRAIN: [], EVAL: []}
   seen: dict[str, set[str]] = {TRAIN: set(), EVAL: set()}
   for name, (part, group, ex) in _items(cfg, report):
-    where = f"{cfg.get('data_dir') or 'demo corpus'}/{name}"
+    root = cfg.get("data_dir")
+    where = f"{root}/{name}" if root else ("demo corpus" if name == "demo" else name)
     if not check_example(ex, report, where, None) or ex.skill not in skills:
       continue
     role = role_of(name, part, group)
