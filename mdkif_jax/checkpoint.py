@@ -310,16 +310,39 @@ class Skills:
     return {"skills": list(self.names), "scale": self.scale, "sha256": h.hexdigest()}
 
 
-def stage1_runs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
+SEPARATE_PLAN = "separate_skills.json"  # the skills a train.mode=separate workdir trains
+
+
+def plan_separate(workdir: str | pathlib.Path, skills) -> None:
+  """Record the skills a separate-mode stage 1 trains in `workdir` (with those of earlier
+  runs there), before the first one starts."""
+  path = pathlib.Path(workdir) / SEPARATE_PLAN
+  planned = set(json.loads(path.read_text())["skills"]) if path.exists() else set()
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"skills": sorted(planned | set(skills))}))
+
+
+def stage1_runs(workdir: str | pathlib.Path, complete: bool = True) -> list[pathlib.Path]:
   """The stage-1 runs in a workdir: itself (train.mode=joint), or, when it holds no
   checkpoints of its own, its per-skill runs `<workdir>/<skill>/` (train.mode=separate) in
-  registry order."""
+  registry order; a planned skill without a checkpoint yet is refused, not left out (unless
+  `complete` is False: inspecting a stage 1 in progress)."""
   from mdkif_jax.data.skills import SKILLS
 
   workdir = pathlib.Path(workdir)
   per_skill = [workdir / s for s in SKILLS if (workdir / s / "checkpoints").is_dir()]
   if (workdir / "checkpoints").is_dir() or not per_skill:
     return [workdir]
+  plan = workdir / SEPARATE_PLAN
+  planned = json.loads(plan.read_text())["skills"] if plan.exists() else []
+  missing = [s for s in planned if not (workdir / s / "checkpoints").is_dir()]
+  if missing and complete:
+    raise SkillsMismatchError(
+      f"skills_from={str(workdir)!r}: skills {missing} of this separate-mode stage 1 have no "
+      f"checkpoint yet: let it finish, or name the finished ones' folders (e.g. "
+      f"{workdir / per_skill[0].name})"
+    )
   return per_skill
 
 

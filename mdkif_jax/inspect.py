@@ -288,7 +288,7 @@ def inspect(path: str | pathlib.Path, step: int | None = None) -> dict:
   workdir, ckpt, step_dir = locate(path)
   if ckpt is not None:
     return checkpointed(workdir, ckpt, step_dir, step)
-  runs = checkpoint.stage1_runs(workdir)
+  runs = checkpoint.stage1_runs(workdir, complete=False)
   if runs != [workdir]:
     reps = [checkpointed(r, r / "checkpoints", None, step) for r in runs]
     damaged = [d for r in reps for d in r["damaged"]]

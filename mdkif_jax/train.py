@@ -529,5 +529,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.train.union:
       raise ConfigError("--config.train.union=True trains one adapter: use train.mode='joint'")
     base = load_base(config, sharding.make_mesh(tuple(config.mesh.shape)))
+    checkpoint.plan_separate(workdir, skills)  # so stage 2 tells a skill not yet started
     return {s: train_skills(config, pathlib.Path(workdir) / s, (s,), base=base) for s in skills}
   raise ConfigError(f"--config.train.mode must be 'joint' or 'separate', got {config.train.mode!r}")
