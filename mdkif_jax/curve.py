@@ -55,8 +55,9 @@ def point(skill_dir: pathlib.Path, eval_dir: pathlib.Path, track: str) -> dict:
     "eval_dir": str(eval_dir),
     "step": int(report["optimizer_step"]),
     "examples_per_skill": {"mean": float(np.mean(list(seen.values()))), **seen},
+    # the resamples its interval stands on: those where a base resampled to 0 have no gain
     "gain": {
-      m: {"mean": g["mean_relative_gain"], "ci": g["ci"]}
+      m: {"mean": g["mean_relative_gain"], "ci": g["ci"], **_resamples(g)}
       for m, g in results["tracks"][track].items()
     },
     # in metric points (absent from results.json written before it was recorded)
@@ -67,6 +68,11 @@ def point(skill_dir: pathlib.Path, eval_dir: pathlib.Path, track: str) -> dict:
     },
     "scores": tasks,
   }
+
+
+def _resamples(g: dict) -> dict:
+  """A track gain's [used, total] resamples (absent from results.json written before it was)."""
+  return {"resamples": list(g["resamples"])} if "resamples" in g else {}
 
 
 def curve(skill_dir, eval_dirs, track: str = "unseen_data") -> list[dict]:
@@ -94,7 +100,12 @@ def plot(points: list[dict], out: pathlib.Path, track: str, measure: str = "delt
     # a mean can sit outside its percentile interval: bars never go negative
     lo = np.maximum(mean - np.asarray([unit * h[1]["ci"][0] for h in have]), 0)
     hi = np.maximum(np.asarray([unit * h[1]["ci"][1] for h in have]) - mean, 0)
-    ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=m)
+    label = m
+    if measure == "gain":  # an interval on fewer resamples than the others says so
+      used = [h[1].get("resamples", (1, 1)) for h in have]
+      if any(u < t for u, t in used):
+        label += " (CI on " + ", ".join(f"{u}/{t}" for u, t in used) + " resamples)"
+    ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=label)
   ax.axhline(0.0, color="grey", lw=0.8, ls="--")
   for xi, p in zip(x, points, strict=True):
     ax.annotate(
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
   out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
   for p in points:
     gains = "  ".join(
-      f"{m} {100 * g['mean']:+.1f}% [{100 * g['ci'][0]:+.1f}, {100 * g['ci'][1]:+.1f}]"
+      f"{m} {reporting.pct({'mean_relative_gain': g['mean'], **g})}"
       + (f" ({reporting.signed(p['delta'][m])} points)" if m in p["delta"] else "")
       for m, g in p["gain"].items()
       if m != "base"

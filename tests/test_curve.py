@@ -18,7 +18,7 @@ def skill_run(tmp_path_factory):
   return workdir
 
 
-def _eval_dir(root, name, skills_from, step, gain, delta=True):
+def _eval_dir(root, name, skills_from, step, gain, delta=True, resamples=None):
   d = root / name
   d.mkdir()
   (d / "cells_identity.json").write_text(
@@ -28,6 +28,8 @@ def _eval_dir(root, name, skills_from, step, gain, delta=True):
     "base": {"mean_relative_gain": 0.0, "ci": [0.0, 0.0], "tasks": 1},
     "gd": {"mean_relative_gain": gain, "ci": [gain - 0.1, gain + 0.1], "tasks": 1},
   }
+  if resamples is not None:
+    track["gd"]["resamples"] = resamples
   if delta:  # a tenth of the relative gain, in points
     for g in track.values():
       g["mean_delta"] = {"mean": g["mean_relative_gain"] / 10, "ci": [0.0, 0.02], "tasks": 1}
@@ -73,3 +75,16 @@ def test_a_curve_in_points_needs_results_with_the_mean_difference(skill_run, tmp
   assert "has no mean_delta (rerun its evaluation): use --measure gain" in capsys.readouterr().err
   assert curve.main([str(skill_run), str(old), "--out", str(out), "--measure", "gain"]) == 0
   assert out.stat().st_size > 5000
+
+
+def test_a_curve_says_on_how_many_resamples_a_gain_interval_stands(skill_run, tmp_path, capsys):
+  # a task whose base resampled to 0 leaves resamples without a relative gain
+  partial = _eval_dir(tmp_path, "p", skill_run, None, 0.1, resamples=[950, 1000])
+  full = _eval_dir(tmp_path, "f", skill_run, 4, 0.1, resamples=[1000, 1000])
+  out = tmp_path / "c.png"
+  assert curve.main([str(skill_run), str(partial), str(full), "--out", str(out)]) == 0
+  points = json.loads(out.with_suffix(".json").read_text())
+  assert [p["gain"]["gd"]["resamples"] for p in points] == [[1000, 1000], [950, 1000]]
+  lines = capsys.readouterr().out.splitlines()
+  assert "(on 950 of 1000 resamples)" in lines[1] and "resamples" not in lines[0]
+  assert curve.main([str(skill_run), str(partial), "--out", str(out), "--measure", "gain"]) == 0
