@@ -39,7 +39,9 @@
 # would otherwise still take half the cores), EVAL_PROCS (default 1: with N > 1
 # the eval piece first runs N processes side by side, eval_part1..N, each on every N-th task
 # of the suite in its own workdir, then gathers their cells into $RUNS/eval and assembles
-# there; an evaluation process keeps about one core busy, so 2 on a 2-core machine).
+# there; an evaluation process keeps about one core busy, so 2 on a 2-core machine), WAIT
+# (default 0: a piece whose prerequisite has not finished stops the chain; N > 0: it waits,
+# looking every N seconds, so two chains can hold every piece between them from the start).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -54,6 +56,7 @@ if ((NICE > 0)) && [[ $(ps -o sid= -p $$ | tr -d ' ') == "$$" && -w /proc/self/a
   echo "$NICE" >/proc/self/autogroup || true
 fi
 EVAL_PROCS=${EVAL_PROCS:-1}
+WAIT=${WAIT:-0}
 mkdir -p "$RUNS" "$PUBLISH"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
@@ -92,10 +95,15 @@ publish() {  # publish NAME: its cells and identity files (archive checks them),
 }
 
 # needs PIECE...: stop unless each piece has finished (a later piece on an unfinished one
-# would score half-trained skills or recompute cells the other chain is computing)
+# would score half-trained skills or recompute cells the other chain is computing); with
+# WAIT > 0, look again every WAIT seconds instead (the other chain is running it)
 needs() {
   local d
   for d; do
+    if [[ ! -f $RUNS/.done_$d ]] && ((WAIT > 0)); then
+      echo "== $piece: waiting for $d to finish (another chain; checked every ${WAIT}s)" >&2
+      while [[ ! -f $RUNS/.done_$d ]]; do sleep "$WAIT"; done
+    fi
     if [[ ! -f $RUNS/.done_$d ]]; then
       echo "error: piece $piece needs $d finished first (PIECES=$d, or wait for the chain running it)" >&2
       exit 1

@@ -6,6 +6,8 @@ import os
 import pathlib
 import shutil
 import subprocess
+import threading
+import time
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "paper_experiment.sh"
 
@@ -172,6 +174,20 @@ def test_a_piece_stops_unless_the_pieces_it_builds_on_have_finished(tmp_path):
   assert proc.returncode == 1 and "needs eval finished" in proc.stderr
   proc, calls = _run(tmp_path, pieces="eval eval_union")
   assert proc.returncode == 0 and calls[-1].endswith("pub/eval_union"), proc.stderr
+
+
+def test_with_wait_a_piece_waits_for_the_other_chain_instead_of_stopping(tmp_path):
+  out = []
+  waiting = threading.Thread(target=lambda: out.append(_run(tmp_path, pieces="curve", WAIT="1")))
+  waiting.start()
+  time.sleep(4)
+  assert waiting.is_alive() and not (tmp_path / "calls.txt").exists()  # nothing run yet
+  _run(tmp_path, pieces="eval")  # the other chain finishes what curve builds on
+  waiting.join(60)
+  proc, calls = out[0]
+  assert proc.returncode == 0, proc.stderr
+  assert "== curve: waiting for eval to finish" in proc.stderr
+  assert any(c.endswith("--workdir=" + str(tmp_path / "runs" / "curve_150")) for c in calls)
 
 
 def test_an_unknown_piece_is_refused(tmp_path):
