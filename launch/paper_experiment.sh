@@ -37,9 +37,11 @@
 # setsid, the script also sets its session's autogroup niceness: Linux shares the CPU between
 # sessions before it looks at a process's niceness, so a nice 19 chain beside another chain
 # would otherwise still take half the cores), EVAL_PROCS (default 1: with N > 1
-# the eval piece first runs N processes side by side, eval_part1..N, each on every N-th task
-# of the suite in its own workdir, then gathers their cells into $RUNS/eval and assembles
-# there; an evaluation process keeps about one core busy, so 2 on a 2-core machine), WAIT
+# the eval piece first runs N processes side by side, eval_part1..N, each on some of the
+# suite's tasks in its own workdir, dealt afresh at each start by the cells a task has left
+# after the archive (an earlier start's parts archived first), then gathers their cells into
+# $RUNS/eval and assembles there; an evaluation process keeps about one core busy, so 2 on a
+# 2-core machine), WAIT
 # (default 0: a piece whose prerequisite has not finished stops the chain; N > 0: it waits,
 # looking every N seconds, so two chains can hold every piece between them from the start).
 set -euo pipefail
@@ -132,17 +134,39 @@ for piece in $PIECES; do
   case $piece in
     skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
     eval)
+      if ((EVAL_PROCS > 1)) && [[ ! -f $RUNS/.done_eval ]]; then
+        # the parts' finished cells into the archive first: a task may move to another part
+        for dir in "$RUNS"/eval_part*/cells; do
+          if [[ -d $dir ]]; then archive "$(basename "$(dirname "$dir")")" eval; fi
+        done
+        rm -f "$RUNS"/.done_eval_part* # a part's tasks are dealt afresh each time
+      fi
       restore eval
       if ((EVAL_PROCS > 1)) && [[ ! -f $RUNS/.done_eval ]]; then
-        get='from configs import eval as e; print(*e.get_config("paper").tasks)'
-        read -r -a tasks < <("$PYTHON" -c "$get") || true
-        if ((${#tasks[@]} == 0)); then echo "error: no tasks from configs/eval.py:paper" >&2; exit 1; fi
+        get='from configs import eval as e; from mdkif_jax import evaluate_suite as s; '
+        get+='c = e.get_config("paper"); print(len(s.cells_of(s.method_table(c.methods), c.cmaes.seeds)), *c.tasks)'
+        read -r -a got < <("$PYTHON" -c "$get") || true
+        if ((${#got[@]} < 2)); then echo "error: no tasks from configs/eval.py:paper" >&2; exit 1; fi
+        per_task=${got[0]} tasks=("${got[@]:1}")
+        # deal the tasks to the parts by the cells each has left to compute (most first, each
+        # to the part with the fewest so far), so that the parts finish close together
+        parts=() load=()
+        for ((i = 1; i <= EVAL_PROCS; i++)); do parts[i]="" load[i]=0; done
+        while read -r left j; do
+          best=1
+          for ((i = 2; i <= EVAL_PROCS; i++)); do ((load[i] < load[best])) && best=$i; done
+          parts[best]+="${parts[best]:+,}'${tasks[j]}'" load[best]=$((load[best] + left))
+        done < <(
+          for j in "${!tasks[@]}"; do
+            d=$PUBLISH/eval/cells/${tasks[j]} n=0
+            if [[ -d $d ]]; then n=$(find "$d" -name '*.json' | wc -l); fi
+            echo "$((per_task > n ? per_task - n : 0)) $j"
+          done | sort -s -k1,1nr
+        )
         pids=()
         for ((i = 1; i <= EVAL_PROCS; i++)); do
-          part=()
-          for ((j = i - 1; j < ${#tasks[@]}; j += EVAL_PROCS)); do part+=("'${tasks[j]}'"); done
-          ((${#part[@]})) || continue # more processes than tasks
-          list=$(IFS=,; echo "${part[*]}")
+          [[ -n ${parts[i]} ]] || continue # more processes than tasks
+          list=${parts[i]}
           main "eval_part$i" --config=configs/eval.py:paper --config.skills_from="$RUNS/skill" \
             --workdir="$RUNS/eval_part$i" "--config.tasks=($list,)" "${restored[@]}" &
           pids+=($!)

@@ -477,6 +477,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   report = LoadReport()
   rows = load_rows(sh.config, specs, report)
   cells = cells_of(table, sh.config.cmaes.seeds)
+  # what this run will compute, for `inspect` on it while it runs (what is left, how long)
+  plan = {"tasks": [spec.name for spec in specs], "cells": [cell for cell, _, _ in cells]}
+  write_json(workdir / "plan.json", plan)
   todo = [
     (spec, cell, run)
     for spec in specs

@@ -181,7 +181,7 @@ def router(workdir: pathlib.Path, step_dir: pathlib.Path, got: dict) -> tuple:
 def evaluation(workdir: pathlib.Path) -> dict:
   """The results table of an evaluation workdir and its finished cells."""
   rep: dict[str, Any] = {"kind": "evaluation", "workdir": str(workdir), "damaged": []}
-  rep["cells"], rep["cell_scores"] = {}, {}
+  rep["cells"], rep["cell_scores"], rep["cell_minutes"] = {}, {}, {}
   for path in sorted((workdir / "cells").glob("*/*.json")):
     task = path.parent.name
     rep["cells"].setdefault(task, []).append(path.stem)
@@ -200,13 +200,15 @@ def evaluation(workdir: pathlib.Path) -> dict:
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
       stored = cell.get("scores") if isinstance(cell, dict) else None
       score = stored.get(metric) if isinstance(stored, dict) else None
+    seconds = cell.get("seconds") if isinstance(cell, dict) else None
+    minutes = seconds / 60 if isinstance(seconds, int | float) else float("nan")
+    rep["cell_minutes"].setdefault(task, {})[path.stem] = minutes
     if isinstance(score, int | float) and not isinstance(score, bool):
-      seconds = cell.get("seconds")
-      minutes = seconds / 60 if isinstance(seconds, int | float) else float("nan")
       rep["cell_scores"].setdefault(task, {"metric": metric, "cells": {}})["cells"][path.stem] = {
         "score": score,
         "minutes": minutes,
       }
+  rep["remaining"] = remaining(workdir, rep)
   rep["results"] = None
   if (workdir / "results.json").is_file():
     try:
@@ -223,6 +225,38 @@ def evaluation(workdir: pathlib.Path) -> dict:
         },
       }
   return rep
+
+
+def remaining(workdir: pathlib.Path, rep: dict) -> dict | None:
+  """The cells of plan.json (written by the evaluation when it starts) not finished yet, and
+  their minutes if each takes its method's median over the finished cells (the median of all
+  finished cells for a method none has finished): a running suite's time left, roughly (a
+  task's rows are as long as its data makes them). None when there is no plan."""
+  path = workdir / "plan.json"
+  if not path.is_file():
+    return None
+  try:
+    plan = json.loads(path.read_text(encoding="utf-8"))
+    tasks, cells = list(plan["tasks"]), list(plan["cells"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    rep["damaged"].append(inspect_step.damage(workdir, path.name, e))
+    return None
+  left = {t: [c for c in cells if c not in rep["cells"].get(t, [])] for t in tasks}
+  left = {t: c for t, c in left.items() if c}
+  by_cell: dict[str, list[float]] = {}
+  for t in rep["cell_minutes"].values():
+    for c, m in t.items():
+      if np.isfinite(m):
+        by_cell.setdefault(c, []).append(m)
+  every = [m for ms in by_cell.values() for m in ms]
+  minutes = None
+  if every:
+    fallback = float(np.median(every))
+    minutes = sum(
+      float(np.median(by_cell[c])) if c in by_cell else fallback for cs in left.values() for c in cs
+    )
+  count = sum(len(c) for c in left.values())
+  return {"cells": left, "count": count, "of": len(tasks) * len(cells), "minutes": minutes}
 
 
 # ---- one run, one step ----------------------------------------------------------------------

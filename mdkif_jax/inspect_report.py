@@ -178,6 +178,16 @@ def evaluation_lines(rep: dict) -> list[str]:
   out.append(
     f"finished cells: {done} ({', '.join(f'{t}: {len(c)}' for t, c in rep['cells'].items())})"
   )
+  left = rep.get("remaining")
+  if left and left["count"]:
+    per_task = ", ".join(f"{t}: {len(c)}" for t, c in left["cells"].items())
+    line = f"remaining: {left['count']} of {left['of']} cells ({per_task})"
+    if left["minutes"] is not None:
+      line += (
+        f"; about {left['minutes'] / 60:.1f} h of cell time if each takes its method's "
+        "median minutes so far (one process computes one cell at a time)"
+      )
+    out.append(line)
   if rep.get("table"):
     return out + rep["table"] + damage_lines(rep)
   out.append("results: none yet (no readable results.json); the finished cells, minutes in ():")

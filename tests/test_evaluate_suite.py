@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import eval as eval_config
-from mdkif_jax import cells_archive, evaluate_suite
+from mdkif_jax import cells_archive, evaluate_suite, inspect
 from mdkif_jax.checkpoint import CheckpointMismatchError
 from mdkif_jax.data import suite
 from mdkif_jax.data.example import LoadReport
@@ -248,6 +248,9 @@ def test_a_rerun_recomputes_only_the_missing_cells(evaluated):
   cells = root / "run" / "cells"
   kept = {p: p.stat().st_mtime_ns for p in cells.rglob("*.json")}
   (cells / "mine" / "gd.json").unlink()
+  # what `inspect` says is left comes from the plan the run wrote when it started
+  left = inspect.evaluation(root / "run")["remaining"]
+  assert left["cells"] == {"mine": ["gd"]} and left["of"] == len(kept) and left["minutes"] > 0
   again = evaluate_suite.train_and_evaluate(c, root / "run", base=base)
   for p, t in kept.items():
     if p.name != "gd.json" or p.parent.name != "mine":

@@ -273,6 +273,29 @@ def test_a_running_evaluation_shows_each_finished_cells_headline_metric(capsys, 
   assert rc == 0 and "results: none yet" in text and "odd" not in text.split("finished")[-1]
   assert "  medmcqa (accuracy): gd 0.500 (2.5)" in text  # from the rows, not the stored 0.9
   assert "  healthfc (macro_f1): base 0.250 (1.0)" in text  # the task's headline metric
+  assert "remaining" not in text  # no plan.json: an evaluation started before it was written
+
+
+def test_a_running_evaluation_shows_the_cells_left_and_their_time_by_method(capsys, tmp_path):
+  for task, cell, minutes in (
+    ("medmcqa", "gd", 2.5),
+    ("healthfc", "base", 1.0),
+    ("healthfc", "gd", 4.5),
+  ):
+    (tmp_path / "cells" / task).mkdir(parents=True, exist_ok=True)
+    done = {"scores": {"accuracy": 0.5}, "seconds": 60 * minutes}
+    (tmp_path / "cells" / task / f"{cell}.json").write_text(json.dumps(done))
+  plan = {"tasks": ["medmcqa", "healthfc", "pubmedqa"], "cells": ["base", "gd", "uniform"]}
+  (tmp_path / "plan.json").write_text(json.dumps(plan))
+  rc, text, _ = _inspect(capsys, tmp_path)
+  assert rc == 0 and "remaining: 6 of 9 cells (medmcqa: 2, healthfc: 1, pubmedqa: 3)" in text
+  rep = json.loads(_inspect(capsys, tmp_path, "--json")[1])
+  assert rep["remaining"]["cells"]["medmcqa"] == ["base", "uniform"]
+  # base 2 x 1.0 and gd 1 x 3.5 by their medians; uniform (none finished) 3 x 2.5, all cells'
+  assert rep["remaining"]["minutes"] == pytest.approx(2 * 1.0 + 3.5 + 3 * 2.5)
+  (tmp_path / "plan.json").write_text('{"tasks": ')
+  rc, _, err = _inspect(capsys, tmp_path)
+  assert rc == 2 and "plan.json: JSONDecodeError" in err
 
 
 def test_a_path_that_is_no_run_or_a_missing_step_is_one_line(run, capsys, tmp_path):

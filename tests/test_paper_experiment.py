@@ -16,7 +16,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "launch" / "paper_experim
 STUB = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 if [[ -n ${NICE_LOG:-} ]]; then { nice; cat /proc/self/autogroup; } > "$NICE_LOG"; fi
-if [[ $1 == -c ]]; then echo "t1 t2 t3"; exit 0; fi  # the suite's tasks
+if [[ $1 == -c ]]; then echo "3 t1 t2 t3"; exit 0; fi  # cells per task, the suite's tasks
 for a in "$@"; do
   case $a in --workdir=*) w=${a#--workdir=} ;; esac
 done
@@ -231,6 +231,29 @@ def test_eval_procs_splits_the_suite_over_processes_then_assembles_their_cells(t
   proc, calls = _run(tmp_path / "f", pieces="eval", EVAL_PROCS="2", fail_on="/eval_part2")
   assert proc.returncode == 1 and "piece eval_part2 failed" in proc.stderr
   assert not any(c.endswith("--workdir=" + str(tmp_path / "f" / "runs" / "eval")) for c in calls)
+
+
+def test_eval_procs_deals_the_tasks_by_the_cells_they_have_left(tmp_path):
+  runs, pub = tmp_path / "runs", tmp_path / "pub"
+  for task, n in (("t1", 3), ("t2", 1)):  # archived: t1 finished, t2 1 of 3, t3 none
+    (pub / "eval" / "cells" / task).mkdir(parents=True)
+    for i in range(n):
+      (pub / "eval" / "cells" / task / f"c{i}.json").write_text("{}")
+  (runs / "eval_part1" / "cells").mkdir(parents=True)  # a part of an earlier session
+  (runs / ".done_eval_part2").touch()  # finished its tasks then; they are dealt afresh now
+  proc, calls = _run(tmp_path, pieces="eval", EVAL_PROCS="2")
+  assert proc.returncode == 0, proc.stderr
+  # the earlier part's cells are archived before the deal (a task may change parts)
+  assert f"-m mdkif_jax.cells_archive {runs}/eval_part1 {pub}/eval" in calls[0]
+  parts = sorted(
+    c.split("--workdir=")[1] for c in calls if "--workdir=" + str(runs) + "/eval_part" in c
+  )
+  restored = f" --config.restore_cells_from={pub}/eval"
+  # most left first, each to the part with the fewest: t3 (3) -> 1, t2 (2) -> 2, t1 (0) -> 2
+  assert parts == [
+    f"{runs}/eval_part1 --config.tasks=('t3',)" + restored,
+    f"{runs}/eval_part2 --config.tasks=('t2','t1',)" + restored,
+  ]
 
 
 def test_a_nice_chain_started_as_its_own_session_also_renices_its_autogroup(tmp_path):
