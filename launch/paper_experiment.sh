@@ -98,7 +98,8 @@ publish() {  # publish NAME: its cells and identity files (archive checks them),
 
 # needs PIECE...: stop unless each piece has finished (a later piece on an unfinished one
 # would score half-trained skills or recompute cells the other chain is computing); with
-# WAIT > 0, look again every WAIT seconds instead (the other chain is running it)
+# WAIT > 0, look again every WAIT seconds instead (the other chain is running it: if that
+# chain fails or never runs it, this one waits until it is killed)
 needs() {
   local d
   for d; do
@@ -135,8 +136,9 @@ for piece in $PIECES; do
     skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
     eval)
       if ((EVAL_PROCS > 1)) && [[ ! -f $RUNS/.done_eval ]]; then
-        # the parts' finished cells into the archive first: a task may move to another part
-        for dir in "$RUNS"/eval_part*/cells; do
+        # the finished cells into the archive first (the parts', and the suite's own from a
+        # run with fewer processes): a task may move to another part
+        for dir in "$RUNS"/eval/cells "$RUNS"/eval_part*/cells; do
           if [[ -d $dir ]]; then archive "$(basename "$(dirname "$dir")")" eval; fi
         done
         rm -f "$RUNS"/.done_eval_part* # a part's tasks are dealt afresh each time

@@ -102,7 +102,7 @@ def plot(points: list[dict], out: pathlib.Path, track: str, measure: str = "delt
     hi = np.maximum(np.asarray([unit * h[1]["ci"][1] for h in have]) - mean, 0)
     label = m
     if measure == "gain":  # an interval on fewer resamples than the others says so
-      used = [h[1].get("resamples", (1, 1)) for h in have]
+      used = [h[1]["resamples"] for h in have if "resamples" in h[1]]  # (older results: none)
       if any(u < t for u, t in used):
         label += " (CI on " + ", ".join(f"{u}/{t}" for u, t in used) + " resamples)"
     ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=label)

@@ -332,13 +332,13 @@ def inspect(path: str | pathlib.Path, step: int | None = None) -> dict:
       "runs": reps,
       "damaged": damaged,
     }
-  if (workdir / "results.json").is_file() or (workdir / "cells").is_dir():
+  if any((workdir / f).exists() for f in ("results.json", "cells", "plan.json")):
     if step is not None:
       raise InspectError(f"--step={step}: {workdir} is an evaluation workdir, with no checkpoints")
     return evaluation(workdir)
   raise InspectError(
-    f"{workdir}: not a run (no checkpoints/, results.json or cells/); give a stage-1, router or "
-    "evaluation workdir, or one of its checkpoint steps"
+    f"{workdir}: not a run (no checkpoints/, results.json, cells/ or plan.json); give a "
+    "stage-1, router or evaluation workdir, or one of its checkpoint steps"
   )
 
 

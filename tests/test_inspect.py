@@ -293,6 +293,11 @@ def test_a_running_evaluation_shows_the_cells_left_and_their_time_by_method(caps
   assert rep["remaining"]["cells"]["medmcqa"] == ["base", "uniform"]
   # base 2 x 1.0 and gd 1 x 3.5 by their medians; uniform (none finished) 3 x 2.5, all cells'
   assert rep["remaining"]["minutes"] == pytest.approx(2 * 1.0 + 3.5 + 3 * 2.5)
+  started = tmp_path / "started"  # a run that has written its plan, no cell yet
+  started.mkdir()
+  (started / "plan.json").write_text(json.dumps(plan))
+  rc, text, _ = _inspect(capsys, started)
+  assert rc == 0 and "remaining: 9 of 9 cells" in text and "about" not in text
   (tmp_path / "plan.json").write_text('{"tasks": ')
   rc, _, err = _inspect(capsys, tmp_path)
   assert rc == 2 and "plan.json: JSONDecodeError" in err

@@ -203,12 +203,15 @@ def test_eval_procs_splits_the_suite_over_processes_then_assembles_their_cells(t
   assert proc.returncode == 0, proc.stderr
   runs = tmp_path / "runs"
   head = f"-m mdkif_jax.main --config=configs/eval.py:paper --config.skills_from={runs}/skill "
-  assert calls[0].startswith("-c ")
-  assert sorted(calls[1:3]) == [
-    head + f"--workdir={runs}/eval_part1 --config.tasks=('t1','t3',)",
-    head + f"--workdir={runs}/eval_part2 --config.tasks=('t2',)",
+  # the suite's own cells (from a run with fewer processes) are archived before the deal
+  assert calls[0] == f"-m mdkif_jax.cells_archive {runs}/eval {tmp_path}/pub/eval"
+  assert calls[1].startswith("-c ")
+  restored = f" --config.restore_cells_from={tmp_path}/pub/eval"
+  assert sorted(calls[2:4]) == [
+    head + f"--workdir={runs}/eval_part1 --config.tasks=('t1','t3',)" + restored,
+    head + f"--workdir={runs}/eval_part2 --config.tasks=('t2',)" + restored,
   ]
-  assert calls[3] == head + f"--workdir={runs}/eval"
+  assert calls[4] == head + f"--workdir={runs}/eval" + restored
   assert sorted(p.name for p in (runs / "eval" / "cells").iterdir()) == [
     "eval.json",
     "eval_part1.json",
