@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from mdkif_jax import evaluate_suite, metrics, reporting, stats
+from mdkif_jax import evaluate_suite, metrics, stats, suite_report
 
 
 class CompareError(ValueError):
@@ -195,17 +195,19 @@ def table(res: dict) -> list[str]:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for task, e in res["tasks"].items():
     scores = [f"{e['by'][m]['score']:.3f}" for m in res["labels"]]
-    diffs = [reporting.signed(e["first_minus"][o]) for o in others]
+    diffs = [suite_report.signed(e["first_minus"][o]) for o in others]
     lines.append("| " + " | ".join([task, e["metric"], *scores, *diffs]) + " |")
   lines.append("")
   for track, by in res["tracks"].items():
     for o, g in by.items():
       d = g["mean_delta"]
-      points = f"mean difference {reporting.signed(d)} points ({d['tasks']} tasks)"
+      points = f"mean difference {suite_report.signed(d)} points ({d['tasks']} tasks)"
       if not g["tasks"]:  # every task's control scored 0: no relative gain
         lines.append(f"- {track}: {first} over {o}: {points}, relative gain n/a ({o} scores 0)")
         continue
-      lines.append(f"- {track}: {first} over {o}: {points}, mean relative gain {reporting.pct(g)}")
+      lines.append(
+        f"- {track}: {first} over {o}: {points}, mean relative gain {suite_report.pct(g)}"
+      )
   wins = {o: sum(e["first_minus"][o]["ci"][0] > 0 for e in res["tasks"].values()) for o in others}
   losses = {o: sum(e["first_minus"][o]["ci"][1] < 0 for e in res["tasks"].values()) for o in others}
   for o in others:

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from mdkif_jax import inspect as inspect_run
-from mdkif_jax import reporting
+from mdkif_jax import suite_report
 
 
 class CurveError(ValueError):
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
   out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
   for p in points:
     gains = "  ".join(
-      f"{m} {reporting.pct({'mean_relative_gain': g['mean'], **g})}"
-      + (f" ({reporting.signed(p['delta'][m])} points)" if m in p["delta"] else "")
+      f"{m} {suite_report.pct({'mean_relative_gain': g['mean'], **g})}"
+      + (f" ({suite_report.signed(p['delta'][m])} points)" if m in p["delta"] else "")
       for m, g in p["gain"].items()
       if m != "base"
     )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mdkif_jax import checkpoint, inspect_report, inspect_step, metrics, reporting
+from mdkif_jax import checkpoint, inspect_report, inspect_step, metrics, reporting, suite_report
 from mdkif_jax.data import suite
 from mdkif_jax.peft import adalora
 
@@ -213,7 +213,7 @@ def evaluation(workdir: pathlib.Path) -> dict:
   if (workdir / "results.json").is_file():
     try:
       results = json.loads((workdir / "results.json").read_text(encoding="utf-8"))
-      rep["table"] = reporting.results_table(results)
+      rep["table"] = suite_report.results_table(results)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
       rep["damaged"].append(inspect_step.damage(workdir, "results.json", e))
     else:

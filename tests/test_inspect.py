@@ -17,7 +17,7 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 
-from mdkif_jax import checkpoint, inspect, reporting, router, train
+from mdkif_jax import checkpoint, inspect, reporting, router, suite_report, train
 from mdkif_jax.model import loading
 from mdkif_jax.model.config import PRESETS
 from mdkif_jax.peft import adalora
@@ -252,7 +252,7 @@ def test_evaluation_report_is_the_results_table_and_a_damaged_cell_is_named(caps
   (tmp_path / "results.json").write_text(json.dumps(_results()))
   rc, text, _ = _inspect(capsys, tmp_path)
   assert rc == 0 and "finished cells: 1 (demo: 1)" in text
-  assert "\n".join(reporting.results_table(_results())) in text
+  assert "\n".join(suite_report.results_table(_results())) in text
   (tmp_path / "cells" / "demo" / "uniform.json").write_text('{"cut')
   rc, _, err = _inspect(capsys, tmp_path)
   assert rc == 2 and "uniform.json: JSONDecodeError" in err

@@ -1,8 +1,8 @@
-"""results.md's tables (reporting.results_table): per track the normal setting (every fit
+"""results.md's tables (suite_report.results_table): per track the normal setting (every fit
 row) and the few-shot setting (k rows) apart, each beside the base, the best of each table
 in bold."""
 
-from mdkif_jax import reporting
+from mdkif_jax import suite_report
 
 
 def _results(methods: dict[str, float]) -> dict:
@@ -31,7 +31,7 @@ def _rows(lines: list[str], start: str) -> list[str]:
 
 def test_few_shot_methods_get_their_own_table_beside_the_base():
   scores = {"base": 0.4, "gd": 0.5, "gate": 0.45, "base_k5": 0.6, "cmaes_k5": 0.55}
-  lines = reporting.results_table(_results(scores))
+  lines = suite_report.results_table(_results(scores))
   assert _rows(lines, "Every fit row:") == ["base", "gd", "gate"]
   assert _rows(lines, "Few-shot (k fit rows):") == ["base", "base_k5", "cmaes_k5"]
   bold = [x.split(" | ")[0][2:] for x in lines if "**" in x]
@@ -39,17 +39,17 @@ def test_few_shot_methods_get_their_own_table_beside_the_base():
 
 
 def test_a_track_without_few_shot_methods_has_one_table():
-  lines = reporting.results_table(_results({"base": 0.4, "gd": 0.5}))
+  lines = suite_report.results_table(_results({"base": 0.4, "gd": 0.5}))
   assert "Every fit row:" not in lines and "Few-shot (k fit rows):" not in lines
   assert sum(x.startswith("| method |") for x in lines) == 1
 
 
 def test_without_a_base_each_setting_is_one_table_and_none_is_empty():
-  lines = reporting.results_table(_results({"gd": 0.5, "cmaes_k5": 0.55}))
+  lines = suite_report.results_table(_results({"gd": 0.5, "cmaes_k5": 0.55}))
   assert _rows(lines, "Every fit row:") == ["gd"]
   assert _rows(lines, "Few-shot (k fit rows):") == ["cmaes_k5"]
   for methods, rows in (({"cmaes_k5": 0.5}, ["cmaes_k5"]), ({"base": 0.4, "base_k5": 0.5}, None)):
-    lines = reporting.results_table(_results(methods))
+    lines = suite_report.results_table(_results(methods))
     tables = [i for i, x in enumerate(lines) if x.startswith("| method |")]
     assert len(tables) == 1 and "Every fit row:" not in lines
     assert lines[tables[0] + 2].startswith("| " + (rows or ["base"])[0] + " |")
@@ -60,11 +60,11 @@ def test_a_method_only_some_tasks_have_still_gets_its_row(tmp_path):
   res["tasks"]["u"] = res["tasks"]["t"] | {
     "methods": res["tasks"]["t"]["methods"] | {"majority": res["tasks"]["t"]["methods"]["gd"]}
   }
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   assert any(x.startswith("| majority | - | ") for x in lines)
-  reporting.plot_results(tmp_path / "r.png", res)  # the missing cell is left blank
+  suite_report.plot_results(tmp_path / "r.png", res)  # the missing cell is left blank
   no_base = _results({"gd": 0.5})
-  reporting.plot_results(tmp_path / "n.png", no_base)
+  suite_report.plot_results(tmp_path / "n.png", no_base)
   assert (tmp_path / "n.png").stat().st_size > 0
 
 
@@ -72,17 +72,19 @@ def test_label_tasks_show_which_answer_each_method_leans_to():
   res = _results({"base": 0.4, "gd": 0.5})
   res["tasks"]["t"]["gold_lean"] = {"answer": "yes", "share": 0.527}
   res["tasks"]["t"]["methods"]["gd"]["lean"] = {"answer": "yes", "share": 0.96}
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| most frequent answer (share) | t |")
   assert lines[i + 2 : i + 5] == ["| gold | yes 0.53 |", "| base | - |", "| gd | yes 0.96 |"]
-  assert "| most frequent answer" not in "\n".join(reporting.results_table(_results({"gd": 0.5})))
+  assert "| most frequent answer" not in "\n".join(
+    suite_report.results_table(_results({"gd": 0.5}))
+  )
 
 
 def test_each_methods_answer_nll_is_a_table_row():
   res = _results({"base": 0.4, "gd": 0.5, "majority": 0.3})
   res["tasks"]["t"]["methods"]["base"]["answer_nll"] = 3.448
   res["tasks"]["t"]["methods"]["gd"]["answer_nll"] = 0.5128
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| answer NLL (teacher-forced, nats/token) | t |")
   assert lines[i + 2 : i + 5] == ["| base | 3.448 |", "| gd | 0.513 |", ""]  # majority: none
 
@@ -93,7 +95,7 @@ def test_the_tracks_mean_difference_in_points_is_a_column():
   res["tracks"]["unseen_data"] = {
     "gd": gain | {"mean_delta": {"mean": 0.1, "ci": [0.05, 0.15], "tasks": 1}}
   }
-  row = next(x for x in reporting.results_table(res) if x.startswith("| gd |"))
+  row = next(x for x in suite_report.results_table(res) if x.startswith("| gd |"))
   assert row.endswith("| +25.0% [+10.0%, +40.0%] | +0.100 [+0.050, +0.150] |")
 
 
@@ -102,7 +104,7 @@ def test_a_relative_gain_over_fewer_resamples_says_how_many_it_holds():
   gain = {"mean_relative_gain": 0.25, "ci": [0.1, 0.4], "tasks": 1}
   for used, note in ((1000, ""), (630, " (on 630 of 1000 resamples)")):
     res["tracks"]["unseen_data"] = {"gd": gain | {"resamples": [used, 1000]}}
-    row = next(x for x in reporting.results_table(res) if x.startswith("| gd |"))
+    row = next(x for x in suite_report.results_table(res) if x.startswith("| gd |"))
     assert row.endswith(f"| +25.0% [+10.0%, +40.0%]{note} | - |")
 
 
@@ -111,7 +113,7 @@ def test_each_tasks_other_metrics_are_a_table_beside_the_headline():
   methods = res["tasks"]["t"]["methods"]
   methods["base"]["metrics"] = {"accuracy": 0.4, "macro_f1": 0.25}
   methods["gd"]["metrics"] = {"accuracy": 0.5, "macro_f1": 0.3125}
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| other metrics | t macro_f1 |")  # the headline (accuracy) is not repeated
   assert lines[i + 2 : i + 6] == ["| base | 0.250 |", "| gd | 0.312 |", "| majority | - |", ""]
 
@@ -119,7 +121,7 @@ def test_each_tasks_other_metrics_are_a_table_beside_the_headline():
 def test_without_other_metrics_there_is_no_such_table():
   res = _results({"base": 0.4})
   res["tasks"]["t"]["methods"]["base"]["metrics"] = {"accuracy": 0.4}
-  assert not any(x.startswith("| other metrics") for x in reporting.results_table(res))
+  assert not any(x.startswith("| other metrics") for x in suite_report.results_table(res))
 
 
 def test_the_skills_each_fitted_method_weighs_most_are_a_table_row():
@@ -127,7 +129,7 @@ def test_the_skills_each_fitted_method_weighs_most_are_a_table_row():
   methods = res["tasks"]["t"]["methods"]
   methods["gd"]["weights"] = {"qa": 0.01, "ner": 1.36, "re": -0.05, "mc": 0.03}
   methods["cmaes_k5"]["weights"] = {"qa": 0.4, "ner": 0.8, "re": -0.9, "mc": 0.0}
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| largest skill weights | t |")
   # by |weight|, signs kept; the base has no weights and no row
   assert lines[i + 2 : i + 5] == [
@@ -139,22 +141,22 @@ def test_the_skills_each_fitted_method_weighs_most_are_a_table_row():
 
 def test_the_weights_heatmap_is_drawn_only_where_a_task_has_the_routers_weights(tmp_path):
   res = _results({"base": 0.4, "gd": 0.5})
-  assert not reporting.plot_suite_weights(tmp_path / "w.png", res)
+  assert not suite_report.plot_suite_weights(tmp_path / "w.png", res)
   assert not (tmp_path / "w.png").exists()
   res["skills"] = ["qa", "ner"]
   res["tasks"]["t"]["methods"]["gd"]["weights"] = {"qa": 0.1, "ner": 1.2}
-  assert reporting.plot_suite_weights(tmp_path / "w.png", res)
+  assert suite_report.plot_suite_weights(tmp_path / "w.png", res)
   assert (tmp_path / "w.png").stat().st_size > 0
 
 
 def test_the_router_line_gives_the_gain_of_the_mean_score():
   res = _results({"base": 0.4, "gd": 0.5})
-  line = next(x for x in reporting.results_table(res) if x.startswith("gd vs base"))
+  line = next(x for x in suite_report.results_table(res) if x.startswith("gd vs base"))
   assert line == "gd vs base: higher on 1 of 1 tasks, the Δ interval above 0 on 0."
   gain = {"mean_relative_gain": 0.25, "ci": [0.1, 0.4], "tasks": 1}
   of_means = {"gain": 0.25, "ci": [0.1, 0.4], "tasks": 1}
   res["tracks"]["unseen_data"] = {"gd": gain | {"gain_of_means": of_means}}
-  line = next(x for x in reporting.results_table(res) if x.startswith("gd vs base"))
+  line = next(x for x in suite_report.results_table(res) if x.startswith("gd vs base"))
   assert line.startswith("gd vs base: higher on 1 of 1 tasks, the Δ interval above 0 on 0; the")
   assert "mean score +25.0% [+10.0%, +40.0%] over the base's" in line
 
@@ -189,7 +191,7 @@ def test_the_bar_is_read_part_by_part_from_the_all_task_summaries():
       "adalora_task": {"gain_of_means": {"gain": -0.12, "ci": [-0.2, -0.05]}},
     },
   }
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| the bar | measured (95% interval) | met |")
   assert lines[i + 2 : i + 9] == [
     "| gd above the base on >= 7 of 9 tasks | 9 of 9 | yes |",
@@ -203,11 +205,11 @@ def test_the_bar_is_read_part_by_part_from_the_all_task_summaries():
   ]
   assert "Over all 9 tasks: gd - base +0.100 [+0.050, +0.150] points on average" in lines[i + 9]
   res["all_tasks"]["tasks"] = 4
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   want = "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes (4 tasks, not the"
   assert want + " bar's 9) |" in lines
   del res["all_tasks"]["router_vs"]["adalora_task"]  # a control or a curve point: no bar
-  assert "## Against the bar" not in reporting.results_table(res)
+  assert "## Against the bar" not in suite_report.results_table(res)
 
 
 def test_the_time_table_gives_each_methods_minutes_per_task_and_in_all():
@@ -221,10 +223,10 @@ def test_the_time_table_gives_each_methods_minutes_per_task_and_in_all():
     ("u", "gd"): (120, 90),
   }.items():
     res["tasks"][t]["methods"][m] |= {"seconds": wall, "cpu_seconds": cpu}
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| CPU minutes | t | u | all tasks |")
   assert lines[i + 2 : i + 4] == ["| base | 0.5 | - | 0.5 |", "| gd | 9.0 | 1.5 | 10.5 |"]
   del res["tasks"]["u"]["methods"]["gd"]["cpu_seconds"]  # one cell without CPU time: wall for all
-  lines = reporting.results_table(res)
+  lines = suite_report.results_table(res)
   i = lines.index("| wall minutes | t | u | all tasks |")
   assert lines[i + 3] == "| gd | 10.0 | 2.0 | 12.0 |"
