@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
   out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
   for p in points:
     gains = "  ".join(
-      f"{m} {suite_report.pct({'mean_relative_gain': g['mean'], **g})}"
+      f"{m} {suite_report.pct(g, 'mean')}"
       + (f" ({suite_report.signed(p['delta'][m])} points)" if m in p["delta"] else "")
       for m, g in p["gain"].items()
       if m != "base"
