@@ -139,12 +139,16 @@ def _union(c):
   """The multi-task control (docs/results.md): one adapter on the union of the skills' rows,
   with the budget of all of them together (train.union_budget). After a preset: paper,union."""
   c.train.union = True
+  # run beside the evaluation it gets the idle CPU only: a checkpoint every 5 steps keeps it
+  c.train.checkpoint_every = 5
 
 
 def _lora(c):
   """The plain-LoRA control (docs/results.md): each skill a LoRA adapter of rank target_r, the
   parameter count its AdaLoRA adapter ends with. After a preset: paper,lora."""
   c.train.adapter = "lora"
+  # run beside the evaluation it gets the idle CPU only: a checkpoint every 5 steps keeps it
+  c.train.checkpoint_every = 5
 
 
 PRESETS = {

@@ -317,23 +317,29 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
     for cell, _, run in cells
     if not (workdir / "cells" / spec.name / f"{cell}.json").exists()
   ]
+  # the restored and reused cells first, all of them: the bar and `inspect` on this workdir
+  # then count only what is left to compute, not cells a later task would copy in seconds
+  left = []
+  for spec, cell, run in todo:
+    scored = rows[spec.name][1]
+    restored = cells_archive.restore(archived, spec.name, cell, scored) if archived else None
+    copied = restored or (suite_cells.copy_cell(src, spec, cell, scored) if src else None)
+    if copied is None:
+      left.append((spec, cell, run))
+    else:  # its seconds stay the source's: the cost of computing it
+      # every cell with its rows' order and answer digests: what cells_archive publishes
+      path = workdir / "cells" / spec.name / f"{cell}.json"
+      suite_cells.write_json(path, cells_archive.with_digests(copied, scored))
   total = len(specs) * len(cells)
   bar = reporting.progress_bar(
-    config.progress, total=total, initial=total - len(todo), desc="eval", unit="cell"
+    config.progress, total=total, initial=total - len(left), desc="eval", unit="cell"
   )
   built: dict[str, fit_router.Task] = {}
   with bar:
-    for spec, cell, run in todo:
+    for spec, cell, run in left:
       bar.set_postfix_str(f"{spec.name}/{cell}")
       scored = rows[spec.name][1]
       path = workdir / "cells" / spec.name / f"{cell}.json"
-      restored = cells_archive.restore(archived, spec.name, cell, scored) if archived else None
-      copied = restored or (suite_cells.copy_cell(src, spec, cell, scored) if src else None)
-      if copied is not None:  # its seconds stay the source's: the cost of computing it
-        # every cell with its rows' order and answer digests: what cells_archive publishes
-        suite_cells.write_json(path, cells_archive.with_digests(copied, scored))
-        bar.update()
-        continue
       if spec.name not in built:
         built.clear()  # one task's rows and scorer at a time
         built[spec.name] = build_task(sh, spec, *rows[spec.name])

@@ -419,6 +419,36 @@ def test_base_cells_are_copied_from_another_evaluation_of_the_same_prompting(eva
     evaluate_suite.train_and_evaluate(c3, tmp_path / "run", base=base)
 
 
+def test_every_archived_cell_is_restored_before_any_cell_is_computed(
+  evaluated, tmp_path, monkeypatch
+):
+  """A run restores all its archive holds before it computes a cell, whatever the tasks'
+  order: the progress bar and `inspect` on the workdir then count only the cells left."""
+  c, base, root, _ = evaluated
+  arch = tmp_path / "arch"
+  cells_archive.main([str(root / "run"), str(arch)])
+  first = sorted((arch / "cells").iterdir())[0]
+  missing = first.relative_to(arch) / "base.json"
+  (arch / missing).unlink()  # the first task's one cell to compute; every later one restored
+  archived = {p.relative_to(arch) for p in (arch / "cells").rglob("*.json")}
+  assert len({p.parts[1] for p in archived}) >= 2
+  work, seen = tmp_path / "run", []
+  computing = evaluate_suite.run_cell
+
+  def watched(t, run):
+    seen.append({p.relative_to(work) for p in (work / "cells").rglob("*.json")})
+    assert inspect.evaluation(work)["remaining"]["count"] == 1  # what a user watching sees
+    return computing(t, run)
+
+  monkeypatch.setattr(evaluate_suite, "run_cell", watched)
+  c2 = c.copy_and_resolve_references()
+  c2.restore_cells_from = str(arch)
+  evaluate_suite.train_and_evaluate(c2, work, base=base)
+  assert seen == [archived]  # one cell computed, after all the others were in place
+  assert "restored_from" not in json.loads((work / missing).read_text())
+  assert inspect.evaluation(work)["remaining"]["count"] == 0
+
+
 def test_an_archive_without_the_datas_text_restores_every_cell(evaluated, tmp_path):
   """cells_archive publishes the cells with row-keyed digests in place of the reference
   answers and without generated text; a new workdir restores them all (answers re-joined from
