@@ -32,8 +32,8 @@
 # (`interval_wall_s`, `interval_cpu_s`).
 #
 # Environment: RUNS (default runs/paper), PUBLISH (default docs/results/paper), PYTHON
-# (default .venv/bin/python if present, else python3), PIECES (default: all, in the order
-# above), NICE (default 0: the niceness every piece runs at; started as its own session, with
+# (default .venv/bin/python if present, else python3), PIECES (default: every piece but
+# archive, in the order above), NICE (default 0: the niceness every piece runs at; started as its own session, with
 # setsid, the script also sets its session's autogroup niceness: Linux shares the CPU between
 # sessions before it looks at a process's niceness, so a nice 19 chain beside another chain
 # would otherwise still take half the cores), EVAL_PROCS (default 1: with N > 1

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from mdkif_jax.data.batches import answer_count, answer_index
+from mdkif_jax.checkpoint import CheckpointMismatchError
+from mdkif_jax.data.batches import SkillBatches, answer_count, answer_index
 
 
 def _mask(rows):
@@ -41,3 +42,13 @@ def test_at_least_keeps_shapes_equal_across_processes_and_rows_must_split_evenly
   assert answer_index(mask, at_least=40)[0].shape == (1, 64)
   with pytest.raises(ValueError, match="3 equal answer groups"):
     answer_index(mask, groups=3)
+
+
+def test_resuming_a_data_state_of_other_skills_is_refused_naming_both():
+  """A checkpoint's data position belongs to its skills: another skill set is a one-line
+  CheckpointMismatchError, not a KeyError half-way through the streams."""
+  batches = SkillBatches({"qa": None, "ner": None}, pad_id=0)
+  with pytest.raises(
+    CheckpointMismatchError, match=r"\['mcqa', 'qa'\], this run trains \['ner', 'qa'\]"
+  ):
+    batches.set_state({"qa": {}, "mcqa": {}})

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mdkif_jax import checkpoint, data, sharding
+from mdkif_jax import data, errors, sharding
 
 
 def answer_count(loss_mask_BT: np.ndarray, groups: int = 1) -> int:
@@ -84,7 +84,7 @@ class SkillBatches:
 
   def set_state(self, state: dict) -> None:
     if set(state) != set(self.per_skill):
-      raise checkpoint.CheckpointMismatchError(
+      raise errors.CheckpointMismatchError(
         f"data state is for skills {sorted(state)}, this run trains {sorted(self.per_skill)}"
       )
     for s, it in self.per_skill.items():
