@@ -85,7 +85,8 @@ def restore_subtree(state_dir: pathlib.Path, tree: Any, path: tuple) -> Any:
   item = _only(tree, path, target)
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   restore = ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
-  out = _at(ocp.PyTreeCheckpointHandler().restore(state_dir, args=restore), path)
+  handler = ocp.PyTreeCheckpointHandler()
+  out = _at(handler.restore(state_dir.absolute(), args=restore), path)  # Orbax: absolute only
   if not all(isinstance(x, np.ndarray) for x in jax.tree.leaves(out)):
     # a partial restore hands back the target itself for a key it did not find
     raise ValueError(f"{'.'.join(map(str, path))}: not in the checkpoint")
@@ -126,7 +127,7 @@ def read_step(step_dir: pathlib.Path) -> tuple[dict, list[dict]]:
 
   def check(item: str, read) -> Any:
     try:
-      return read(step_dir / item.split()[0])
+      return read((step_dir / item.split()[0]).absolute())  # Orbax refuses relative paths
     except Exception as e:  # Orbax, tensorstore and JSON raise many types for damaged files
       damaged.append(damage(step_dir, item, e))
       return None

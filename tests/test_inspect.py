@@ -111,6 +111,18 @@ def test_stage1_report_has_every_field_and_the_masks_ranks(run, capsys, tmp_path
   assert rep3["phase"]["name"].startswith("budgeting") and rep3["phase"]["scheduled_budget"] > 28
 
 
+def test_a_relative_path_reads_the_same_as_an_absolute_one(run, capsys, monkeypatch):
+  """`inspect runs/x` from the repository (as the docs show it): Orbax refuses relative
+  paths, which must not read as damaged checkpoints."""
+  workdir = run[3]
+  rep = json.loads(_inspect(capsys, workdir, "--json")[1])
+  monkeypatch.chdir(workdir.parent)
+  rc, out, err = _inspect(capsys, workdir.name, "--json")
+  assert rc == 0 and err == "", err
+  got = json.loads(out)
+  assert got["damaged"] == [] and got["ranks"] == rep["ranks"] and got["items"] == rep["items"]
+
+
 # the slow way's failed reads end in Orbax's unraisable echoes: this test expects that failure
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_inspect_reads_no_array_of_the_state_but_the_masks(run, capsys, tmp_path):
