@@ -80,6 +80,9 @@ def strip(cell: dict, where: str) -> dict:
       "recomputes only the missing cells)"
     )
   out = copy.deepcopy(cell)
+  # where a workdir restored it from is the workdir's business: a restored cell archived again
+  # must give the archive's own bytes back
+  out.pop("restored_from", None)
   del out["outcomes"]["gold"]
   for p in out["predictions"]:
     del p["answer"]

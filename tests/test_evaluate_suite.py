@@ -492,6 +492,10 @@ def test_an_archive_without_the_datas_text_restores_every_cell(evaluated, tmp_pa
         p["prediction"] = None  # the one thing an archive does not give back
     assert got == want, rel
   assert again["tasks"]["demo"] == results["tasks"]["demo"]
+  # the restored cells archived again: the archive's cells, no trace of the restore
+  before = {p: json.loads(p.read_text()) for p in (arch / "cells").rglob("*.json")}
+  cells_archive.archive(tmp_path / "run", arch)
+  assert {p: json.loads(p.read_text()) for p in (arch / "cells").rglob("*.json")} == before
   # re-archiving over an archive made where the stage-1 run had another path goes on
   ident = json.loads((arch / "cells_identity.json").read_text())
   (arch / "cells_identity.json").write_text(json.dumps(ident | {"skills_from": "/elsewhere"}))
