@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mdkif_jax.checkpoint import CheckpointMismatchError
 from mdkif_jax.data.batches import SkillBatches, answer_count, answer_index
+from mdkif_jax.errors import CheckpointMismatchError
 
 
 def _mask(rows):
