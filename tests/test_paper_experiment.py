@@ -54,7 +54,8 @@ def _run(tmp_path, pieces=None, fail_on="", **more):
   if pieces is not None:
     env["PIECES"] = pieces
   cmd = (["setsid"] if more.pop("SETSID", None) else []) + ["bash", str(SCRIPT)]
-  proc = subprocess.run(cmd, env=env | more, capture_output=True, text=True)
+  # bounded: a script stuck waiting (WAIT) fails its test instead of hanging the worker
+  proc = subprocess.run(cmd, env=env | more, capture_output=True, text=True, timeout=120)
   log = tmp_path / "calls.txt"
   calls = log.read_text().splitlines() if proc.returncode != 2 and log.exists() else []
   return proc, calls
@@ -178,7 +179,9 @@ def test_a_piece_stops_unless_the_pieces_it_builds_on_have_finished(tmp_path):
 
 def test_with_wait_a_piece_waits_for_the_other_chain_instead_of_stopping(tmp_path):
   out = []
-  waiting = threading.Thread(target=lambda: out.append(_run(tmp_path, pieces="curve", WAIT="1")))
+  waiting = threading.Thread(
+    target=lambda: out.append(_run(tmp_path, pieces="curve", WAIT="1")), daemon=True
+  )
   waiting.start()
   time.sleep(4)
   assert waiting.is_alive() and not (tmp_path / "calls.txt").exists()  # nothing run yet
