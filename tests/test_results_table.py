@@ -161,6 +161,10 @@ def test_the_router_line_gives_the_gain_of_the_mean_score():
   assert "mean score +25.0% [+10.0%, +40.0%] over the base's" in line
 
 
+def lines_of(lines: list[str], start: str) -> str:
+  return next(x for x in lines if x.startswith(f"| {start}"))
+
+
 def test_the_bar_is_read_part_by_part_from_the_all_task_summaries():
   res = _results({"base": 0.4, "gd": 0.5, "uniform": 0.45, "best_single": 0.52})
   for i in range(8):  # 9 tasks: gd above the base on all, the interval above 0 on 3 (t0-t2)
@@ -197,17 +201,25 @@ def test_the_bar_is_read_part_by_part_from_the_all_task_summaries():
     "| gd above the base on >= 7 of 9 tasks | 9 of 9 | yes |",
     "| ... the Δ interval above 0 on >= 5 | 3 of 9 | no |",
     "| mean relative gain over the base >= +10%, unseen_data | +25.0% [+10.0%, +40.0%] (the mean "
-    "score: +8.0% [+1.0%, +15.0%]) | yes |",
-    "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes |",
-    "| gd above best_single on average | mean Δ -0.020 [-0.050, +0.010] | no |",
-    "| gd reaches >= 90% of adalora_task's mean score | 88.0% [80.0%, 95.0%] | no |",
+    "score: +8.0% [+1.0%, +15.0%]) | yes (by the mean score's gain: no) |",
+    "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes (the interval "
+    "includes 0) |",
+    "| gd above best_single on average | mean Δ -0.020 [-0.050, +0.010] | no (the interval "
+    "includes 0) |",
+    "| gd reaches >= 90% of adalora_task's mean score | 88.0% [80.0%, 95.0%] | no (the interval "
+    "includes 90%) |",
     "",
   ]
   assert "Over all 9 tasks: gd - base +0.100 [+0.050, +0.150] points on average" in lines[i + 9]
   res["all_tasks"]["tasks"] = 4
   lines = suite_report.results_table(res)
-  want = "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes (4 tasks, not the"
-  assert want + " bar's 9) |" in lines
+  want = "| gd above uniform on average | mean Δ +0.050 [-0.010, +0.100] | yes (the interval"
+  assert want + " includes 0; 4 tasks, not the bar's 9) |" in lines
+  # an interval clear of the threshold, and both readings of the gain agreeing: no note
+  res["tracks"]["unseen_data"]["gd"]["ci"] = [0.15, 0.4]
+  res["tracks"]["unseen_data"]["gd"]["gain_of_means"]["gain"] = 0.12
+  res["all_tasks"]["tasks"] = 9
+  assert lines_of(suite_report.results_table(res), "mean relative gain").endswith(") | yes |")
   del res["all_tasks"]["router_vs"]["adalora_task"]  # a control or a curve point: no bar
   assert "## Against the bar" not in suite_report.results_table(res)
 
