@@ -378,8 +378,6 @@ def export(args, command: str) -> dict:
       checks = verify_adapters(written, want, base, base_hf, use_torch)
     else:
       checks = _export_hf(args, tmp, base, skills, idx, w, want, tokens, use_torch, notes)
-  if w is not None:
-    notes.append("a per-row gate cannot be a static adapter; this is the task-level mixture")
   bad = [c for c in checks if not c[2] <= args.tolerance]
   plain = ours(graphdef, params, tokens)  # how far each export moves the base: the scale of Δ
   effects = {name: _max_delta(logits, plain) for name, logits in want.items()}

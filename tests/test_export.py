@@ -162,7 +162,7 @@ def test_router_mixture_exports_as_one_lora_equal_to_the_merged_mixture(tiny):
   )
   kept = sum(int((np.asarray(tiny["stacked"]["up"]["E"][s, 1]) != 0).sum()) for s in (0, 2))
   assert cfg["r"] >= kept and cfg["r"] <= 2 * INIT_R  # qa's and sum's ranks, not ner's
-  assert "per-row gate" in (out / "README.md").read_text()
+  assert "gate" not in (out / "README.md").read_text()  # a task-level router is what it says
   with pytest.raises(ex.ExportError, match="per row"):
     run_export(
       tiny,
@@ -271,9 +271,12 @@ def test_an_evaluation_cell_exports_its_task_level_weights_and_refuses_others(ti
   w = [0.7, -0.2, 0.4]
   for method, weights in (("gd", w), ("gate", w), ("base", None)):
     (ev / "cells" / "demo" / f"{method}.json").write_text(json.dumps({"weights": weights}))
-  _, out = run_export(
+  done, out = run_export(
     tiny, "cell", "--from", skills_dir, "--router", str(ev / "cells/demo/gd.json"), "--format", "hf"
   )
+  # a GD mixture is exported as what it is, without a note about gates it was never
+  assert not [n for n in done["notes"] if "gate" in n]
+  assert "gate" not in (out / "README.md").read_text()
   scale = adapters.adapter_scale(ALPHA, INIT_R)
   merged = serving.merged_params(
     nnx.split(tiny["base"])[1], tiny["stacked"], jnp.asarray(w, jnp.float32), scale
