@@ -28,7 +28,7 @@ def load1() -> float:
 # kernel zeroes) each 4 KiB page of its temporaries again: 457k page faults (1.87 GB) per
 # SmolLM2 bf16 training step here. `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc
 # madvise those blocks for transparent huge pages (these machines' THP mode is "madvise"):
-# ~1.5k faults per step (timings in README, "Benchmarks"). A tunable is read when a process
+# ~1.5k faults per step (docs/design.md, the huge-pages paragraph). A tunable is read when a process
 # starts, hence child environments and `reexec_with_hugepages`. A GLIBC_TUNABLES that already
 # sets glibc.malloc.hugetlb (e.g. =0, to opt out) is kept.
 HUGEPAGES = "glibc.malloc.hugetlb=1"

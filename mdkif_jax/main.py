@@ -3,7 +3,8 @@
 Parses flags, starts multi-host JAX when the environment describes several processes, logs
 the devices, takes the workdir's lock, then hands over to the stage's
 `train_and_evaluate(config, workdir)`. An input error (config, data, checkpoint, task) ends
-the run with one line on stderr and exit status 2 (`--verbose`: the traceback).
+the run with one line on stderr and exit status 2 (`--verbose`: the traceback); so does a flag
+that cannot be parsed (flag_errors.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mdkif_jax import flag_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -108,7 +111,9 @@ def run():
   )
   config = FLAGS.config
   if config.stage not in STAGES:
-    raise app.UsageError(f"config.stage={config.stage!r}: expected one of {sorted(STAGES)}")
+    from mdkif_jax import errors
+
+    raise errors.ConfigError(f"--config.stage={config.stage!r}: expected one of {sorted(STAGES)}")
   workdir = FLAGS.workdir or os.path.join("runs", config.stage)
   from mdkif_jax import checkpoint
 
@@ -117,4 +122,4 @@ def run():
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)

@@ -49,6 +49,42 @@ def test_unknown_skill_is_one_line_naming_the_flag_and_verbose_shows_the_traceba
   assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
+@pytest.mark.parametrize(
+  "flags, needles",
+  [
+    (
+      ("--config=configs/skill.py:papr",),
+      ("--config=configs/skill.py:papr", "unknown preset 'papr'"),
+    ),
+    (
+      (*TINY, "--config.train.stepz=3"),
+      ("--config.train.stepz=3", "'stepz'", 'Did you mean "steps"'),
+    ),
+    ((*TINY, "--config.train.steps=abc"), ("--config.train.steps=abc", "invalid literal")),
+    (("--config=configs/nope.py",), ("--config=configs/nope.py", "No such file")),
+    ((*TINY, "--config.stage=foo"), ("ConfigError", "--config.stage='foo'")),
+  ],
+  ids=["unknown-preset", "unknown-field", "wrong-type", "missing-file", "unknown-stage"],
+)
+def test_a_flag_that_cannot_be_parsed_is_one_line_naming_it(tmp_path, flags, needles):
+  proc = run_main(*flags, workdir=tmp_path / "w")
+  assert_one_line_error(proc, *needles)
+  assert "FATAL" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_data_stats_tool_reports_a_bad_flag_the_same_way():
+  cmd = [sys.executable, "-m", "mdkif_jax.data", "stats", "--config=configs/skill.py:tiny"]
+  proc = subprocess.run(
+    [*cmd, "--config.data.nope=1"],
+    env=subprocess_env(),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert_one_line_error(proc, "FlagError", "--config.data.nope=1", "'nope'")
+
+
 def test_a_random_weight_preset_without_tokenizer_fails_before_building_the_model(tmp_path):
   start = time.monotonic()
   proc = run_main("--config=configs/skill.py:llama2_7b,skills=ner+re", workdir=tmp_path / "w")

@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mdkif_jax import flag_errors
 from mdkif_jax.data.example import DataError, LoadReport
 from mdkif_jax.data.skills import SKILLS
 from mdkif_jax.data.splits import hash_unit, load_all
@@ -132,4 +133,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parse_flags)
