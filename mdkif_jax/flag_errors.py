@@ -46,7 +46,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     if "config" in FLAGS:
       getattr(FLAGS.config, "stage", None)
   except (flags.Error, KeyError, AttributeError, OSError) as e:
-    if "--verbose" in argv:
+    if any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv):
       raise
     print(f"error: FlagError: {flag_error_line(e, argv)}", file=sys.stderr)
     sys.exit(2)
