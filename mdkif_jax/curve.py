@@ -67,6 +67,12 @@ def point(skill_dir: pathlib.Path, eval_dir: pathlib.Path, track: str) -> dict:
       if "mean_delta" in g
     },
     "scores": tasks,
+    # each task's paired difference to the base, per method (the per-task panel)
+    "task_delta": {
+      name: {m: e["delta_vs_base"] for m, e in t["methods"].items() if "delta_vs_base" in e}
+      for name, t in results["tasks"].items()
+      if t["track"] == track
+    },
   }
 
 
@@ -80,15 +86,28 @@ def curve(skill_dir, eval_dirs, track: str = "unseen_data") -> list[dict]:
   return sorted(points, key=lambda p: p["step"])
 
 
-def plot(points: list[dict], out: pathlib.Path, track: str, measure: str = "delta") -> None:
+def plot(
+  points: list[dict],
+  out: pathlib.Path,
+  track: str,
+  measure: str = "delta",
+  per_task: str | None = "gd",
+) -> None:
   """measure: "delta" (the mean difference to the base in metric points: readable when a
-  task's base scores near 0) or "gain" (the mean relative gain, the paper's "+x%")."""
+  task's base scores near 0) or "gain" (the mean relative gain, the paper's "+x%").
+  per_task: a method whose difference to the base is drawn per task in a second panel (a
+  track's mean can hide one task that falls while the others rise); None, or a method some
+  point lacks, leaves one panel."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  panel = per_task is not None and all(
+    p.get("task_delta") and all(per_task in d for d in p["task_delta"].values()) for p in points
+  )
+  fig, axes = plt.subplots(1, 2 if panel else 1, figsize=(12 if panel else 6, 4.5), squeeze=False)
+  ax = axes[0, 0]
   x = [p["examples_per_skill"]["mean"] for p in points]
   # the methods every point scored (the final point may be the full suite's evaluation)
   methods = [m for m in points[0][measure] if m != "base" and all(m in p[measure] for p in points)]
@@ -125,10 +144,29 @@ def plot(points: list[dict], out: pathlib.Path, track: str, measure: str = "delt
   )
   ax.set_title("gain over the base vs stage-1 training (95% bootstrap CI)")
   ax.legend()
+  if panel:
+    _per_task_panel(axes[0, 1], points, x, per_task)
   fig.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=120)
   plt.close(fig)
+
+
+def _per_task_panel(ax, points: list[dict], x: list[float], method: str) -> None:
+  """One line per task: the method's paired difference to the base, with its interval."""
+  tasks = list(points[0]["task_delta"])
+  for i, task in enumerate(tasks):
+    have = [(xi, p["task_delta"][task][method]) for xi, p in zip(x, points, strict=True)]
+    xs = np.asarray([h[0] for h in have]) * (1 + 0.008 * (i - len(tasks) / 2))  # no overlap
+    mean = np.asarray([h[1]["mean"] for h in have])
+    lo = np.maximum(mean - np.asarray([h[1]["ci"][0] for h in have]), 0)
+    hi = np.maximum(np.asarray([h[1]["ci"][1] for h in have]) - mean, 0)
+    ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=task)
+  ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+  ax.set_xlabel("training examples per skill (mean over skills)")
+  ax.set_ylabel(f"{method} minus base (metric points)")
+  ax.set_title(f"{method} minus base, per task (95% bootstrap CI)")
+  ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     help="y axis: the mean difference to the base in metric points (default; readable when a "
     "base scores near 0) or the mean relative gain (%%)",
   )
+  ap.add_argument(
+    "--per-task",
+    default="gd",
+    help="the method drawn per task in a second panel, as its difference to the base "
+    "(default gd; 'none': no panel)",
+  )
   args = ap.parse_args(argv)
   try:
     points = curve(args.skill_dir, args.eval_dirs, args.track)
@@ -155,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 2
   out = pathlib.Path(args.out)
-  plot(points, out, args.track, args.measure)
+  per_task = None if args.per_task == "none" else args.per_task
+  plot(points, out, args.track, args.measure, per_task)
   out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
   for p in points:
     gains = "  ".join(
@@ -165,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
       if m != "base"
     )
     print(f"step {p['step']:>5}  {p['examples_per_skill']['mean']:>8.0f} examples/skill  {gains}")
+    if per_task is not None:
+      deltas = "  ".join(
+        f"{t} {suite_report.signed(d[per_task])}"
+        for t, d in p.get("task_delta", {}).items()
+        if per_task in d
+      )
+      if deltas:
+        print(f"{'':>11}{per_task} minus base per task: {deltas}")
   print(f"wrote {out} and {out.with_suffix('.json')}")
   return 0
 

@@ -33,7 +33,8 @@ def _eval_dir(root, name, skills_from, step, gain, delta=True, resamples=None):
   if delta:  # a tenth of the relative gain, in points
     for g in track.values():
       g["mean_delta"] = {"mean": g["mean_relative_gain"] / 10, "ci": [0.0, 0.02], "tasks": 1}
-  task = {"track": "unseen_data", "methods": {"base": {"score": 0.5}, "gd": {"score": 0.6}}}
+  gd = {"score": 0.6, "delta_vs_base": {"mean": gain, "ci": [gain - 0.05, gain + 0.05]}}
+  task = {"track": "unseen_data", "methods": {"base": {"score": 0.5}, "gd": gd}}
   (d / "results.json").write_text(
     json.dumps({"tracks": {"unseen_data": track}, "tasks": {"t": task}})
   )
@@ -58,6 +59,22 @@ def test_curve_points_carry_each_checkpoints_examples(skill_run, tmp_path, capsy
   assert [p["delta"]["gd"]["mean"] for p in points] == pytest.approx([0.005, 0.012])
   assert out.stat().st_size > 5000
   assert "step     4" in capsys.readouterr().out
+
+
+def test_a_curve_draws_each_tasks_difference_to_the_base(skill_run, tmp_path, capsys):
+  early = _eval_dir(tmp_path, "e4", skill_run, 4, -0.1)  # one task falls, then rises
+  final = _eval_dir(tmp_path, "e6", skill_run, None, 0.2)
+  out = tmp_path / "c.png"
+  assert curve.main([str(skill_run), str(early), str(final), "--out", str(out)]) == 0
+  points = json.loads(out.with_suffix(".json").read_text())
+  assert [p["task_delta"]["t"]["gd"]["mean"] for p in points] == [-0.1, 0.2]
+  lines = capsys.readouterr().out.splitlines()
+  assert "gd minus base per task: t -0.100 [-0.150, -0.050]" in lines[1]
+  assert "gd minus base per task: t +0.200 [+0.150, +0.250]" in lines[3]
+  two_panels = out.stat().st_size
+  assert curve.main([str(skill_run), str(final), "--out", str(out), "--per-task", "none"]) == 0
+  assert "per task" not in capsys.readouterr().out
+  assert out.stat().st_size < two_panels  # one panel
 
 
 def test_curve_refuses_an_evaluation_of_other_skills(skill_run, tmp_path, capsys):
@@ -85,6 +102,6 @@ def test_a_curve_says_on_how_many_resamples_a_gain_interval_stands(skill_run, tm
   assert curve.main([str(skill_run), str(partial), str(full), "--out", str(out)]) == 0
   points = json.loads(out.with_suffix(".json").read_text())
   assert [p["gain"]["gd"]["resamples"] for p in points] == [[1000, 1000], [950, 1000]]
-  lines = capsys.readouterr().out.splitlines()
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
   assert "(on 950 of 1000 resamples)" in lines[1] and "resamples" not in lines[0]
   assert curve.main([str(skill_run), str(partial), "--out", str(out), "--measure", "gain"]) == 0
