@@ -145,6 +145,18 @@ def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def trained_target_r(meta: dict) -> int | None:
+  """The final mean rank the adapters were trained to (None: not recorded). The checkpoint
+  keeps the config's adalora.target_r; a union adapter under train.union_budget="all_skills"
+  was trained to that times the skills it stands for (train.as_trained), like its init_r."""
+  r = meta.get("adalora.target_r")
+  if r is None:
+    return None
+  if meta.get("union_of") and meta.get("union_budget", "all_skills") == "all_skills":
+    return int(r) * len(meta["union_of"])
+  return int(r)
+
+
 def _why(e: Exception) -> str:
   first = (str(e).strip().splitlines() or [""])[0]
   return f"{type(e).__name__}: {first[:300]}"

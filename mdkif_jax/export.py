@@ -216,7 +216,7 @@ def _schedules(skills_from: str) -> dict[str, dict]:
         "tinit": meta.get("adalora.tinit"),
         "tfinal": meta.get("adalora.tfinal"),
         "deltaT": meta.get("adalora.delta_t"),
-        "target_r": meta.get("adalora.target_r"),
+        "target_r": checkpoint.trained_target_r(meta),
       }
       out.update({s: {k: v for k, v in known.items() if v is not None} for s in meta["skills"]})
   return out

@@ -51,16 +51,17 @@ def schedule_of(meta: dict) -> dict | None:
   if not all(k in meta for k in keys):
     return None  # a checkpoint from before the schedule was recorded
   n = len(meta["targets"]) * int(meta["model"]["num_hidden_layers"])
+  target_r = checkpoint.trained_target_r(meta)
   return {
     "total_step": int(meta["train.steps"]),
     "tinit": int(meta["adalora.tinit"]),
     "tfinal": int(meta["adalora.tfinal"]),
     "delta_t": int(meta["adalora.delta_t"]),
     "init_r": int(meta["init_r"]),
-    "target_r": int(meta["adalora.target_r"]),
+    "target_r": target_r,
     "matrices": n,
     "init_budget": n * int(meta["init_r"]),
-    "target_budget": n * int(meta["adalora.target_r"]),
+    "target_budget": n * target_r,
     "grad_accum_steps": int(meta.get("optimizer.grad_accum_steps", 1)),
   }
 

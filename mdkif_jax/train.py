@@ -446,6 +446,8 @@ def train_skills(
   # recorded only when not the default, so checkpoints written before these fields resume
   if names == (UNION,):
     identity["union_of"] = list(skills)
+    if config.train.get("union_budget", "all_skills") != "all_skills":
+      identity["union_budget"] = config.train.union_budget  # checkpoint.trained_target_r
   if adapter_kind(config) != "adalora":
     identity["adapter"] = adapter_kind(config)
   meta = {**identity, "serving": checkpoint.serving_meta(config.data)}

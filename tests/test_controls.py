@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from mdkif_jax import checkpoint, optimizer, sharding, train
+from mdkif_jax import inspect as inspect_run
 from mdkif_jax.data import skill_id
 from mdkif_jax.data.batches import make_batches, to_global
 from mdkif_jax.errors import ConfigError
@@ -53,8 +54,20 @@ def test_union_trains_one_adapter_on_every_skills_rows(tmp_path):
   # union_budget="all_skills": both skills' ranks in one adapter, at a skill's scale
   _, per_meta, per_scale = checkpoint.load_one(tmp_path / "skills", base.cfg, mesh)
   assert meta["init_r"] == len(SKILLS) * per_meta["init_r"]
+  # and its target rank: what inspect's schedule and a PEFT export's target_r say
+  r = len(SKILLS) * union_cfg.adalora.target_r
+  assert checkpoint.trained_target_r(meta) == r
+  assert checkpoint.trained_target_r(per_meta) == union_cfg.adalora.target_r
+  report = inspect_run.inspect(tmp_path / "union")
+  assert report["schedule"]["target_r"] == r, report["schedule"]
   np.testing.assert_allclose(scale, per_scale, rtol=1e-4)  # alpha / (init_r + 1e-5)
   assert all(leaf["E"].shape[-1] == meta["init_r"] for leaf in skills.values())
+
+
+def test_a_union_adapter_of_one_skills_budget_keeps_the_configs_target_rank():
+  meta = {"adalora.target_r": 2, "union_of": ["qa", "ner"], "union_budget": "one_skill"}
+  assert checkpoint.trained_target_r(meta) == 2
+  assert checkpoint.trained_target_r({"union_of": ["qa"]}) is None  # not recorded
 
 
 def test_lora_control_is_plain_lora_at_the_target_rank(tmp_path):
