@@ -113,18 +113,13 @@ def plot(
   methods = [m for m in points[0][measure] if m != "base" and all(m in p[measure] for p in points)]
   for i, m in enumerate(methods):
     have = [(xi, p[measure][m]) for xi, p in zip(x, points, strict=True)]
-    xs = np.asarray([h[0] for h in have]) * (1 + 0.01 * (i - len(methods) / 2))  # no overlap
-    unit = 100 if measure == "gain" else 1
-    mean = np.asarray([unit * h[1]["mean"] for h in have])
-    # a mean can sit outside its percentile interval: bars never go negative
-    lo = np.maximum(mean - np.asarray([unit * h[1]["ci"][0] for h in have]), 0)
-    hi = np.maximum(np.asarray([unit * h[1]["ci"][1] for h in have]) - mean, 0)
     label = m
     if measure == "gain":  # an interval on fewer resamples than the others says so
       used = [h[1]["resamples"] for h in have if "resamples" in h[1]]  # (older results: none)
       if any(u < t for u, t in used):
         label += " (CI on " + ", ".join(f"{u}/{t}" for u, t in used) + " resamples)"
-    ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=label)
+    unit = 100 if measure == "gain" else 1
+    _errorbar(ax, have, 0.01 * (i - len(methods) / 2), label, unit)
   ax.axhline(0.0, color="grey", lw=0.8, ls="--")
   for xi, p in zip(x, points, strict=True):
     ax.annotate(
@@ -152,16 +147,22 @@ def plot(
   plt.close(fig)
 
 
+def _errorbar(ax, have: list[tuple[float, dict]], shift: float, label: str, unit: float = 1):
+  """One line of (x, {"mean", "ci"}) points, its x shifted by a fraction so lines don't overlap."""
+  xs = np.asarray([h[0] for h in have]) * (1 + shift)
+  mean = np.asarray([unit * h[1]["mean"] for h in have])
+  # a mean can sit outside its percentile interval: bars never go negative
+  lo = np.maximum(mean - np.asarray([unit * h[1]["ci"][0] for h in have]), 0)
+  hi = np.maximum(np.asarray([unit * h[1]["ci"][1] for h in have]) - mean, 0)
+  ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=label)
+
+
 def _per_task_panel(ax, points: list[dict], x: list[float], method: str) -> None:
   """One line per task: the method's paired difference to the base, with its interval."""
   tasks = list(points[0]["task_delta"])
   for i, task in enumerate(tasks):
     have = [(xi, p["task_delta"][task][method]) for xi, p in zip(x, points, strict=True)]
-    xs = np.asarray([h[0] for h in have]) * (1 + 0.008 * (i - len(tasks) / 2))  # no overlap
-    mean = np.asarray([h[1]["mean"] for h in have])
-    lo = np.maximum(mean - np.asarray([h[1]["ci"][0] for h in have]), 0)
-    hi = np.maximum(np.asarray([h[1]["ci"][1] for h in have]) - mean, 0)
-    ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", capsize=3, label=task)
+    _errorbar(ax, have, 0.008 * (i - len(tasks) / 2), task)
   ax.axhline(0.0, color="grey", lw=0.8, ls="--")
   ax.set_xlabel("training examples per skill (mean over skills)")
   ax.set_ylabel(f"{method} minus base (metric points)")

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mdkif_jax import flag_errors
+from mdkif_jax import errors, flag_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -43,7 +43,7 @@ STAGES = {
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Errors the user fixes by changing input; each message says what and which flag."""
-  from mdkif_jax import checkpoint, errors, train
+  from mdkif_jax import checkpoint, train
   from mdkif_jax.data import example, suite, task
   from mdkif_jax.model import config, generate, loading
 
@@ -111,8 +111,6 @@ def run():
   )
   config = FLAGS.config
   if config.stage not in STAGES:
-    from mdkif_jax import errors
-
     raise errors.ConfigError(f"--config.stage={config.stage!r}: expected one of {sorted(STAGES)}")
   workdir = FLAGS.workdir or os.path.join("runs", config.stage)
   from mdkif_jax import checkpoint
