@@ -21,6 +21,8 @@
 # commit them. An evaluation restores the archived cells instead of recomputing them
 # (--config.restore_cells_from) once its config, prompting and skills are the archive's: stage 1
 # retrained from scratch gives the same weights bit for bit (same code, same machine kind).
+# Without a stage 1 in $RUNS (PIECES without skill in a new checkout), eval rebuilds the
+# archived table from the archive and the data alone, so the controls need no retrained skills.
 #
 # A piece is rerun after an interruption (it continues from its checkpoint or cells) and
 # skipped once it has finished; one that builds on another (curve and eval_union/eval_lora on
@@ -135,6 +137,13 @@ for piece in $PIECES; do
   case $piece in
     skill) main skill --config=configs/skill.py:paper --workdir="$RUNS/skill" ;;
     eval)
+      if [[ ! -f $RUNS/.done_skill && ! -d $RUNS/skill && -d $PUBLISH/eval/cells ]]; then
+        # no stage 1 in this checkout: the table rebuilt from the archive and the data alone
+        # (no skills_from: every cell must be archived), for the pieces built on eval
+        main eval --config=configs/eval.py:paper --config.restore_cells_from="$PUBLISH/eval" \
+          --workdir="$RUNS/eval"
+        continue
+      fi
       if ((EVAL_PROCS > 1)) && [[ ! -f $RUNS/.done_eval ]]; then
         # the finished cells into the archive first (the parts', and the suite's own from a
         # run with fewer processes): a task may move to another part

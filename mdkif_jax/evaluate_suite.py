@@ -16,7 +16,8 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
    `reuse_cells_from`, the skill-free cells (base, base_k<k>) are copied from another
    evaluation of the same config and prompting (a learning-curve point, a control); with
    `restore_cells_from`, every cell an archive of this same evaluation holds
-   (cells_archive.py: published without the data's text) is restored instead;
+   (cells_archive.py: published without the data's text) is restored instead (with no
+   skills_from: every cell from the archive and no model at all, `from_archive`);
 4. assembles the cells: per (task, method) the headline metric with its 95% bootstrap
    interval over scored rows and the paired difference to the base; per track the mean
    relative gain over the base (stats.py). Writes results.json, results.md, results.png and
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import pathlib
 import time
@@ -290,6 +292,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   specs = [suite.resolve(e) for e in config.tasks]  # bad names fail before anything loads
   table = method_table(config.methods)
   suite_cells.check_cells_identity(workdir, config)
+  if not config.get("skills_from") and config.get("restore_cells_from"):
+    return from_archive(config, workdir, specs, table)
   src = suite_cells.reuse_source(config)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   if base is None:
@@ -350,7 +354,62 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
       suite_cells.write_json(path, cells_archive.with_digests(run_cell(t, run), scored))
       bar.update()
   done = suite_cells.read_cells(workdir, specs, cells)
-  results = assemble(config, sh, specs, cells, rows, done)
+  results = assemble(config, sh.skills, specs, cells, rows, done)
+  write_outputs(workdir, results, done)
+  return results
+
+
+def from_archive(config, workdir: pathlib.Path, specs, table) -> dict:
+  """No skills_from, an archive to restore from: the archive's table rebuilt from its cells
+  and the user's copy of the data (the answers re-joined, each checked by its digest), with
+  no model and no stage-1 checkpoint: published numbers checked, or compared with
+  `python -m mdkif_jax.compare`, in a checkout that never trained the skills. Every cell must
+  be in the archive; the skills and stage 1's prompting are the archive's (skills.json,
+  prompting.json), its config must be this one (cells_identity.json)."""
+  src = pathlib.Path(config.restore_cells_from)
+  cells = cells_of(table, config.cmaes.seeds)
+  held = {}
+  for name in ("prompting.json", "skills.json"):
+    try:
+      held[name] = json.loads((src / name).read_text())
+    except (OSError, ValueError) as e:
+      raise ConfigError(
+        f"--config.restore_cells_from={str(src)!r}: {src / name}: "
+        f"{getattr(e, 'strerror', None) or e} (without --config.skills_from the archive is all "
+        "there is)"
+      ) from None
+  skills = held["skills.json"].get("skills") if isinstance(held["skills.json"], dict) else None
+  if not (isinstance(skills, list) and skills and all(isinstance(n, str) for n in skills)):
+    raise ConfigError(f"{src / 'skills.json'}: no list of skill names ('skills')")
+  stage1 = held["prompting.json"] if config.prompting == "stage1" else None
+  run_config = with_prompting(config, stage1)
+  archived = suite_cells.restore_source(config, run_config, held["skills.json"])
+  suite_cells.record_prompting(workdir, run_config, None)
+  suite_cells.record_skills(workdir, held["skills.json"])
+  rows = load_rows(run_config, specs, LoadReport())
+  missing = [
+    f"{spec.name}/{cell}"
+    for spec in specs
+    for cell, _, _ in cells
+    if not (workdir / "cells" / spec.name / f"{cell}.json").exists()
+    and not (archived / "cells" / spec.name / f"{cell}.json").exists()
+  ]
+  if missing:
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    raise ConfigError(
+      f"--config.restore_cells_from={str(src)!r} has no cell {', '.join(missing[:3])}{more}: "
+      "computing a cell needs the skills (--config.skills_from), or drop it from "
+      "--config.tasks / --config.methods"
+    )
+  for spec in specs:
+    for cell, _, _ in cells:
+      path = workdir / "cells" / spec.name / f"{cell}.json"
+      if not path.exists():
+        scored = rows[spec.name][1]
+        restored = cells_archive.restore(archived, spec.name, cell, scored)
+        suite_cells.write_json(path, cells_archive.with_digests(restored, scored))
+  done = suite_cells.read_cells(workdir, specs, cells)
+  results = assemble(config, tuple(skills), specs, cells, rows, done)
   write_outputs(workdir, results, done)
   return results
 
@@ -373,9 +432,9 @@ def method_estimate(outs, idx: np.ndarray, name: str) -> tuple[stats.Estimate, l
   return stats.Estimate(score, stats.interval(boot), outs[0].n, boot), ests
 
 
-def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
+def assemble(config, skills: tuple[str, ...], specs, cells, rows, done: dict) -> dict:
   """results.json's dict from the cells on disk (see the issue's schema)."""
-  res = {"model": config.model.source, "skills": list(sh.skills), "tasks": {}, "tracks": {}}
+  res = {"model": config.model.source, "skills": list(skills), "tasks": {}, "tracks": {}}
   # the resamples behind every interval (python -m mdkif_jax.compare draws the same ones)
   res["bootstrap"] = {"resamples": config.bootstrap.resamples, "seed": config.bootstrap.seed}
   est_by_track: dict[str, dict[str, list]] = {}
@@ -417,7 +476,7 @@ def assemble(config, sh: Shared, specs, cells, rows, done: dict) -> dict:
         entry["lean"] = answers
       ws = [d.get("weights") for _, d in entries]
       if all(w is not None for w in ws):  # what it gives each skill (several seeds: the mean)
-        entry["weights"] = dict(zip(sh.skills, np.mean(ws, axis=0).tolist(), strict=True))
+        entry["weights"] = dict(zip(skills, np.mean(ws, axis=0).tolist(), strict=True))
       if len(entries) > 1:  # several seeds: their spread
         entry["seeds"] = {c: e.score for (c, _), e in zip(entries, ests, strict=True)}
       if entries[0][1].get("chosen"):

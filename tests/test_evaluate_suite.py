@@ -524,3 +524,41 @@ def test_an_archive_without_the_datas_text_restores_every_cell(evaluated, tmp_pa
   (tmp_path / "run" / "skills.json").write_text(json.dumps(skills | {"scale": 2.0}))
   with pytest.raises(CheckpointMismatchError, match=r"computed with other skills \(scale differ"):
     evaluate_suite.train_and_evaluate(c, tmp_path / "run", base=base)
+
+
+def test_without_skills_an_archive_alone_rebuilds_its_table_and_loads_no_model(
+  evaluated, tmp_path, monkeypatch
+):
+  """With no skills_from, restore_cells_from's archive and the data are all there is: the
+  same results.json with no model or checkpoint loaded (a new checkout compares published
+  evaluations); a cell the archive lacks is one line naming it, and nothing is written."""
+  c, _, root, results = evaluated
+  arch = tmp_path / "arch"
+  cells_archive.main([str(root / "run"), str(arch)])
+
+  def no_model(*a, **k):
+    raise AssertionError("a model was loaded")
+
+  monkeypatch.setattr(loading, "load_model", no_model)
+  monkeypatch.setattr(evaluate_suite.checkpoint, "load_skills", no_model)
+  c2 = c.copy_and_resolve_references()
+  c2.skills_from, c2.restore_cells_from = None, str(arch)
+  again = evaluate_suite.train_and_evaluate(c2, tmp_path / "run", base=None)
+  same = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731 (NaN, a base-0 gain, != NaN)
+  assert same(again) == same(results)
+  for name in ("skills.json", "prompting.json"):
+    assert (tmp_path / "run" / name).read_text() == (root / "run" / name).read_text()
+  # a cell the archive lacks: named, and the new workdir gets no cell
+  (arch / "cells" / "mine" / "gd.json").unlink()
+  with pytest.raises(ConfigError, match=r"has no cell mine/gd: computing a cell needs the skills"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "second", base=None)
+  assert not (tmp_path / "second" / "cells").exists()
+  # an archive of another config is refused as with skills
+  c3 = c2.copy_and_resolve_references()
+  c3.max_scored_rows += 1
+  c3.methods = tuple(m for m in c3.methods if m != "gd")
+  with pytest.raises(CheckpointMismatchError, match=r"cells_identity.json differs"):
+    evaluate_suite.train_and_evaluate(c3, tmp_path / "third", base=None)
+  (arch / "skills.json").unlink()
+  with pytest.raises(ConfigError, match=r"skills.json: No such file"):
+    evaluate_suite.train_and_evaluate(c2, tmp_path / "fourth", base=None)

@@ -146,6 +146,24 @@ def test_a_new_checkout_restores_the_archived_cells_and_archive_saves_an_unfinis
   assert len(calls) == 4 and calls[-2].endswith("pub/eval_lora")
 
 
+def test_a_new_checkout_without_stage_1_rebuilds_eval_from_its_archive_for_the_controls(tmp_path):
+  """No stage 1 in $RUNS (PIECES without skill): eval is the archive and the data alone (no
+  skills_from), so a control's pieces run without retraining the skills."""
+  _run(tmp_path, pieces="skill eval")
+  shutil.rmtree(tmp_path / "runs")
+  (tmp_path / "calls.txt").unlink()
+  proc, calls = _run(tmp_path, pieces="eval union eval_union")
+  assert proc.returncode == 0, proc.stderr
+  runs, pub = tmp_path / "runs", tmp_path / "pub"
+  assert calls[0] == (
+    f"-m mdkif_jax.main --config=configs/eval.py:paper "
+    f"--config.restore_cells_from={pub}/eval --workdir={runs}/eval"
+  )
+  assert not [c for c in calls if f"{runs}/skill" in c]
+  assert calls[2].startswith("-m mdkif_jax.main --config=configs/eval.py:paper,control")
+  assert f"--config.reuse_cells_from={runs}/eval" in calls[2]
+
+
 def test_a_rerun_skips_the_finished_pieces(tmp_path):
   _run(tmp_path, pieces="skill eval")
   proc, calls = _run(tmp_path, pieces="skill eval lora")
@@ -246,6 +264,7 @@ def test_eval_procs_deals_the_tasks_by_the_cells_they_have_left(tmp_path):
     for i in range(n):
       (pub / "eval" / "cells" / task / f"c{i}.json").write_text("{}")
   (runs / "eval_part1" / "cells").mkdir(parents=True)  # a part of an earlier session
+  (runs / "skill").mkdir()  # its stage 1 (without one, eval is the archive alone)
   (runs / ".done_eval_part2").touch()  # finished its tasks then; they are dealt afresh now
   proc, calls = _run(tmp_path, pieces="eval", EVAL_PROCS="2")
   assert proc.returncode == 0, proc.stderr
