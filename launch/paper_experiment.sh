@@ -132,6 +132,8 @@ restore() {
   if [[ -d $PUBLISH/$1/cells ]]; then restored=("--config.restore_cells_from=$PUBLISH/$1"); fi
 }
 
+# a new checkout's runs go on from the published rows (the copy at the end would drop them)
+if [[ ! -f $RUNS/timings.tsv && -f $PUBLISH/timings.tsv ]]; then cp "$PUBLISH/timings.tsv" "$RUNS/"; fi
 [[ -f $RUNS/timings.tsv ]] || printf 'piece\tcommit\tfinished\twall_s\tcpu_s\tpeak_rss_gb\n' >"$RUNS/timings.tsv"
 for piece in $PIECES; do
   case $piece in
