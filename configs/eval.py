@@ -51,8 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # An archive of this same evaluation's cells (python -m mdkif_jax.cells_archive: published
   # without the data's text; the answers come back from data_dir, generated texts stay null)
   # restored instead of computed: its config, prompting and skills must equal this run's.
-  # With no skills_from, the archive alone: every cell restored, its skills and prompting
-  # taken as they are, no model loaded (the published table rebuilt from the data). "" = none.
+  # With no skills_from, the archive alone: every cell restored, its skills (and stage 1's
+  # prompting) taken as they are, no model loaded (the published table rebuilt from the
+  # data); reuse_cells_from must then be "". "" = none.
   c.restore_cells_from = ""
   c.bootstrap = ml_collections.ConfigDict()
   c.bootstrap.resamples = 1000  # bootstrap resamples of the scored rows per task

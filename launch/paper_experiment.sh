@@ -141,9 +141,11 @@ for piece in $PIECES; do
     eval)
       if [[ ! -f $RUNS/.done_skill && ! -d $RUNS/skill && -d $PUBLISH/eval/cells ]]; then
         # no stage 1 in this checkout: the table rebuilt from the archive and the data alone
-        # (no skills_from: every cell must be archived), for the pieces built on eval
-        main eval --config=configs/eval.py:paper --config.restore_cells_from="$PUBLISH/eval" \
-          --workdir="$RUNS/eval"
+        # (no skills_from: every cell must be archived), for the pieces built on eval; timed
+        # as eval_archive (seconds, not the evaluation's hours)
+        main eval_archive --config=configs/eval.py:paper \
+          --config.restore_cells_from="$PUBLISH/eval" --workdir="$RUNS/eval"
+        touch "$RUNS/.done_eval"
         continue
       fi
       if ((EVAL_PROCS > 1)) && [[ ! -f $RUNS/.done_eval ]]; then

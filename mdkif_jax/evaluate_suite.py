@@ -3,7 +3,8 @@ bootstrap intervals, against the base LLM and the alternatives a user has.
 
 `train_and_evaluate(config, workdir)` (main.py, `config.stage == "eval"`):
 1. loads the frozen base and the stage-1 skills once (checkpoint.load_skills; rows are built
-   with stage 1's template and max_len), in the merged and packed serving layouts;
+   with stage 1's template and max_len), in the merged and packed serving layouts (neither
+   with no skills_from and an archive to restore from: step 3's `from_archive`);
 2. for each task of `config.tasks` (data/suite.py): its rows, split into a fit part and a
    scored part by a hash of (task, the row's input); nothing is fitted or selected on scored
    rows;
@@ -291,9 +292,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, base=None) -> dict:
   workdir = pathlib.Path(workdir)
   specs = [suite.resolve(e) for e in config.tasks]  # bad names fail before anything loads
   table = method_table(config.methods)
-  suite_cells.check_cells_identity(workdir, config)
   if not config.get("skills_from") and config.get("restore_cells_from"):
     return from_archive(config, workdir, specs, table)
+  suite_cells.check_cells_identity(workdir, config)
   src = suite_cells.reuse_source(config)
   mesh = sharding.make_mesh(tuple(config.mesh.shape))
   if base is None:
@@ -364,50 +365,66 @@ def from_archive(config, workdir: pathlib.Path, specs, table) -> dict:
   and the user's copy of the data (the answers re-joined, each checked by its digest), with
   no model and no stage-1 checkpoint: published numbers checked, or compared with
   `python -m mdkif_jax.compare`, in a checkout that never trained the skills. Every cell must
-  be in the archive; the skills and stage 1's prompting are the archive's (skills.json,
-  prompting.json), its config must be this one (cells_identity.json)."""
+  be in the archive; the skills are the archive's (skills.json), and so is stage 1's
+  prompting (prompting.json; with prompting="config" it must equal the config's), its config
+  must be this one (cells_identity.json). Everything is checked and re-joined before the
+  workdir gets a file: a refused run leaves nothing behind."""
   src = pathlib.Path(config.restore_cells_from)
-  cells = cells_of(table, config.cmaes.seeds)
+  where = f"--config.restore_cells_from={str(src)!r}"
+  if config.get("reuse_cells_from"):
+    raise ConfigError(
+      f"{where} without --config.skills_from is the archive alone: drop "
+      "--config.reuse_cells_from (its cells would be copied into a run that computes nothing)"
+    )
   held = {}
   for name in ("prompting.json", "skills.json"):
     try:
       held[name] = json.loads((src / name).read_text())
     except (OSError, ValueError) as e:
       raise ConfigError(
-        f"--config.restore_cells_from={str(src)!r}: {src / name}: "
-        f"{getattr(e, 'strerror', None) or e} (without --config.skills_from the archive is all "
-        "there is)"
+        f"{where}: {src / name}: {getattr(e, 'strerror', None) or e} (without "
+        "--config.skills_from the archive is all there is)"
       ) from None
   skills = held["skills.json"].get("skills") if isinstance(held["skills.json"], dict) else None
   if not (isinstance(skills, list) and skills and all(isinstance(n, str) for n in skills)):
-    raise ConfigError(f"{src / 'skills.json'}: no list of skill names ('skills')")
-  stage1 = held["prompting.json"] if config.prompting == "stage1" else None
-  run_config = with_prompting(config, stage1)
+    raise ConfigError(f"{where}: {src / 'skills.json'}: no list of skill names ('skills')")
+  prompting = held["prompting.json"]
+  if not (
+    isinstance(prompting, dict)
+    and isinstance(prompting.get("template"), dict)
+    and isinstance(prompting.get("max_len"), int)
+  ):
+    raise ConfigError(f"{where}: {src / 'prompting.json'}: no 'template' object and 'max_len'")
+  run_config = with_prompting(config, prompting if config.prompting == "stage1" else None)
   archived = suite_cells.restore_source(config, run_config, held["skills.json"])
-  suite_cells.record_prompting(workdir, run_config, None)
-  suite_cells.record_skills(workdir, held["skills.json"])
-  rows = load_rows(run_config, specs, LoadReport())
-  missing = [
-    f"{spec.name}/{cell}"
+  cells = cells_of(table, config.cmaes.seeds)
+  todo = [
+    (spec, cell)
     for spec in specs
     for cell, _, _ in cells
     if not (workdir / "cells" / spec.name / f"{cell}.json").exists()
-    and not (archived / "cells" / spec.name / f"{cell}.json").exists()
+  ]
+  missing = [
+    f"{s.name}/{c}" for s, c in todo if not (archived / "cells" / s.name / f"{c}.json").exists()
   ]
   if missing:
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     raise ConfigError(
-      f"--config.restore_cells_from={str(src)!r} has no cell {', '.join(missing[:3])}{more}: "
-      "computing a cell needs the skills (--config.skills_from), or drop it from "
-      "--config.tasks / --config.methods"
+      f"{where} has no cell {', '.join(missing[:3])}{more}: computing a cell needs the skills "
+      "(--config.skills_from), or drop it from --config.tasks / --config.methods"
     )
-  for spec in specs:
-    for cell, _, _ in cells:
-      path = workdir / "cells" / spec.name / f"{cell}.json"
-      if not path.exists():
-        scored = rows[spec.name][1]
-        restored = cells_archive.restore(archived, spec.name, cell, scored)
-        suite_cells.write_json(path, cells_archive.with_digests(restored, scored))
+  rows = load_rows(run_config, specs, LoadReport())
+  restored = {}
+  for spec, cell in todo:  # every answer re-joined and checked before anything is written
+    scored = rows[spec.name][1]
+    restored[(spec.name, cell)] = cells_archive.with_digests(
+      cells_archive.restore(archived, spec.name, cell, scored), scored
+    )
+  suite_cells.check_cells_identity(workdir, config)
+  suite_cells.record_prompting(workdir, run_config, None)
+  suite_cells.record_skills(workdir, held["skills.json"])
+  for (task_name, cell), data in restored.items():
+    suite_cells.write_json(workdir / "cells" / task_name / f"{cell}.json", data)
   done = suite_cells.read_cells(workdir, specs, cells)
   results = assemble(config, tuple(skills), specs, cells, rows, done)
   write_outputs(workdir, results, done)

@@ -552,9 +552,26 @@ def test_without_skills_an_archive_alone_rebuilds_its_table_and_loads_no_model(
     assert (tmp_path / "run" / name).read_text() == (root / "run" / name).read_text()
   # a cell the archive lacks: named, and the new workdir gets no cell
   (arch / "cells" / "mine" / "gd.json").unlink()
-  with pytest.raises(ConfigError, match=r"has no cell mine/gd: computing a cell needs the skills"):
+  with pytest.raises(
+    ConfigError, match=r"has no cell mine/gd: computing a cell needs the skills"
+  ) as e:
     evaluate_suite.train_and_evaluate(c2, tmp_path / "second", base=None)
-  assert not (tmp_path / "second" / "cells").exists()
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "second").exists()  # no identity file to block a run with the skills
+  # an answer that no longer matches the data: refused before any cell or identity is written
+  demo = arch / "cells" / "demo" / "uniform.json"  # after demo/base in the order restored
+  cell = json.loads(demo.read_text())
+  i = next(i for i, d in enumerate(cell["outcomes"]["gold_digest"]) if d)
+  cell["outcomes"]["gold_digest"][i] = "0" * 16
+  demo.write_text(json.dumps(cell))
+  c4 = c2.copy_and_resolve_references()
+  c4.methods = tuple(m for m in c4.methods if m != "gd")
+  with pytest.raises(CheckpointMismatchError, match=rf"row {i} \(.*\) has another answer"):
+    evaluate_suite.train_and_evaluate(c4, tmp_path / "fifth", base=None)
+  assert not (tmp_path / "fifth").exists()
+  c4.reuse_cells_from = str(root / "run")  # nothing is computed: nothing to reuse cells for
+  with pytest.raises(ConfigError, match=r"drop --config.reuse_cells_from"):
+    evaluate_suite.train_and_evaluate(c4, tmp_path / "fifth", base=None)
   # an archive of another config is refused as with skills
   c3 = c2.copy_and_resolve_references()
   c3.max_scored_rows += 1
