@@ -162,7 +162,13 @@ def test_a_new_checkout_without_stage_1_rebuilds_eval_from_its_archive_for_the_c
   assert not [c for c in calls if f"{runs}/skill" in c]
   # the published timings go on: the earlier checkout's rows, then this one's
   timings = (pub / "timings.tsv").read_text().splitlines()
-  assert [r.split("\t")[0] for r in timings[1:]] == ["skill", "eval", "eval_archive", "union", "eval_union"]
+  assert [r.split("\t")[0] for r in timings[1:]] == [
+    "skill",
+    "eval",
+    "eval_archive",
+    "union",
+    "eval_union",
+  ]
   assert calls[2].startswith("-m mdkif_jax.main --config=configs/eval.py:paper,control")
   assert f"--config.reuse_cells_from={runs}/eval" in calls[2]
 
