@@ -227,6 +227,8 @@ for piece in $PIECES; do
     archive)  # every evaluation with cells, the others even when one is refused
       failed=()
       for name in eval curve_75 curve_150 eval_union eval_lora; do
+        # an eval rebuilt from the archive alone has nothing to add to it
+        if [[ $name == eval && -f $RUNS/.done_eval_archive ]]; then continue; fi
         if [[ -d $RUNS/$name/cells ]] && ! archive "$name"; then failed+=("$name"); fi
       done
       for dir in "$RUNS"/eval_part*/cells; do # EVAL_PROCS's parts: the suite's cells too

@@ -171,6 +171,11 @@ def test_a_new_checkout_without_stage_1_rebuilds_eval_from_its_archive_for_the_c
   ]
   assert calls[2].startswith("-m mdkif_jax.main --config=configs/eval.py:paper,control")
   assert f"--config.reuse_cells_from={runs}/eval" in calls[2]
+  # the rebuilt eval is not archived again (its identity would lose the stage-1 path)
+  (tmp_path / "calls.txt").unlink()
+  proc, calls = _run(tmp_path, pieces="archive")
+  assert proc.returncode == 0, proc.stderr
+  assert calls == [f"-m mdkif_jax.cells_archive {runs}/eval_union {pub}/eval_union"]
 
 
 def test_a_rerun_skips_the_finished_pieces(tmp_path):
